@@ -1,0 +1,98 @@
+"""The one DDIM core (eta 0) every method reuses: guided noise prediction, sampling from a given x_T, and
+DDIM inversion from x_0 to x_T.
+
+Plain tensors in, generators of (step, x_t, predicted x0) out; the caller decides what to show. Each
+call gets its own scheduler copy, so shared model state is never touched. The cancel token is checked
+before every UNet call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+
+from .events import CancelToken
+
+Embeds = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass
+class StepState:
+    index: int          # 0-based step within this pass
+    total: int          # steps in this pass
+    timestep: int
+    latents: torch.Tensor   # x_t after this step
+    pred_x0: torch.Tensor   # the model's guess of the clean latent at this step
+
+
+def make_scheduler(scheduler_config, steps: int) -> DDIMScheduler:
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(int(steps))
+    return sched
+
+
+def _at(embeds: Embeds, i: int) -> torch.Tensor:
+    """A single embedding, or a per-step list (null-text inversion, prompt switching)."""
+    return embeds if isinstance(embeds, torch.Tensor) else embeds[i]
+
+
+def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Classifier-free guided noise prediction; one batched UNet call, or cond only at guidance 1."""
+    if uncond is None or guidance == 1.0:
+        return unet(x, t, encoder_hidden_states=cond).sample
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def _alpha(sched: DDIMScheduler, t: int) -> torch.Tensor:
+    return sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
+
+
+@torch.no_grad()
+def sample(
+    unet, x_T: torch.Tensor, cond: Embeds, uncond: Embeds | None, guidance: float, steps: int, scheduler_config,
+    cancel: CancelToken | None = None, start_index: int = 0,
+    eps_fn: Callable | None = None,
+) -> Iterator[StepState]:
+    """DDIM (eta 0) from x_T down to x_0; yields after every step. start_index > 0 skips the noisiest steps
+    (x_T is then the latent at timesteps[start_index], as in SDEdit or inversion to an intermediate t)."""
+    sched = make_scheduler(scheduler_config, steps)
+    timesteps = sched.timesteps[start_index:]
+    x = x_T
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        if cancel is not None:
+            cancel.check()
+        k = start_index + i
+        eps = (eps_fn or guided_eps)(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+        out = sched.step(eps, t, x, eta=0.0)
+        x = out.prev_sample
+        yield StepState(i, n, int(t), x, out.pred_original_sample)
+
+
+@torch.no_grad()
+def invert(
+    unet, x_0: torch.Tensor, cond: Embeds, uncond: Embeds | None, guidance: float, steps: int, scheduler_config,
+    cancel: CancelToken | None = None, end_index: int | None = None,
+) -> Iterator[StepState]:
+    """DDIM inversion x_0 -> x_T (the reverse of `sample`'s update). Noise is predicted at the target
+    timestep from the current, less noisy latent. `end_index` stops early (e.g. at 0.7 of the way);
+    embeddings are indexed by the sampling step that will later undo this step."""
+    sched = make_scheduler(scheduler_config, steps)
+    ascending = sched.timesteps.flip(0)
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    n = len(ascending) if end_index is None else int(end_index)
+    x = x_0
+    for i in range(n):
+        if cancel is not None:
+            cancel.check()
+        t = int(ascending[i])
+        k = len(ascending) - 1 - i  # the sampling step index that undoes this inversion step
+        a_prev, a_t = _alpha(sched, t - stride), _alpha(sched, t)
+        eps = guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        yield StepState(i, n, t, x, x0)

@@ -1,0 +1,71 @@
+"""Progress events and cancellation shared by every long operation.
+
+Every long operation in `pipelines/` is a generator of `Progress` events; the UI only renders them.
+The generator checks a `CancelToken` before every UNet call, so a Stop takes effect within one call.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator
+
+from PIL import Image
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its cancel token fires; the job's context managers undo their changes."""
+
+
+class CancelToken:
+    """A thread-safe flag; one per running job (the UI's Stop button sets the session's token)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class Progress:
+    """One event of a long operation.
+
+    stage:   what runs now ("sampling", "inverting", "reconstructing", "frame 3/11", "loading" ...)
+    step/total: progress within the whole operation (UNet calls, or load stages)
+    preview: a cheap image of the predicted x0 (None when this event carries none)
+    partial: intermediate results a UI may show before the end (e.g. a finished frame)
+    result:  the final result object; set only on the last event
+    """
+
+    stage: str
+    step: int
+    total: int
+    preview: Image.Image | None = None
+    partial: Any = None
+    result: Any = None
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+Job = Generator[Progress, None, Any]
+
+
+def run_to_end(events: Iterator[Progress]) -> Any:
+    """Drain a job and return its final result (for scripts, tests and benchmarks)."""
+    result = None
+    for ev in events:
+        if ev.result is not None:
+            result = ev.result
+    return result

@@ -1,0 +1,67 @@
+"""Text-to-image: DDIM from seeded noise, with live previews and an optional LoRA."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from . import ddim
+from .events import CancelToken, Job, Progress
+from .latents import decode_to_pil, initial_noise
+from .lora import lora_applied
+from .metadata import with_metadata
+from .stream import PreviewOptions, stream_steps
+from .text import encode_prompt
+from .validation import check_number, check_prompt, check_size, resolve_seed
+
+
+@dataclass
+class GenerateParams:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 30
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    lora: str | None = None       # adapter name, None for the base model
+    lora_strength: float = 1.0
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image   # carries its parameters as PNG metadata
+    seed: int
+    params: dict
+
+
+def validate_common(model, steps, guidance, lora_strength):
+    steps = check_number(steps, "Steps", 1, 500, integer=True)
+    guidance = check_number(guidance, "Guidance", 0, 50)
+    strength = check_number(lora_strength, "LoRA strength", -2, 4)
+    return steps, guidance, strength
+
+
+def base_metadata(model, lora, strength) -> dict:
+    return {"model": model.id, "lora": lora or "none", "lora_strength": strength if lora else 0.0, "sampler": "DDIM (eta 0)"}
+
+
+def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None) -> Job:
+    prompt = check_prompt(p.prompt)
+    steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
+    width, height = check_size(model, p.width, p.height)
+    seed = resolve_seed(p.seed)
+    total = steps + 1
+    yield Progress("encoding prompt", 0, total, message=f"seed {seed}")
+    cond = encode_prompt(model, prompt)
+    uncond = encode_prompt(model, p.negative_prompt or "")
+    x_T = initial_noise(model, seed, width, height)
+    with lora_applied(model, p.lora, strength):
+        states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
+        x0 = yield from stream_steps(model, states, "sampling", 0, total, preview)
+    image = decode_to_pil(model, x0)
+    meta = {"prompt": prompt, "negative_prompt": p.negative_prompt or "", "task": "generate", "seed": seed,
+            "steps": steps, "guidance": guidance, "size": f"{width}x{height}", "eta": 0.0,
+            **base_metadata(model, p.lora, strength)}
+    result = ImageResult(with_metadata(image, meta), seed, meta)
+    yield Progress("done", total, total, preview=result.image, result=result, message=f"seed {seed}")

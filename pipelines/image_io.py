@@ -1,0 +1,192 @@
+"""Loading user images safely and converting between PIL and model tensors.
+
+``load_image`` is the single entry point for untrusted uploads: every failure
+becomes an ``InputError`` with a one-sentence message for the UI, never a raw
+PIL traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipelines.errors import InputError
+
+MIN_SIDE = 8  # smaller images carry no usable content for a VAE (8x downsampling)
+MAX_PIXELS = 50_000_000  # decoding more would use GBs of RAM for no benefit
+
+_NOT_AN_IMAGE = "The uploaded file is not an image I can read (cannot identify image file)."
+
+
+def fit_size(width: int, height: int, *, resolution: int, multiple: int) -> tuple[int, int]:
+    """Size whose long side is ``resolution``, keeping the aspect ratio.
+
+    Both sides are rounded to the nearest multiple of ``multiple`` (at least
+    ``multiple``). The long side is ``resolution`` itself when it is a
+    multiple of ``multiple``; otherwise it is rounded the same way.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    if resolution <= 0 or multiple <= 0:
+        raise ValueError(f"resolution and multiple must be positive, got {resolution}, {multiple}")
+    scale = resolution / max(width, height)
+
+    def snap(side: float) -> int:
+        # floor(x + 0.5) instead of round(): Python's round() is banker's rounding.
+        return max(multiple, int(math.floor(side / multiple + 0.5)) * multiple)
+
+    return snap(width * scale), snap(height * scale)
+
+
+def _check_size(width: int, height: int) -> None:
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise InputError(
+            f"The image is too small ({width}x{height} px); "
+            f"it must be at least {MIN_SIDE} px on each side."
+        )
+    if width * height > MAX_PIXELS:
+        raise InputError(
+            f"The image is too large ({width}x{height} px); "
+            f"the limit is {MAX_PIXELS // 1_000_000} megapixels."
+        )
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InputError(f"The image array has an unsupported shape {arr.shape}.")
+    # Check before converting so a huge array is not copied again.
+    _check_size(arr.shape[1], arr.shape[0])
+    if np.issubdtype(arr.dtype, np.floating):
+        # Floats are [0,1]; NaN/inf would otherwise wrap around in the uint8 cast.
+        arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+        arr = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise InputError(f"The image array has an unsupported data type ({arr.dtype}).")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _open(source) -> Image.Image:
+    """Open a path/bytes lazily: only the header is read, nothing decoded."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. a name too long for the filesystem
+            found = False
+        if not found:
+            raise InputError(f"The image file '{path.name}' was not found.")
+        fp = path
+    try:
+        return Image.open(fp)
+    # Pillow raises the Error above 2x MAX_IMAGE_PIXELS (and the Warning when
+    # warnings are turned into errors); between the two our own, lower
+    # MAX_PIXELS check rejects the image. We do not touch the global warning
+    # filters: they are not thread-safe and Gradio handlers run in threads.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError("The image is too large (its header claims too many pixels).") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on bad input
+        raise InputError(_NOT_AN_IMAGE) from exc
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    # PIL's own I/F -> L conversion clips instead of scaling, which turns a
+    # 16-bit photo almost white; scale by the plausible range instead.
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0  # 65535 -> 255
+    elif img.mode == "I" and arr.max(initial=0) > 255:
+        arr = arr / 257.0  # 16-bit data stored in 32-bit ints
+    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0  # float image in [0, 1]
+    return Image.fromarray(np.round(np.clip(arr, 0, 255)).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparent pixels are composited onto white."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _high_depth_to_l(img)
+    # RGBA/LA/PA/RGBa/La modes, or a tRNS colour key (palette, L, RGB).
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source, *, resolution: int, multiple: int) -> Image.Image:
+    """Load ``source`` as an RGB image with long side ``resolution``.
+
+    ``source`` may be a path (str/Path), encoded bytes, a numpy array
+    ((H,W), (H,W,3) or (H,W,4); uint8 or float in [0,1]) or a PIL image.
+    EXIF orientation is applied, transparency is composited onto white and
+    the result is resized with LANCZOS to ``fit_size(...)``.
+    Raises ``InputError`` for anything a user could have got wrong.
+    """
+    if source is None or (isinstance(source, (str, bytes, bytearray, memoryview)) and len(source) == 0):
+        raise InputError("No image was given.")
+    if isinstance(source, np.ndarray):
+        if source.size == 0:
+            raise InputError("No image was given.")
+        img = _from_array(source)
+    elif isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+        img = _open(source)
+    else:
+        raise InputError(f"Unsupported image input of type {type(source).__name__}.")
+
+    opened = img if img is not source else None  # only close what we opened
+    try:
+        # Header size is known before decoding: reject bombs without allocating.
+        _check_size(*img.size)
+        img.load()
+        # Both steps return new images, so ``opened`` can always be closed.
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except InputError:
+        raise
+    except OSError as exc:
+        # Pillow reports truncated data as OSError("image file is truncated...").
+        raise InputError("The image file is truncated or corrupt and cannot be decoded.") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on bad input
+        raise InputError(_NOT_AN_IMAGE) from exc
+    finally:
+        if opened is not None:
+            opened.close()  # release the file handle of a path source
+
+    size = fit_size(*rgb.size, resolution=resolution, multiple=multiple)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return rgb
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL -> (1, 3, H, W) float32 in [-1, 1], the same arithmetic as diffusers'
+    VaeImageProcessor (x / 255 in float32, then 2x - 1)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return 2.0 * t - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image.
+
+    Mirrors diffusers' postprocess + numpy_to_pil exactly (denormalise in the
+    tensor's dtype, then float32 ``(x * 255).round()``) so outputs are
+    pixel-identical to a stock pipeline.
+    """
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"expected a batch of one image, got shape {tuple(x.shape)}")
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected shape (1,3,H,W) or (3,H,W), got {tuple(x.shape)}")
+    x = (x.detach() / 2 + 0.5).clamp(0, 1)
+    arr = x.cpu().permute(1, 2, 0).float().numpy()
+    return Image.fromarray((arr * 255).round().astype(np.uint8), "RGB")

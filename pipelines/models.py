@@ -1,0 +1,175 @@
+"""Model loading: any SD-1.x-compatible diffusers folder (Hub id or local path), the embedded model, or the
+tiny random model. Components load once and are shared by every session."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .devices import pick_device, pick_dtype
+from .errors import InputError
+from .events import Progress
+from .previews import LatentPreviewer, previewer_for
+from .tiny_model import TINY_ID, TINY_LABEL, ensure_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
+EMBEDDED_ID = "embedded"
+
+HUB_MODELS = [
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "SG161222/Realistic_Vision_V2.0",
+    "prompthero/openjourney-v4",
+]
+MODEL_ENV = "STUDIO_MODEL"
+
+
+@dataclass
+class LoadedModel:
+    """The shared, read-mostly components of one model, plus what the engine needs to know about it."""
+
+    id: str
+    label: str
+    pipe: object  # diffusers StableDiffusionPipeline (kept for LoRA loading and the benchmark)
+    previewer: LatentPreviewer
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool = False
+    folder: Path | None = None
+    loras: dict = field(default_factory=dict)  # adapter name -> source
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def scheduler_config(self):
+        return self.pipe.scheduler.config
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def resolution(self) -> int:
+        """The native image side (e.g. 512 for SD1.5)."""
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (8, or the VAE factor if larger)."""
+        return max(8, self.vae_factor)
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.label} [{self.device.type}, {str(self.dtype).replace('torch.', '')}]"
+
+
+def model_choices() -> list[str]:
+    """What the UI dropdown offers (a free-text local path or Hub id is accepted too)."""
+    choices = []
+    if embedded_available():
+        choices.append(EMBEDDED_ID)
+    return choices + HUB_MODELS + [TINY_ID]
+
+
+def embedded_available() -> bool:
+    return (EMBEDDED_DIR / "model_index.json").is_file()
+
+
+def default_source() -> str:
+    """--model / STUDIO_MODEL if set, else the embedded model when present, else the tiny model."""
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        return env
+    return EMBEDDED_ID if embedded_available() else TINY_ID
+
+
+def resolve_source(source: str) -> tuple[str, str | Path, str | None]:
+    """Returns (id, what to pass to from_pretrained, label override)."""
+    source = (source or "").strip()
+    if not source:
+        raise InputError("No model given: choose one from the list or type a Hub id or local folder.")
+    if source == TINY_ID:
+        return TINY_ID, ensure_tiny_model(), TINY_LABEL
+    if source == EMBEDDED_ID:
+        if not embedded_available():
+            raise InputError("The embedded model is not present in assets/model.")
+        return EMBEDDED_ID, EMBEDDED_DIR, None
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"{source} is not a diffusers model folder (no model_index.json).")
+        return str(path.resolve()), path, None
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise InputError(f"{source!r} is neither an existing folder nor a Hub id like 'owner/name'.")
+    return source, source, None
+
+
+def _read_label(folder: Path | None, fallback: str) -> tuple[str, bool]:
+    if folder is not None and (folder / "studio_model.json").is_file():
+        info = json.loads((folder / "studio_model.json").read_text())
+        return info.get("label", fallback), bool(info.get("random_weights", False))
+    return fallback, False
+
+
+def load_model(source: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Iterator[Progress]:
+    """Loads a model as a job of progress events; the last event's result is the LoadedModel.
+
+    Safetensors only, no remote code. With HF_HUB_OFFLINE=1 (or no network) only the local cache is used.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    total = 3
+    yield Progress("resolving model", 0, total, message=f"Resolving {source}")
+    model_id, where, label = resolve_source(source)
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(device)
+    yield Progress("loading weights", 1, total, message=f"Loading {model_id}")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            where, dtype=dtype, use_safetensors=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes a clear message
+        raise InputError(f"Could not load model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if dtype == torch.float16:
+        pipe.vae.to(torch.float32)  # SD VAEs can overflow in fp16 decode; fp32 keeps it safe
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    folder = Path(where) if isinstance(where, Path) else _hub_snapshot_folder(pipe)
+    yield Progress("preview factors", 2, total, message="Preparing latent previews")
+    previewer = previewer_for(pipe.vae, folder)
+    label_text, random_weights = _read_label(folder, label or model_id)
+    model = LoadedModel(
+        id=model_id, label=label or label_text, pipe=pipe, previewer=previewer, device=device, dtype=dtype,
+        random_weights=random_weights, folder=folder,
+    )
+    yield Progress("loaded", total, total, result=model, message=f"Loaded {model.display_name}")
+
+
+def _hub_snapshot_folder(pipe) -> Path | None:
+    name = getattr(pipe.config, "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None

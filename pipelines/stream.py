@@ -1,0 +1,44 @@
+"""Turns the DDIM core's per-step states into Progress events with previews of the predicted x0."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generator, Iterable
+
+import torch
+from PIL import Image
+
+from .ddim import StepState
+from .events import Progress
+from .latents import decode_to_pil
+
+
+@dataclass
+class PreviewOptions:
+    every: int = 1              # cheap linear preview every k steps (0: none)
+    full_decode_every: int = 0  # full VAE decode instead, every k steps (0: never)
+
+
+def preview_image(model, pred_x0: torch.Tensor, full: bool) -> Image.Image:
+    if full:
+        return decode_to_pil(model, pred_x0)
+    small = model.previewer(pred_x0)
+    f = model.vae_factor
+    return small.resize((small.width * f, small.height * f), Image.BILINEAR)
+
+
+def stream_steps(
+    model, states: Iterable[StepState], stage: str, offset: int, total: int, opts: PreviewOptions | None,
+) -> Generator[Progress, None, torch.Tensor | None]:
+    """Yields one event per step (with a preview when due) and returns the last latent."""
+    opts = opts or PreviewOptions()
+    x = None
+    for st in states:
+        x = st.latents
+        k = st.index + 1
+        preview = None
+        if opts.full_decode_every and k % opts.full_decode_every == 0:
+            preview = preview_image(model, st.pred_x0, full=True)
+        elif opts.every and (k % opts.every == 0 or k == st.total):
+            preview = preview_image(model, st.pred_x0, full=False)
+        yield Progress(stage, offset + k, total, preview=preview)
+    return x

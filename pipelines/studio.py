@@ -1,0 +1,98 @@
+"""The studio engine: one shared model, one GPU job at a time, every operation a generator of events.
+
+The UI (or a script) owns per-session objects (cancel tokens, caches) and passes them in; nothing here is
+per-session, so no browser session can see another's data.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from .errors import InputError
+from .events import CancelToken, Job, Progress, run_to_end
+from .generate import GenerateParams, generate
+from .interpolation import InterpolationParams, interpolation_frame, interpolation_sequence
+from .inversion import InversionParams, invert_and_reconstruct
+from .lora import load_lora
+from .models import EMBEDDED_ID, default_source, embedded_available, load_model
+from .tiny_model import TINY_ID
+
+log = logging.getLogger(__name__)
+
+
+class Studio:
+    def __init__(self) -> None:
+        self.model = None
+        self.notice = ""            # e.g. why the requested model was not loaded at start-up
+        self._lock = threading.Lock()
+
+    # --- model management -------------------------------------------------------------------------
+    def start(self, source: str | None = None) -> "Studio":
+        """Loads the requested/default model; if it cannot load, falls back (embedded, then tiny) and says why."""
+        wanted = source or default_source()
+        fallbacks = [wanted] + [s for s in (EMBEDDED_ID if embedded_available() else None, TINY_ID) if s and s != wanted]
+        errors = []
+        for src in fallbacks:
+            try:
+                self.model = run_to_end(load_model(src))
+                break
+            except InputError as exc:
+                errors.append(str(exc))
+                log.warning("model %s did not load: %s", src, exc)
+        if self.model is None:
+            raise InputError("No model could be loaded: " + " | ".join(errors))
+        if errors:
+            self.notice = f"{errors[0]} Using {self.model.label} instead."
+        return self
+
+    def switch_model(self, source: str, cancel: CancelToken | None = None) -> Job:
+        """Loads another model; on failure the previous one stays active and the error says why."""
+
+        def job(_current):
+            new = yield from load_model(source)
+            self.model = new
+            self.notice = ""
+            return new
+
+        return self._exclusive(job, cancel)
+
+    def load_lora(self, source: str, name: str | None = None, cancel: CancelToken | None = None) -> Job:
+        def job(model):
+            yield Progress("loading LoRA", 0, 1, message=f"Loading {source}")
+            adapter = load_lora(model, source, name)
+            yield Progress("loaded", 1, 1, result=adapter, message=f"LoRA {adapter!r} loaded")
+
+        return self._exclusive(job, cancel)
+
+    # --- operations -------------------------------------------------------------------------------
+    def generate(self, p: GenerateParams, cancel: CancelToken | None = None, preview=None) -> Job:
+        return self._exclusive(lambda m: generate(m, p, cancel, preview), cancel)
+
+    def interpolation_frame(self, p: InterpolationParams, eta: float, cache=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: interpolation_frame(m, p, eta, cache, cancel, preview), cancel)
+
+    def interpolation_sequence(self, p: InterpolationParams, n_frames: int = 11, cache=None, cancel=None,
+                               preview=None, gif_dir=None) -> Job:
+        return self._exclusive(
+            lambda m: interpolation_sequence(m, p, n_frames, cache, cancel, preview, gif_dir), cancel)
+
+    def invert(self, image, p: InversionParams, cache=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: invert_and_reconstruct(m, image, p, cache, cancel, preview), cancel)
+
+    # --- one job at a time ------------------------------------------------------------------------
+    def _exclusive(self, make_job: Callable, cancel: CancelToken | None) -> Job:
+        """Runs make_job(model) while holding the GPU lock; waiting stays cancellable."""
+        announced = False
+        while not self._lock.acquire(timeout=0.05):
+            if cancel is not None:
+                cancel.check()
+            if not announced:
+                announced = True
+                yield Progress("waiting for the GPU", 0, 1, message="Another job is running; queued.")
+        try:
+            if cancel is not None:
+                cancel.check()
+            return (yield from make_job(self.model))
+        finally:
+            self._lock.release()

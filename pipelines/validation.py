@@ -1,0 +1,53 @@
+"""Range checks for user-supplied numbers and text; every failure is an InputError with a UI-ready message."""
+from __future__ import annotations
+
+import math
+import random
+
+from .errors import InputError
+
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 2048
+
+
+def check_prompt(prompt, what: str = "prompt") -> str:
+    text = "" if prompt is None else str(prompt)
+    if not text.strip():
+        raise InputError(f"Please enter a {what}: it is empty.")
+    return text.strip()
+
+
+def check_number(value, name: str, lo: float, hi: float, integer: bool = False):
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}.") from None
+    if math.isnan(x) or x < lo or x > hi:
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}.")
+    if integer:
+        if x != int(x):
+            raise InputError(f"{name} must be a whole number, got {value!r}.")
+        return int(x)
+    return x
+
+
+def resolve_seed(seed) -> int:
+    """-1 (or empty) means a fresh random seed; the seed actually used is returned so it can be shown."""
+    if seed is None or seed == "" or float(seed) == -1:
+        return random.randrange(MAX_SEED)
+    return check_number(seed, "Seed", 0, MAX_SEED, integer=True)
+
+
+def check_size(model, width, height) -> tuple[int, int]:
+    """Width/height default to the model's native resolution and must be multiples of its size step."""
+    step = model.size_multiple
+    out = []
+    for name, v in (("Width", width), ("Height", height)):
+        if v is None or v == "" or v == 0:
+            out.append(model.resolution)
+            continue
+        v = check_number(v, name, step, MAX_SIDE, integer=True)
+        if v % step:
+            raise InputError(f"{name} must be a multiple of {step} for this model, got {v}.")
+        out.append(v)
+    return out[0], out[1]
