@@ -1,0 +1,67 @@
+"""Per-browser-session data (cancel token, caches, output folder), keyed by Gradio's session hash.
+
+Kept server-side because tokens and tensors cannot live in gr.State; bounded so abandoned sessions
+cannot grow memory, and dropped when the browser tab unloads.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.cache import LRUCache
+from pipelines.events import CancelToken
+
+MAX_SESSIONS = 64
+
+
+@dataclass
+class Session:
+    token: CancelToken = field(default_factory=CancelToken)
+    interpolation_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
+    inversion_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
+    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="studio_session_")))
+
+    def new_job(self) -> CancelToken:
+        """A fresh token per job, so a Stop aimed at an old job cannot cancel the next one."""
+        self.token = CancelToken()
+        return self.token
+
+    def close(self) -> None:
+        self.token.cancel()
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+
+
+class SessionRegistry:
+    def __init__(self, max_sessions: int = MAX_SESSIONS):
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(request) -> str:
+        return getattr(request, "session_hash", None) or "anonymous"
+
+    def get(self, request) -> Session:
+        key = self.key(request)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = Session()
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > self.max_sessions:
+                _, old = self._sessions.popitem(last=False)
+                old.close()
+            return session
+
+    def drop(self, request) -> None:
+        with self._lock:
+            session = self._sessions.pop(self.key(request), None)
+        if session is not None:
+            session.close()
+
+    def __len__(self) -> int:
+        return len(self._sessions)

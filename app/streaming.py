@@ -1,0 +1,48 @@
+"""Renders pipeline jobs into Gradio updates: throttled previews, clear messages instead of tracebacks."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterator
+
+import gradio as gr
+
+from pipelines.errors import InputError
+from pipelines.events import Cancelled, Progress
+
+log = logging.getLogger(__name__)
+MIN_INTERVAL = 0.1  # seconds between streamed updates: each image update is an encode + file + fetch
+
+
+def status_line(ev: Progress) -> str:
+    text = f"{ev.stage}: step {ev.step}/{ev.total}" if ev.total else ev.stage
+    return f"{text} · {ev.message}" if ev.message else text
+
+
+def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], stopped: Callable[[], tuple],
+           min_interval: float = MIN_INTERVAL) -> Iterator[tuple]:
+    """Yields render(event, final) for the final event, the first preview, partial results and, at most
+    every `min_interval` seconds, the newest progress. InputError becomes a gr.Error (a message in the UI);
+    a Stop yields `stopped()`; the job generator is always closed so its context managers run."""
+    last = 0.0
+    seen_preview = False
+    try:
+        for ev in job:
+            if ev.done:
+                yield render(ev, True)
+                continue
+            now = time.monotonic()
+            first_preview = ev.preview is not None and not seen_preview
+            if first_preview or ev.partial is not None or now - last >= min_interval:
+                seen_preview = seen_preview or ev.preview is not None
+                last = now
+                yield render(ev, False)
+    except InputError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    except Cancelled:
+        yield stopped()
+    except Exception as exc:  # noqa: BLE001 - never show a traceback in the UI
+        log.exception("job failed")
+        raise gr.Error(f"Something went wrong: {type(exc).__name__}: {exc}", print_exception=False) from None
+    finally:
+        job.close()
