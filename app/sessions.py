@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipelines.cache import LRUCache
 from pipelines.events import CancelToken
+from pipelines.stream import PreviewOptions
 
 MAX_SESSIONS = 64
 
@@ -23,6 +24,7 @@ class Session:
     token: CancelToken = field(default_factory=CancelToken)
     interpolation_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     inversion_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
+    preview: PreviewOptions = field(default_factory=PreviewOptions)
     out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="studio_session_")))
 
     def new_job(self) -> CancelToken:

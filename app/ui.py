@@ -1,6 +1,8 @@
 """The Gradio Blocks studio. UI only: every handler starts a pipeline job and renders its events."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import gradio as gr
 
@@ -10,6 +12,7 @@ from pipelines.interpolation import InterpolationParams
 from pipelines.inversion import InversionParams
 from pipelines.lora import SMOOTH_LORA_REPO
 from pipelines.models import model_choices
+from pipelines.stream import PreviewOptions
 from pipelines.studio import Studio
 
 from .sessions import SessionRegistry
@@ -22,6 +25,12 @@ EXAMPLE_PROMPTS = [
     ["a large blue square in the centre on a black background"],
     ["a yellow star at the top on a plain green background"],
 ]
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLE_IMAGES = [
+    [str(EXAMPLES_DIR / "red_circle_left.png"), "a red circle on the left on a white background"],
+    [str(EXAMPLES_DIR / "blue_square_centre.png"), "a blue square in the centre on a black background"],
+    [str(EXAMPLES_DIR / "yellow_triangle_top_right.png"), "a yellow triangle at the top right on a green background"],
+]
 EXAMPLE_PAIRS = [
     ["a red circle on a white background", "a blue square on a white background"],
     ["a small green triangle on the left", "a small green triangle on the right"],
@@ -31,12 +40,12 @@ EXAMPLE_PAIRS = [
 def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Blocks:
     sessions = sessions or SessionRegistry()
 
-    def model_status() -> str:
-        m = studio.model
+    def model_status(m=None) -> str:
+        m = m or studio.model
         text = f"**Active model:** {m.display_name}"
         if m.random_weights:
             text += " · ⚠️ random weights, for testing"
-        if studio.notice:
+        if studio.notice and m is studio.model:
             text += f"\n\n{studio.notice}"
         if m.loras:
             text += f"\n\n**Loaded LoRA:** {', '.join(m.loras)}"
@@ -73,6 +82,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 lora_src = gr.Textbox(SMOOTH_LORA_REPO, label="LoRA (.safetensors path, or Hub repo[:file])", scale=4)
                 lora_btn = gr.Button("Load LoRA", scale=1)
             load_status = gr.Markdown("")
+            preview_full = gr.Slider(0, 50, value=0, step=1, elem_id="preview-full-every",
+                                     label="Previews: full VAE decode every k steps (0 = fast linear latent preview on every step)")
 
         with gr.Tabs() as tabs:
             # ---------------------------------------------------------------- Generate
@@ -95,8 +106,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             g_stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
                         gr.Examples(EXAMPLE_PROMPTS, [g_prompt])
                     with gr.Column():
-                        g_preview = gr.Image(label="Live preview (predicted x0)", format="jpeg", interactive=False, elem_id="gen-preview")
-                        g_image = gr.Image(label="Result", format="png", type="filepath", interactive=False, elem_id="gen-result")
+                        g_preview = gr.Image(label="Live preview (predicted x0)", format="jpeg", interactive=False, height=320, elem_id="gen-preview")
+                        g_image = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=320, elem_id="gen-result")
                         g_seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                         g_status = gr.Markdown("", elem_id="gen-status")
                         g_send = gr.Button("Send to Invert")
@@ -127,7 +138,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             i_stop = gr.Button("Stop", variant="stop", elem_id="int-stop")
                         gr.Examples(EXAMPLE_PAIRS, [i_prompt_a, i_prompt_b])
                     with gr.Column():
-                        i_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, elem_id="int-frame-img")
+                        i_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320, elem_id="int-frame-img")
                         i_status = gr.Markdown("", elem_id="int-status")
                         i_send = gr.Button("Send frame to Invert")
                         i_gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="int-gallery")
@@ -151,11 +162,12 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             v_run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                             v_stop = gr.Button("Stop", variant="stop")
+                        gr.Examples(EXAMPLE_IMAGES, [v_input, v_prompt])
                     with gr.Column():
-                        v_preview = gr.Image(label="Live preview", format="jpeg", interactive=False)
+                        v_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256, elem_id="inv-preview")
                         with gr.Row():
-                            v_source = gr.Image(label="Source (as the model sees it)", format="png", interactive=False)
-                            v_recon = gr.Image(label="Reconstruction", format="png", type="filepath", interactive=False, elem_id="inv-result")
+                            v_source = gr.Image(label="Source (as the model sees it)", format="png", interactive=False, height=256, elem_id="inv-source")
+                            v_recon = gr.Image(label="Reconstruction", format="png", type="filepath", interactive=False, height=256, elem_id="inv-result")
                         v_metrics = gr.JSON(label="PSNR / SSIM / MSE")
                         v_status = gr.Markdown("", elem_id="inv-status")
 
@@ -171,7 +183,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora), strength)
-                yield from studio.generate(p, token)
+                yield from studio.generate(p, token, sessions.get(request).preview)
 
             yield from stream(job(), render, stopped(4, 3))
 
@@ -189,7 +201,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
-                yield from studio.interpolation_frame(p, eta, session.interpolation_cache, token)
+                yield from studio.interpolation_frame(p, eta, session.interpolation_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(2, 1))
 
@@ -208,7 +220,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
-                yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, gif_dir=session.out_dir)
+                yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
+                                                         gif_dir=session.out_dir)
 
             yield from stream(job(), render, stopped(6, 5))
 
@@ -232,20 +245,22 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 if not path:
                     raise InputError("Please upload an image to invert.")
                 p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora), strength)
-                yield from studio.invert(path, p, session.inversion_cache, token)
+                yield from studio.invert(path, p, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(5, 4))
 
         def run_load_model(source):
+            # The final event carries the new model; it is rendered before switch_model makes it studio.model.
             def render(ev, final):
-                return (model_status() if final else gr.skip()), status_line(ev), *sizes(final)
+                return (model_status(ev.result) if final else gr.skip()), status_line(ev), *sizes(ev.result if final else None)
 
-            def sizes(final):
-                if not final:
+            def sizes(m):
+                if m is None:
                     return [gr.skip()] * 4
-                m = studio.model
-                upd = gr.update(minimum=m.size_multiple, maximum=max(1024, m.resolution), step=m.size_multiple, value=m.resolution)
-                return [upd] * 4
+                # One dict per slider: Gradio pops "value" from an update dict while postprocessing it, so a
+                # shared dict ([upd] * 4) would set the value of the first slider only.
+                return [gr.update(minimum=m.size_multiple, maximum=max(1024, m.resolution), step=m.size_multiple,
+                                  value=m.resolution) for _ in range(4)]
 
             yield from stream(studio.switch_model(source), render, lambda: (gr.skip(), "Stopped.", *[gr.skip()] * 4))
 
@@ -255,12 +270,21 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             yield from stream(studio.load_lora(source), render, lambda: (gr.skip(), "Stopped."))
 
+        def set_preview_mode(k, request: gr.Request):
+            k = int(k or 0)
+            sessions.get(request).preview = PreviewOptions(every=0 if k else 1, full_decode_every=k)
+
+        preview_full.change(set_preview_mode, [preview_full], None, api_visibility="private")
+
         def stop(request: gr.Request):
             sessions.get(request).token.cancel()
+            # Said here too: Gradio's cancel (cancels=...) usually ends the event before the job's own
+            # "Stopped." update is delivered, which would leave the last progress line showing.
+            return "Stopped."
 
         g_inputs = [g_prompt, g_neg, g_seed, g_steps, g_guid, g_w, g_h, g_lora, g_lora_s]
         g_event = g_run.click(run_generate, g_inputs, [g_preview, g_image, g_seed_used, g_status], api_name="generate", **GPU)
-        g_stop.click(stop, None, None, cancels=[g_event], api_name="stop", queue=False)
+        g_stop.click(stop, None, g_status, cancels=[g_event], api_name="stop", queue=False)
 
         i_common = [i_prompt_a, i_prompt_b, i_neg, i_seed_a, i_seed_b, i_steps, i_guid, i_w, i_h, i_lora, i_lora_s]
         i_event = i_run.click(run_frame, i_common + [i_eta], [i_frame, i_status], api_name="interpolate_frame", **GPU)
@@ -269,12 +293,12 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                 trigger_mode="always_last", **GPU)
         i_seq_event = i_seq.click(run_sequence, i_common + [i_frames],
                                   [i_frame, i_gallery, i_gif, i_istd, i_plot, i_status], api_name="interpolate_sequence", **GPU)
-        i_stop.click(stop, None, None, cancels=[i_event, i_scrub, i_seq_event], api_visibility="private", queue=False)
+        i_stop.click(stop, None, i_status, cancels=[i_event, i_scrub, i_seq_event], api_visibility="private", queue=False)
 
         v_event = v_run.click(run_invert, [v_input, v_prompt, v_steps, v_inv_g, v_guid, v_lora, v_lora_s],
                               [v_preview, v_source, v_recon, v_metrics, v_status], api_name="invert",
                               preprocess=False, **GPU)
-        v_stop.click(stop, None, None, cancels=[v_event], api_visibility="private", queue=False)
+        v_stop.click(stop, None, v_status, cancels=[v_event], api_visibility="private", queue=False)
 
         model_btn.click(run_load_model, [model_dd], [status_md, load_status, g_w, g_h, i_w, i_h],
                         api_name="load_model", **GPU)
