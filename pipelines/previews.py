@@ -33,14 +33,15 @@ class LatentPreviewer:
         self.source = source
 
     def to_rgb(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N,C,h,w) -> (N,3,h,w) in roughly [-1,1]."""
-        x = latents.detach().float().cpu()
-        rgb = torch.einsum("nchw,cr->nrhw", x, self.factors) + self.bias.view(1, 3, 1, 1)
-        return rgb
+        """(N,C,h,w) -> (N,3,h,w) in roughly [-1,1], computed where the latents are (no full-size copy)."""
+        f = self.factors.to(latents.device, torch.float32)
+        b = self.bias.to(latents.device, torch.float32).view(1, 3, 1, 1)
+        return torch.einsum("nchw,cr->nrhw", latents.detach().float(), f) + b
 
     def __call__(self, latents: torch.Tensor) -> Image.Image:
+        """A latent-resolution RGB image; only these few bytes leave the GPU (the UI scales it up)."""
         rgb = self.to_rgb(latents[:1])[0]
-        arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(arr)
 
     def to_dict(self) -> dict:

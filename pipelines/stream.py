@@ -19,11 +19,9 @@ class PreviewOptions:
 
 
 def preview_image(model, pred_x0: torch.Tensor, full: bool) -> Image.Image:
-    if full:
-        return decode_to_pil(model, pred_x0)
-    small = model.previewer(pred_x0)
-    f = model.vae_factor
-    return small.resize((small.width * f, small.height * f), Image.BILINEAR)
+    """Full VAE decode, or the linear map at latent resolution (resizing is left to the browser: a
+    512 px PIL resize per step would cost more than the preview itself)."""
+    return decode_to_pil(model, pred_x0) if full else model.previewer(pred_x0)
 
 
 def stream_steps(
