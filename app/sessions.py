@@ -25,16 +25,24 @@ class Session:
     interpolation_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     inversion_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     preview: PreviewOptions = field(default_factory=PreviewOptions)
-    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="studio_session_")))
+    _out_dir: Path | None = None
 
     def new_job(self) -> CancelToken:
         """A fresh token per job, so a Stop aimed at an old job cannot cancel the next one."""
         self.token = CancelToken()
         return self.token
 
+    @property
+    def out_dir(self) -> Path:
+        """Created on first use (API clients that never render a GIF leave nothing behind)."""
+        if self._out_dir is None:
+            self._out_dir = Path(tempfile.mkdtemp(prefix="studio_session_"))
+        return self._out_dir
+
     def close(self) -> None:
         self.token.cancel()
-        shutil.rmtree(self.out_dir, ignore_errors=True)
+        if self._out_dir is not None:
+            shutil.rmtree(self._out_dir, ignore_errors=True)
 
 
 class SessionRegistry:

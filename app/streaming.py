@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import gradio as gr
 
 from pipelines.errors import InputError
-from pipelines.events import Cancelled, Progress
+from pipelines.events import CancelToken, Cancelled, Progress
 
 log = logging.getLogger(__name__)
 MIN_INTERVAL = 0.1  # seconds between streamed updates: each image update is an encode + file + fetch
@@ -20,14 +20,19 @@ def status_line(ev: Progress) -> str:
 
 
 def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], stopped: Callable[[], tuple],
-           min_interval: float = MIN_INTERVAL) -> Iterator[tuple]:
+           min_interval: float = MIN_INTERVAL, cancel: CancelToken | None = None) -> Iterator[tuple]:
     """Yields render(event, final) for the final event, the first preview, partial results and, at most
     every `min_interval` seconds, the newest progress. InputError becomes a gr.Error (a message in the UI);
-    a Stop yields `stopped()`; the job generator is always closed so its context managers run."""
+    a Stop yields `stopped()`; the job generator is always closed so its context managers run.
+
+    With the job's `cancel` token, nothing more is rendered once Stop was pressed: the job only checks the
+    token before its next UNet call, and one more progress line would overwrite the "Stopped." status."""
     last = 0.0
     seen_preview = False
     try:
         for ev in job:
+            if cancel is not None:
+                cancel.check()
             if ev.done:
                 yield render(ev, True)
                 continue

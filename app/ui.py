@@ -43,7 +43,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
     def model_status(m=None) -> str:
         m = m or studio.model
         text = f"**Active model:** {m.display_name}"
-        if m.random_weights:
+        if m.random_weights and "random weights" not in m.label:
             text += " · ⚠️ random weights, for testing"
         if studio.notice and m is studio.model:
             text += f"\n\n{studio.notice}"
@@ -185,7 +185,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora), strength)
                 yield from studio.generate(p, token, sessions.get(request).preview)
 
-            yield from stream(job(), render, stopped(4, 3))
+            yield from stream(job(), render, stopped(4, 3), cancel=token)
 
         def interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength):
             return InterpolationParams(pa, pb or "", neg or "", sa, sb, steps, guidance, w, h, lora_name(use_lora), strength)
@@ -203,7 +203,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
                 yield from studio.interpolation_frame(p, eta, session.interpolation_cache, token, session.preview)
 
-            yield from stream(job(), render, stopped(2, 1))
+            yield from stream(job(), render, stopped(2, 1), cancel=token)
 
         def run_sequence(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, n, request: gr.Request):
             session = sessions.get(request)
@@ -223,7 +223,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
                                                          gif_dir=session.out_dir)
 
-            yield from stream(job(), render, stopped(6, 5))
+            yield from stream(job(), render, stopped(6, 5), cancel=token)
 
         def run_invert(image, prompt, steps, inv_g, guidance, use_lora, strength, request: gr.Request):
             session = sessions.get(request)
@@ -247,7 +247,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora), strength)
                 yield from studio.invert(path, p, session.inversion_cache, token, session.preview)
 
-            yield from stream(job(), render, stopped(5, 4))
+            yield from stream(job(), render, stopped(5, 4), cancel=token)
 
         def run_load_model(source):
             # The final event carries the new model; it is rendered before switch_model makes it studio.model.

@@ -39,7 +39,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    return a + (b - a) * t
+    """Linear interpolation that is exact at both ends (a + (b - a) * 1 can miss b by an ulp)."""
+    return torch.lerp(a, b, float(t))
 
 
 def adjacent_distances(frames: list) -> np.ndarray:

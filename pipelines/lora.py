@@ -73,13 +73,18 @@ def load_lora(model, source: str, name: str | None = None) -> str:
     """Loads a LoRA onto the model's UNet (disabled until applied); returns its adapter name."""
     unet = model.unet
     name = name or re.sub(r"\W+", "_", Path(source.split(":")[-1]).stem or "lora")
+    sd, prefix, alphas = to_unet_state_dict(read_lora_file(source))
+    if not any("lora" in k.lower() for k in sd):  # diffusers fails on these with an opaque IndexError
+        raise InputError(f"No UNet LoRA weights were found in {source!r}.")
     if name in getattr(unet, "peft_config", {}):
         unet.delete_adapters(name)
-    sd, prefix, alphas = to_unet_state_dict(read_lora_file(source))
+        model.loras.pop(name, None)  # never leave a name that refers to a deleted adapter
     before = _lora_param_count(unet)
     try:
         unet.load_lora_adapter(sd, prefix=prefix, network_alphas=alphas, adapter_name=name)
     except Exception as exc:  # noqa: BLE001 - shape mismatch with this UNet, unknown keys ...
+        if name in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(name)  # no half-loaded adapter stays behind
         raise InputError(f"LoRA {source!r} does not fit this model's UNet: {str(exc).splitlines()[0][:200]}") from exc
     finally:
         if hasattr(unet, "peft_config"):

@@ -92,12 +92,15 @@ def calibration_images(size: int, count: int = 24, seed: int = 0) -> torch.Tenso
 
 @torch.no_grad()
 def fit_previewer(vae, *, size: int = 64, count: int = 24) -> LatentPreviewer:
-    """Least-squares fit of [latent, 1] -> RGB from the VAE's own encodings of calibration images."""
+    """Least-squares fit of [latent, 1] -> RGB of the VAE's own decode (what a preview stands in for),
+    on the encodings of varied calibration images."""
     param = next(vae.parameters())
     images = calibration_images(size, count).to(param.device, param.dtype)
-    latents = vae.encode(images).latent_dist.mean.float() * float(vae.config.scaling_factor)
+    latents = vae.encode(images).latent_dist.mean
+    decoded = vae.decode(latents).sample.float().clamp(-1, 1)
+    latents = latents.float() * float(vae.config.scaling_factor)
     h, w = latents.shape[-2:]
-    target = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="area")
+    target = torch.nn.functional.interpolate(decoded, size=(h, w), mode="area")
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).cpu()
     y = target.permute(0, 2, 3, 1).reshape(-1, 3).cpu()
     x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)

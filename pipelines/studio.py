@@ -50,10 +50,12 @@ class Studio:
         """Loads another model; on failure the previous one stays active and the error says why."""
 
         def job(_current):
-            new = yield from load_model(source)
-            self.model = new
-            self.notice = ""
-            return new
+            for ev in load_model(source):
+                if ev.done:  # activate before the UI hears "loaded"
+                    self.model = ev.result
+                    self.notice = ""
+                yield ev
+            return self.model
 
         return self._exclusive(job, cancel)
 

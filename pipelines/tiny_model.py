@@ -15,7 +15,7 @@ import torch
 
 TINY_ID = "tiny-random"
 TINY_LABEL = "tiny SD-architecture model (random weights, for testing)"
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 # Words that get their own token; everything else falls back to byte-level pieces.
 _WORDS = (
@@ -39,30 +39,39 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _apply_bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Plain BPE: repeatedly join the adjacent pair with the lowest merge rank."""
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def build_tokenizer_files(folder: Path) -> int:
     """Writes vocab.json and merges.txt; returns the vocabulary size."""
     symbols = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
-    merges: list[str] = []
-    seen = set()
+    merges: list[tuple[str, str]] = []
     for word in _WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        left = parts[0]
-        for right in parts[1:]:
-            pair = f"{left} {right}"
-            merged = left + right
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-                vocab.setdefault(merged, len(vocab))
-            left = merged
+        # BPE applies merges by global rank, so see how the word splits with the merges so far and
+        # join those pieces with new (later-ranked) merges: every listed word becomes one token.
+        pieces = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        left = pieces[0]
+        for right in pieces[1:]:
+            merges.append((left, right))
+            left = left + right
+            vocab.setdefault(left, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return len(vocab)
 
 

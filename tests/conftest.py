@@ -37,3 +37,44 @@ def studio(tiny_model):
     s = Studio()
     s.model = tiny_model
     return s
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(studio, tmp_path_factory):
+    """The real Gradio app on 127.0.0.1 (queue as in app.py), serving the shared tiny-model studio."""
+    saved_env = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "NO_PROXY", "no_proxy")}
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio_tmp"))  # uploads and outputs
+    for k in ("NO_PROXY", "no_proxy"):  # clients must reach 127.0.0.1 directly, never via a proxy
+        os.environ[k] = ",".join(filter(None, [os.environ.get(k), "127.0.0.1", "localhost"]))
+    import torch
+
+    from app.sessions import SessionRegistry
+    from app.ui import build_demo
+
+    # One intra-op thread: the server, the client (and a browser) share this small box; two torch threads
+    # spinning against them can make each UNet call many times slower, and the tests flaky.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    demo = build_demo(studio, SessionRegistry())
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+                show_error=True)
+    try:
+        yield demo.local_url.rstrip("/") + "/"
+    finally:
+        demo.close()
+        torch.set_num_threads(threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
