@@ -15,6 +15,18 @@ sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    """One torch intra-op thread: the tiny model gains nothing from two, and on a 2-core box shared with the
+    test server, its client and a browser, two spinning OpenMP threads make UNet calls many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _studio_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("studio_cache")
     os.environ["STUDIO_CACHE"] = str(cache)
@@ -54,15 +66,8 @@ def app_url(studio, tmp_path_factory):
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio_tmp"))  # uploads and outputs
     for k in ("NO_PROXY", "no_proxy"):  # clients must reach 127.0.0.1 directly, never via a proxy
         os.environ[k] = ",".join(filter(None, [os.environ.get(k), "127.0.0.1", "localhost"]))
-    import torch
-
     from app.sessions import SessionRegistry
     from app.ui import build_demo
-
-    # One intra-op thread: the server, the client (and a browser) share this small box; two torch threads
-    # spinning against them can make each UNet call many times slower, and the tests flaky.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     demo = build_demo(studio, SessionRegistry())
     demo.queue(max_size=32, default_concurrency_limit=1)
@@ -72,7 +77,6 @@ def app_url(studio, tmp_path_factory):
         yield demo.local_url.rstrip("/") + "/"
     finally:
         demo.close()
-        torch.set_num_threads(threads)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import pixels
 from pipelines import ddim
 from pipelines.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams, generate
@@ -16,24 +17,10 @@ from pipelines.stream import PreviewOptions
 from pipelines.text import encode_prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread while this module runs (restored afterwards): the tiny model gains nothing from
-    two, and on a busy 2-core machine two spinning OpenMP threads make every UNet call several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _smooth_picture(size: int = 64) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
     rgb = np.stack([xx, yy, 0.5 * (1 - xx)], axis=-1)
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
-
-
-def _pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture
@@ -86,7 +73,7 @@ def test_generate_matches_diffusers_pipeline_pixel_for_pixel(tiny_model, width, 
         width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pil", eta=0.0,
     ).images[0]
-    a, b = _pixels(ours.image), _pixels(theirs)
+    a, b = pixels(ours.image), pixels(theirs)
     assert a.shape == b.shape == (height, width, 3)
     assert np.abs(a - b).max() == 0  # measured: identical, no float noise at all
     assert a.std() > 1  # not a blank picture
@@ -95,7 +82,7 @@ def test_generate_matches_diffusers_pipeline_pixel_for_pixel(tiny_model, width, 
 def test_different_seeds_give_different_images(tiny_model):
     a = run_to_end(generate(tiny_model, GenerateParams("a cat", seed=1, steps=4)))
     b = run_to_end(generate(tiny_model, GenerateParams("a cat", seed=2, steps=4)))
-    assert np.abs(_pixels(a.image) - _pixels(b.image)).mean() > 1
+    assert np.abs(pixels(a.image) - pixels(b.image)).mean() > 1
 
 
 # --- start_index and cancellation -----------------------------------------------------------------
@@ -176,10 +163,10 @@ def test_default_previews_on_every_step_and_final_image(tiny_model):
         cheap = m.previewer(x0)
         if cheap.size != ev.preview.size:
             cheap = cheap.resize(ev.preview.size, Image.BILINEAR)
-        assert np.array_equal(_pixels(ev.preview), _pixels(cheap))
+        assert np.array_equal(pixels(ev.preview), pixels(cheap))
     final = events[-1]
     assert final.done and final.result is not None
-    assert np.array_equal(_pixels(final.preview), _pixels(final.result.image))
+    assert np.array_equal(pixels(final.preview), pixels(final.result.image))
     assert final.result.seed == 9 and final.result.params["steps"] == 4
 
 
@@ -187,7 +174,7 @@ def test_preview_every_0_gives_only_the_final_image(tiny_model):
     events = list(generate(tiny_model, GenerateParams("a cat", seed=4, steps=4), preview=PreviewOptions(every=0)))
     with_preview = [e for e in events if e.preview is not None]
     assert with_preview == [events[-1]]
-    assert np.array_equal(_pixels(events[-1].preview), _pixels(events[-1].result.image))
+    assert np.array_equal(pixels(events[-1].preview), pixels(events[-1].result.image))
 
 
 def test_full_decode_previews(tiny_model):
@@ -201,8 +188,8 @@ def test_full_decode_previews(tiny_model):
             assert ev.preview is None
         else:
             assert ev.preview.size == (64, 64)
-            assert np.array_equal(_pixels(ev.preview), _pixels(decode_to_pil(m, x0)))
+            assert np.array_equal(pixels(ev.preview), pixels(decode_to_pil(m, x0)))
     # A full decode of the last step's x0 differs from the cheap linear preview of it.
     cheap = m.previewer(expected[-1]).resize((64, 64), Image.BILINEAR)
-    assert not np.array_equal(_pixels(step_events[-1].preview), _pixels(cheap))
-    assert np.array_equal(_pixels(events[-1].preview), _pixels(events[-1].result.image))
+    assert not np.array_equal(pixels(step_events[-1].preview), pixels(cheap))
+    assert np.array_equal(pixels(events[-1].preview), pixels(events[-1].result.image))

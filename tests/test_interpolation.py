@@ -9,26 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import pixels
 from pipelines.cache import LRUCache
 from pipelines.events import run_to_end
 from pipelines.generate import GenerateParams, generate
 from pipelines.interpolation import (
     InterpolationParams, adjacent_distances, interpolation_frame, interpolation_sequence, istd, lerp, slerp,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread while this module runs (restored afterwards): the tiny model gains nothing from
-    two, and on a busy 2-core machine two spinning OpenMP threads make every UNet call several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _pixels(img):
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 # --- slerp / lerp ---------------------------------------------------------------------------------
@@ -119,13 +106,13 @@ def test_frame_at_the_ends_equals_plain_generation(tiny_model, eta, side):
     prompt, seed = (p.prompt_a, p.seed_a) if side == "a" else (p.prompt_b, p.seed_b)
     plain = run_to_end(generate(tiny_model, GenerateParams(
         prompt, negative_prompt=p.negative_prompt, seed=seed, steps=p.steps, guidance=p.guidance)))
-    assert np.array_equal(_pixels(frame.image), _pixels(plain.image))
+    assert np.array_equal(pixels(frame.image), pixels(plain.image))
     assert frame.params["interpolation_eta"] == eta
 
 
 def test_middle_frame_differs_from_both_ends(tiny_model):
     p = InterpolationParams(**{**PARAMS, "steps": 3})
-    a, mid, b = (_pixels(run_to_end(interpolation_frame(tiny_model, p, e)).image) for e in (0.0, 0.5, 1.0))
+    a, mid, b = (pixels(run_to_end(interpolation_frame(tiny_model, p, e)).image) for e in (0.0, 0.5, 1.0))
     assert np.abs(mid - a).mean() > 1 and np.abs(mid - b).mean() > 1
 
 
@@ -145,10 +132,10 @@ def test_endpoints_are_cached(tiny_model, text_encoder_calls):
     second = run_to_end(interpolation_frame(tiny_model, p, 0.3, cache=cache))
     other_eta = run_to_end(interpolation_frame(tiny_model, p, 0.7, cache=cache))
     assert len(text_encoder_calls) == 3  # no new encoding for the same endpoints
-    assert np.array_equal(_pixels(first.image), _pixels(second.image))
-    assert not np.array_equal(_pixels(first.image), _pixels(other_eta.image))
+    assert np.array_equal(pixels(first.image), pixels(second.image))
+    assert not np.array_equal(pixels(first.image), pixels(other_eta.image))
     uncached = run_to_end(interpolation_frame(tiny_model, p, 0.3))
-    assert np.array_equal(_pixels(first.image), _pixels(uncached.image))
+    assert np.array_equal(pixels(first.image), pixels(uncached.image))
     assert len(text_encoder_calls) == 6
 
 
@@ -182,7 +169,7 @@ def test_interpolation_sequence(tiny_model, tmp_path):
     assert min(res.distances) > 0
     # The first frame is the eta=0 frame.
     first = run_to_end(interpolation_frame(tiny_model, p, 0.0))
-    assert np.array_equal(_pixels(res.frames[0]), _pixels(first.image))
+    assert np.array_equal(pixels(res.frames[0]), pixels(first.image))
     assert res.gif_path and res.gif_path.endswith(".gif")
     with Image.open(res.gif_path) as gif:
         assert gif.n_frames == 5 and gif.size == (64, 64)

@@ -15,15 +15,6 @@ from pipelines.generate import GenerateParams, generate
 from pipelines.lora import lora_applied, load_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread while this module runs (restored afterwards): the tiny model gains nothing from
-    two, and on a busy 2-core machine two spinning OpenMP threads make every UNet call several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
 

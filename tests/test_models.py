@@ -20,15 +20,6 @@ from pipelines.previews import (
 from pipelines.tiny_model import TINY_ID, build_tiny_model, ensure_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread while this module runs (restored afterwards): the tiny model gains nothing from
-    two, and on a busy 2-core machine two spinning OpenMP threads make every UNet call several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".msgpack", ".h5"}
 
 

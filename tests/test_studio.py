@@ -13,26 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import pixels
 from pipelines.errors import InputError
 from pipelines.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import InterpolationParams
 from pipelines.inversion import InversionParams
 from pipelines.studio import Studio
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread while this module runs (restored afterwards): the tiny model gains nothing from
-    two, and on a busy 2-core machine two spinning OpenMP threads make every UNet call several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _pixels(img):
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
 def _make_lora(unet, path: Path) -> Path:
@@ -104,7 +91,7 @@ def test_cancelled_job_leaves_no_trace(own, probe, image_a):
     assert own._lock.acquire(blocking=False)  # and the GPU lock is free
     own._lock.release()
     image2 = run_to_end(own.generate(JOB_A)).image
-    assert np.array_equal(_pixels(image_a), _pixels(image2))
+    assert np.array_equal(pixels(image_a), pixels(image2))
 
 
 # --- one job at a time ----------------------------------------------------------------------------
@@ -212,7 +199,7 @@ def test_switch_to_a_folder_without_model_index(own, image_a, tmp_path):
     assert own.model is before_model
     # After all failed switches the previous model still generates the identical picture.
     image2 = run_to_end(own.generate(JOB_A)).image
-    assert np.array_equal(_pixels(image_a), _pixels(image2))
+    assert np.array_equal(pixels(image_a), pixels(image2))
 
 
 @pytest.fixture
