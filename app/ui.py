@@ -63,6 +63,14 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         m = studio.model
         return gr.Slider(m.size_multiple, max(1024, m.resolution), value=m.resolution, step=m.size_multiple, label=label)
 
+    def lora_controls():
+        with gr.Row():
+            return (gr.Checkbox(False, label="Use LoRA (Smooth LoRA)"),
+                    gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength"))
+
+    def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
+        return gr.Slider(1, 150, value=default, step=1, label="Steps", elem_id=elem_id)
+
     def stopped(n: int, status_index: int):
         def make():
             out = [gr.skip()] * n
@@ -94,13 +102,11 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         g_neg = gr.Textbox(label="Negative prompt")
                         with gr.Row():
                             g_seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                            g_steps = gr.Slider(1, 150, value=30, step=1, label="Steps", elem_id="gen-steps")
+                            g_steps = steps_slider(30, "gen-steps")
                             g_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             g_w, g_h = size_slider("Width"), size_slider("Height")
-                        with gr.Row():
-                            g_lora = gr.Checkbox(False, label="Use LoRA (Smooth LoRA)")
-                            g_lora_s = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
+                        g_lora, g_lora_s = lora_controls()
                         with gr.Row():
                             g_run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                             g_stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -123,13 +129,11 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             i_seed_a = gr.Number(0, label="Seed A", precision=0)
                             i_seed_b = gr.Number(1, label="Seed B", precision=0)
                         with gr.Row():
-                            i_steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                            i_steps = steps_slider(30)
                             i_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             i_w, i_h = size_slider("Width"), size_slider("Height")
-                        with gr.Row():
-                            i_lora = gr.Checkbox(False, label="Use LoRA (Smooth LoRA)")
-                            i_lora_s = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
+                        i_lora, i_lora_s = lora_controls()
                         i_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)", elem_id="int-eta")
                         i_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
                         with gr.Row():
@@ -153,12 +157,10 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         v_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="inv-input")
                         v_prompt = gr.Textbox(label="Prompt describing the image (empty = unconditional)")
                         with gr.Row():
-                            v_steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
+                            v_steps = steps_slider(50)
                             v_inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance")
                             v_guid = gr.Slider(0, 20, value=1.0, step=0.1, label="Reconstruction guidance w (try 7.5)")
-                        with gr.Row():
-                            v_lora = gr.Checkbox(False, label="Use LoRA (Smooth LoRA)")
-                            v_lora_s = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
+                        v_lora, v_lora_s = lora_controls()
                         with gr.Row():
                             v_run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                             v_stop = gr.Button("Stop", variant="stop")
