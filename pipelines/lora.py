@@ -28,6 +28,8 @@ def read_lora_file(source: str) -> dict[str, torch.Tensor]:
         raise InputError("No LoRA given: type a .safetensors path or a Hub repo id.")
     path = Path(source).expanduser()
     if not path.exists():
+        if source.startswith(("/", ".", "~")) or source.endswith((".safetensors", ".bin", ".pt")):
+            raise InputError(f"LoRA file not found: {source}")
         repo, _, filename = source.partition(":")
         if repo.count("/") != 1:
             raise InputError(f"LoRA {source!r} is neither an existing file nor a Hub repo id.")

@@ -342,7 +342,7 @@ def write_legacy_lora(unet, path, rank=8, std=0.5, seed=0):
 def test_load_lora_missing_file(client, tmp_path, studio):
     loras = dict(studio.model.loras)
     msg = app_error(lambda: client.predict(str(tmp_path / "missing.safetensors"), api_name="/load_lora"))
-    assert "missing.safetensors" in msg and "neither an existing file nor a Hub repo id" in msg
+    assert "missing.safetensors" in msg and "LoRA file not found" in msg
     assert studio.model.loras == loras
 
 

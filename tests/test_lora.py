@@ -239,8 +239,12 @@ def test_bad_lora_files_are_input_errors_and_leave_the_unet_untouched(model, smo
 def test_missing_or_empty_lora_sources(model, smooth, probe, base_out, tmp_path):
     with pytest.raises(InputError, match="No LoRA given"):
         load_lora(model, "   ")
-    with pytest.raises(InputError, match="neither an existing file nor a Hub repo id"):
+    with pytest.raises(InputError, match="LoRA file not found"):
         load_lora(model, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InputError, match="LoRA file not found"):
+        load_lora(model, "/missing.safetensors")  # one slash, but a path, not a Hub repo id
+    with pytest.raises(InputError, match="neither an existing file nor a Hub repo id"):
+        load_lora(model, "just-a-name")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(InputError, match="No .safetensors file"):
