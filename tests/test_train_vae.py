@@ -1,0 +1,114 @@
+"""The VAE trainer (training/train_vae.py) and its data (training/data.py): a tiny run that stops and
+resumes, safetensors-only outputs that diffusers loads, and data that keeps to the training splits."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import data, world
+from training.train_vae import main
+
+TINY = ["--tiny", "--threads", "1", "--batch", "4", "--eval-world", "8", "--scale-images", "16",
+        "--checkpoint-every", "2", "--eval-every", "100", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """3 steps, then --resume to a total of 5; keeps what each part left behind."""
+    out = tmp_path_factory.mktemp("vae_run")
+    with torch.random.fork_rng():  # the trainer seeds torch's global generator
+        first = main(["--out", str(out), "--steps", "3", *TINY])
+        weights_3 = load_file(out / "checkpoint" / "model.safetensors")
+        state_3 = json.loads((out / "checkpoint" / "state.json").read_text())
+        second = main(["--out", str(out), "--steps", "5", "--resume", *TINY])
+    return out, first, second, weights_3, state_3
+
+
+def test_resume_continues_steps_weights_and_optimizer(run):
+    out, first, second, weights_3, state_3 = run
+    assert (first["step"], state_3["step"]) == (3, 3)
+    state_5 = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (second["step"], state_5["step"]) == (5, 5)
+    assert state_5["elapsed_s"] > state_3["elapsed_s"]
+    weights_5 = load_file(out / "checkpoint" / "model.safetensors")
+    assert weights_5.keys() == weights_3.keys()
+    assert any(not torch.equal(weights_3[k], weights_5[k]) for k in weights_3)
+    optimizer = load_file(out / "checkpoint" / "optimizer.safetensors")
+    steps = {float(v) for k, v in optimizer.items() if k.endswith(".step")}
+    assert steps == {5.0}  # Adam's moments went on from the checkpoint rather than restarting
+    assert any(k.endswith(".exp_avg_sq") for k in optimizer)
+
+
+def test_outputs_are_safetensors_and_load_in_diffusers(run):
+    from diffusers import AutoencoderKL
+
+    out = run[0]
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".jsonl"}, suffixes
+    assert not list(out.glob("*.partial")) and not (out / "checkpoint.old").exists()
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    factor = float(vae.config.scaling_factor)
+    assert math.isfinite(factor) and factor > 0
+    assert vae.config.latent_channels == 4
+    latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)  # downsampling factor 4
+    report = json.loads((out / "vae_eval.json").read_text())
+    assert report["scaling_factor"] == pytest.approx(factor)
+    assert math.isfinite(report["world_psnr"]) and math.isfinite(report["photo_psnr"])
+    assert set(report["photo_sources"]) == set(data.PHOTOS)
+    assert (out / "latent_rgb.json").is_file()
+
+
+def test_batches_have_the_right_shape_and_range():
+    rng = np.random.default_rng(0)
+    for batch, n in ((data.world_batch(rng, 5), 5), (data.photo_batch(rng, 3), 3), (data.mixed_batch(rng, 8), 8),
+                     (data.photo_eval_set(), len(data.photo_eval_set()))):
+        assert batch.shape == (n, 3, 64, 64) and batch.dtype == torch.float32
+        assert batch.min() >= -1 and batch.max() <= 1
+    assert len(data.photo_eval_set()) >= 50
+
+
+def test_world_batches_use_only_training_seeds(monkeypatch):
+    drawn = []
+    real = world.dataset
+
+    def spy(seed, count, size=64, split=None):
+        drawn.append((seed, split))
+        return real(seed, count, size, split)
+
+    monkeypatch.setattr(world, "dataset", spy)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        data.mixed_batch(rng, 16)
+    assert len(drawn) == 20 * 12
+    assert all(split == "train" and world.split_of(seed) == "train" for seed, split in drawn)
+    assert max(seed for seed, _ in drawn) < world.HELD_OUT_SEED
+
+
+def test_photo_training_crops_never_touch_the_eval_strip(monkeypatch):
+    boxes = []
+    real = data._crop
+
+    def spy(name, box):
+        boxes.append((name, box))
+        return real(name, box)
+
+    monkeypatch.setattr(data, "_crop", spy)
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        data.photo_batch(rng, 32)
+    assert {name for name, _ in boxes} == set(data.PHOTOS)
+    for name, (x0, y0, x1, y1) in boxes:
+        tx0, ty0, tx1, ty1 = data.train_region(name)
+        assert tx0 <= x0 < x1 <= tx1 and ty0 <= y0 < y1 <= ty1
+        assert x1 <= data.eval_region(name)[0]  # crop boxes are half-open: x1 is the first column not read
+    for name in data.PHOTOS:
+        ex0, ey0, ex1, ey1 = data.eval_region(name)
+        assert data.train_region(name)[2] <= ex0
+        for x0, y0, x1, y1 in data.photo_eval_boxes(name):
+            assert ex0 <= x0 < x1 <= ex1 and ey0 <= y0 < y1 <= ey1
