@@ -8,7 +8,7 @@ before every UNet call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -55,7 +55,6 @@ def _alpha(sched: DDIMScheduler, t: int) -> torch.Tensor:
 def sample(
     unet, x_T: torch.Tensor, cond: Embeds, uncond: Embeds | None, guidance: float, steps: int, scheduler_config,
     cancel: CancelToken | None = None, start_index: int = 0,
-    eps_fn: Callable | None = None,
 ) -> Iterator[StepState]:
     """DDIM (eta 0) from x_T down to x_0; yields after every step. start_index > 0 skips the noisiest steps
     (x_T is then the latent at timesteps[start_index], as in SDEdit or inversion to an intermediate t)."""
@@ -67,7 +66,7 @@ def sample(
         if cancel is not None:
             cancel.check()
         k = start_index + i
-        eps = (eps_fn or guided_eps)(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+        eps = guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
         out = sched.step(eps, t, x, eta=0.0)
         x = out.prev_sample
         yield StepState(i, n, int(t), x, out.pred_original_sample)

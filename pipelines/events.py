@@ -6,7 +6,7 @@ The generator checks a `CancelToken` before every UNet call, so a Stop takes eff
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
 from PIL import Image
@@ -52,7 +52,6 @@ class Progress:
     partial: Any = None
     result: Any = None
     message: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def done(self) -> bool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import pixels
+from helpers import forward_calls, pixels
 from pipelines import ddim
 from pipelines.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams, generate
@@ -26,10 +26,8 @@ def _smooth_picture(size: int = 64) -> Image.Image:
 @pytest.fixture
 def unet_calls(tiny_model):
     """Counts UNet forward calls on the shared model (the hook is removed afterwards)."""
-    calls = []
-    handle = tiny_model.unet.register_forward_hook(lambda mod, args, out: calls.append(1))
-    yield calls
-    handle.remove()
+    with forward_calls(tiny_model.unet) as calls:
+        yield calls
 
 
 # --- inversion round trip -----------------------------------------------------------------------

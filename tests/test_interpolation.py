@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import pixels
+from helpers import forward_calls, pixels
 from pipelines.cache import LRUCache
 from pipelines.events import run_to_end
 from pipelines.generate import GenerateParams, generate
@@ -118,10 +118,8 @@ def test_middle_frame_differs_from_both_ends(tiny_model):
 
 @pytest.fixture
 def text_encoder_calls(tiny_model):
-    calls = []
-    handle = tiny_model.text_encoder.register_forward_hook(lambda mod, args, out: calls.append(1))
-    yield calls
-    handle.remove()
+    with forward_calls(tiny_model.text_encoder) as calls:
+        yield calls
 
 
 def test_endpoints_are_cached(tiny_model, text_encoder_calls):
