@@ -61,16 +61,23 @@ def test_ground_truth_matches_the_render(scenes):
         image, size = world.render(scene), scene.size
         background = world.render_background(scene.background, size)
         masks = scene.masks()
-        # No antialiasing: an object's mask is exactly its colour, everything else is exactly background.
+        # Antialiased: fully covered pixels are exactly the object's colour, untouched ones exactly background,
+        # and every mask pixel is nearer the object's colour than the background's.
         covered = np.zeros((size, size), bool)
-        for obj, mask in zip(scene.objects, masks):
+        for i, (obj, mask) in enumerate(zip(scene.objects, masks)):
+            cover = world.object_coverage(obj, size)
+            footprint = scene.footprint(i)
             assert mask.sum() > 0.01 * size * size
-            assert (image[mask] == obj.rgb).all()
-            assert not (covered & mask).any()
-            covered |= mask
+            assert np.array_equal(mask, cover >= 0.5) and (mask <= footprint).all()
+            assert (image[cover == 1] == obj.rgb).all() and (cover == 1).sum() > 0.5 * mask.sum()
+            to_object = np.abs(image[mask].astype(int) - obj.rgb).sum(-1)
+            to_background = np.abs(image[mask].astype(int) - background[mask]).sum(-1)
+            assert (to_object <= to_background + 3).all()  # + rounding at exactly half coverage
+            assert not (covered & footprint).any()
+            covered |= footprint
             ys, xs = np.nonzero(mask)
             assert math.dist((xs.mean(), ys.mean()), obj.centre) < 1.0
-            assert np.hypot(xs - obj.centre[0], ys - obj.centre[1]).max() <= obj.radius
+            assert np.hypot(xs - obj.centre[0], ys - obj.centre[1]).max() <= obj.radius + 0.5
             assert world.cell_of(*obj.centre, size) == obj.cell
             assert obj.colour in world.allowed_object_colours(scene.background)
         assert np.array_equal(image[~covered], background[~covered])
@@ -122,8 +129,8 @@ def test_edits_change_only_the_edited_object_and_the_checker_sees_them(kind):
         seen = check(after)
         if kind == "background":
             objects = np.zeros(before.shape[:2], bool)
-            for mask in scene.masks():
-                objects |= mask
+            for i in range(len(scene.objects)):
+                objects |= scene.mask(i) & (world.object_coverage(scene.objects[i], scene.size) == 1)
             assert edit.index is None and edited.objects == scene.objects
             assert np.array_equal(before[objects], after[objects])
             assert (before[~objects] != after[~objects]).any()
@@ -132,9 +139,9 @@ def test_edits_change_only_the_edited_object_and_the_checker_sees_them(kind):
         else:
             changed = np.zeros(before.shape[:2], bool)
             if kind != "add":
-                changed |= scene.mask(edit.index)
+                changed |= scene.footprint(edit.index)
             if kind != "remove":
-                changed |= edited.mask(edit.index)
+                changed |= edited.footprint(edit.index)
             assert np.array_equal(before[~changed], after[~changed]), edit.instruction
             assert (before[changed] != after[changed]).any(), edit.instruction
             assert len(seen["objects"]) == len(edited.objects)

@@ -2,6 +2,11 @@
 
     python training/train_vae.py --out training/runs/vae --minutes 40
     python training/train_vae.py --out training/runs/vae --minutes 40 --resume   # continue after a stop
+    python training/train_vae.py --out training/runs/vae_dec --init-from training/runs/vae/vae \
+        --freeze-encoder --minutes 40 --edge-weight 1     # stage 2: sharpen the decoder, latents unchanged
+
+Stage 2 is what SD did for its ft-MSE decoder: the encoder (and so every latent, and the scaling factor)
+stays exactly as stage 1 left it, so the UNet can train on stage-1 latents while the decoder improves.
 
 --steps / --minutes are the budget of the WHOLE run (resumed parts included), so the learning-rate
 schedule is the same whether or not the run was interrupted. Checkpoints are safetensors + JSON only.
@@ -41,7 +46,7 @@ TINY_ARCH = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_gr
 
 
 def arch_of(args) -> dict:
-    return TINY_ARCH if args.tiny else ARCH
+    return getattr(args, "arch", None) or (TINY_ARCH if args.tiny else ARCH)
 
 
 def build_vae(arch: dict):
@@ -65,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", help="start from this diffusers vae folder (its architecture is kept)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only; latents and scaling factor stay those of --init-from")
     p.add_argument("--photo-fraction", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on image gradients (sharp world edges)")
@@ -186,7 +194,8 @@ def progress_of(args, step: int, elapsed: float) -> float:
 
 
 def loss_fn(vae, x: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    posterior = vae.encode(x).latent_dist
+    with torch.set_grad_enabled(not args.freeze_encoder):
+        posterior = vae.encode(x).latent_dist
     y = vae.decode(posterior.sample()).sample
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
     # SD's LDM weighs KL 1e-6 against a per-pixel SUM of reconstruction error; our terms are per-pixel
@@ -212,7 +221,8 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
     from pipelines.previews import fit_previewer
 
     vae.eval()
-    vae.register_to_config(scaling_factor=scaling_factor(vae, args))
+    if not args.freeze_encoder:  # a frozen encoder keeps its latents, so the factor must not move either
+        vae.register_to_config(scaling_factor=scaling_factor(vae, args))
     partial, final = out / "vae.partial", out / "vae"
     shutil.rmtree(partial, ignore_errors=True)
     vae.save_pretrained(partial, safe_serialization=True)
@@ -236,8 +246,19 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = build_vae(arch_of(args))
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.01)
+    if args.init_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init_from)
+        cfg = vae.config
+        args.arch = dict(block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                         norm_num_groups=cfg.norm_num_groups)
+    else:
+        vae = build_vae(arch_of(args))
+    if args.freeze_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     step, elapsed, running = 0, 0.0, None
     if args.resume:
         state = load_checkpoint(out, vae, opt, rng)
@@ -257,7 +278,7 @@ def main(argv=None) -> dict:
         loss, y = loss_fn(vae, x, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
         opt.step()
         step += 1
         batch_psnr = float(psnr_per_image(y.detach(), x).mean())
