@@ -8,7 +8,7 @@ before every UNet call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -58,6 +58,19 @@ def sample(
 ) -> Iterator[StepState]:
     """DDIM (eta 0) from x_T down to x_0; yields after every step. start_index > 0 skips the noisiest steps
     (x_T is then the latent at timesteps[start_index], as in SDEdit or inversion to an intermediate t)."""
+    def eps(x, t, k):
+        return guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+
+    return sample_with(eps, x_T, steps, scheduler_config, cancel, start_index)
+
+
+@torch.no_grad()
+def sample_with(
+    eps_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, steps: int,
+    scheduler_config, cancel: CancelToken | None = None, start_index: int = 0,
+) -> Iterator[StepState]:
+    """The DDIM loop itself, for any noise predictor eps_fn(x_t, t, step_index) (e.g. InstructPix2Pix's
+    three-way guidance). `sample` is this loop with classifier-free guidance."""
     sched = make_scheduler(scheduler_config, steps)
     timesteps = sched.timesteps[start_index:]
     x = x_T
@@ -65,9 +78,7 @@ def sample(
     for i, t in enumerate(timesteps):
         if cancel is not None:
             cancel.check()
-        k = start_index + i
-        eps = guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
-        out = sched.step(eps, t, x, eta=0.0)
+        out = sched.step(eps_fn(x, t, start_index + i), t, x, eta=0.0)
         x = out.prev_sample
         yield StepState(i, n, int(t), x, out.pred_original_sample)
 

@@ -51,14 +51,15 @@ def _apply_bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def build_tokenizer_files(folder: Path) -> int:
-    """Writes vocab.json and merges.txt; returns the vocabulary size."""
+def build_tokenizer_files(folder: Path, words=_WORDS) -> int:
+    """Writes vocab.json and merges.txt for a CLIP BPE tokenizer in which each of `words` is one token and
+    anything else splits into byte-level pieces (so unknown words still tokenize); returns the vocab size."""
     symbols = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in dict.fromkeys(words):
         # BPE applies merges by global rank, so see how the word splits with the merges so far and
         # join those pieces with new (later-ranked) merges: every listed word becomes one token.
         pieces = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)

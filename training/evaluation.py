@@ -1,0 +1,179 @@
+"""Checks of a model of the synthetic world by program: generate (or edit) in batches with the studio's DDIM
+core, read the images back with `training.checker`, and compare with the ground truth of held-out scenes.
+
+Shared by the trainers (a quick look during training) and `benchmarks/eval_embedded.py` (the full table).
+Everything here takes plain modules (unet, text encoder, tokenizer, vae), so it works on a model being
+trained as well as on a loaded `LoadedModel`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines import ddim
+from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, instruct_eps
+from training import world
+from training.checker import check
+
+
+@torch.no_grad()
+def embed(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor) -> np.ndarray:
+    """Latents (scaled as the UNet sees them) -> (B, H, W, 3) uint8."""
+    x = vae.decode(z / vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, scaled: bool = True) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> latents (posterior mean), times the scaling factor unless scaled=False (the
+    form InstructPix2Pix takes its input image in)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    return z * vae.config.scaling_factor if scaled else z
+
+
+def held_out_scenes(count: int, n_objects: int | None, start: int = 0, size: int = 64):
+    """(caption, scene) of held-out seeds, optionally only those with `n_objects` objects."""
+    out, seed = [], world.HELD_OUT_SEED + start
+    while len(out) < count:
+        for _, text, scene in world.dataset(seed, 1, size):
+            if n_objects is None or len(scene.objects) == n_objects:
+                out.append((text, scene))
+        seed += 1
+    return out
+
+
+def noise_for(seeds, shape, device=None) -> torch.Tensor:
+    """Per-item noise from per-item CPU generators: the same seed gives the same start in any batch."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
+        device or "cpu")
+
+
+@torch.no_grad()
+def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds, guidance: float = 7.5,
+                   steps: int = 50, scheduler_config=None, chunk: int = 32) -> np.ndarray:
+    size = 64 // 4
+    out = []
+    for i in range(0, len(prompts), chunk):
+        p, s = prompts[i:i + chunk], seeds[i:i + chunk]
+        cond = embed(text_encoder, tokenizer, p)
+        uncond = embed(text_encoder, tokenizer, [""] * len(p))
+        x = noise_for(s, (unet.config.in_channels, size, size), unet.device).to(unet.dtype)
+        for state in ddim.sample(unet, x, cond, uncond, guidance, steps, scheduler_config):
+            x = state.latents
+        out.append(decode(vae, x))
+    return np.concatenate(out)
+
+
+def score_generation(image: np.ndarray, scene: world.Scene) -> dict[str, bool]:
+    """Does a generated image show the caption's scene? Background colour(s), and per object colour, shape,
+    size and grid cell of the detected object nearest the true centre."""
+    seen = check(image)
+    hits = {"background": seen["background"]["colours"] == list(scene.background.colours),
+            "count": len(seen["objects"]) == len(scene.objects)}
+    for name in ("colour", "shape", "cell", "size"):
+        ok = True
+        for obj in scene.objects:
+            found = min(seen["objects"], key=lambda o: np.hypot(o["centre"][0] - obj.centre[0],
+                                                                  o["centre"][1] - obj.centre[1]), default=None)
+            ok &= found is not None and found[name] == getattr(obj, name)
+        hits[name] = ok
+    return hits
+
+
+def text_to_image_accuracy(unet, text_encoder, tokenizer, vae, scheduler_config, count: int = 100,
+                           n_objects: int = 1, guidance: float = 7.5, steps: int = 50, start: int = 0) -> dict:
+    items = held_out_scenes(count, n_objects, start)
+    prompts = [t for t, _ in items]
+    images = generate_batch(unet, text_encoder, tokenizer, vae, prompts, range(len(items)), guidance, steps,
+                            scheduler_config)
+    scores = [score_generation(im, sc) for im, (_, sc) in zip(images, items)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]} | {"n": len(scores)}
+
+
+# --------------------------------------------------------------------------------------------- editing
+
+
+def held_out_edits(count: int, kind: str, start: int = 0, size: int = 64):
+    """(input scene, Edit) pairs of one kind on held-out seeds."""
+    out, seed = [], world.HELD_OUT_SEED + 500_000 + start
+    while len(out) < count:
+        scene = world.sample_scene(seed, size)
+        try:
+            out.append((scene, world.make_edit(scene, seed, kind)))
+        except ValueError:
+            pass
+        seed += 1
+    return out
+
+
+@torch.no_grad()
+def edit_batch(unet, text_encoder, tokenizer, vae, images: np.ndarray, instructions: list[str], seeds,
+               text_guidance: float = DEFAULT_TEXT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+               steps: int = 50, scheduler_config=None, chunk: int = 32) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), chunk):
+        ins, s = instructions[i:i + chunk], seeds[i:i + chunk]
+        image_latents = encode(vae, images[i:i + chunk], scaled=False).to(unet.dtype)
+        cond = embed(text_encoder, tokenizer, ins)
+        uncond = embed(text_encoder, tokenizer, [""] * len(ins))
+        x = noise_for(s, image_latents.shape[1:], unet.device).to(unet.dtype)
+
+        def eps(x_t, t, _k):
+            return instruct_eps(unet, x_t, t, cond, uncond, image_latents, text_guidance, image_guidance)
+
+        for state in ddim.sample_with(eps, x, steps, scheduler_config):
+            x = state.latents
+        out.append(decode(vae, x))
+    return np.concatenate(out)
+
+
+def changed_region(before: np.ndarray, after: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Pixels an edit changes, grown by `margin` px (model outputs blur edges a little)."""
+    import cv2
+
+    changed = (before != after).any(-1).astype(np.uint8)
+    return cv2.dilate(changed, np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def score_edit(output: np.ndarray, scene: world.Scene, edit: world.Edit) -> dict:
+    """Success: the checker reads the edited scene's target attribute in the output (and, for object edits,
+    the object where it should be), plus PSNR against the input where the edit changes nothing."""
+    seen, target = check(output), edit.scene
+    if edit.kind == "background":
+        ok = seen["background"]["colours"] == list(target.background.colours)
+    elif edit.kind == "remove":
+        gone = scene.objects[edit.index]
+        ok = len(seen["objects"]) == len(target.objects) and gone.cell not in {o["cell"] for o in seen["objects"]}
+    else:
+        obj = target.objects[edit.index]
+        found = min(seen["objects"], key=lambda o: np.hypot(o["centre"][0] - obj.centre[0],
+                                                              o["centre"][1] - obj.centre[1]), default=None)
+        ok = found is not None and (found["colour"], found["shape"], found["cell"]) == (obj.colour, obj.shape, obj.cell)
+    before = world.render(scene)
+    keep = ~changed_region(before, world.render(target))
+    return {"success": bool(ok), "psnr_outside": psnr(output[keep], before[keep]) if keep.any() else float("nan")}
+
+
+def edit_accuracy(unet, text_encoder, tokenizer, vae, scheduler_config, kind: str, count: int = 50,
+                  steps: int = 50, text_guidance: float = DEFAULT_TEXT_GUIDANCE,
+                  image_guidance: float = DEFAULT_IMAGE_GUIDANCE) -> dict:
+    pairs = held_out_edits(count, kind)
+    images = np.stack([world.render(s) for s, _ in pairs])
+    outputs = edit_batch(unet, text_encoder, tokenizer, vae, images, [e.instruction for _, e in pairs],
+                         range(len(pairs)), text_guidance, image_guidance, steps, scheduler_config)
+    scores = [score_edit(o, s, e) for o, (s, e) in zip(outputs, pairs)]
+    return {"success": float(np.mean([s["success"] for s in scores])),
+            "psnr_outside": float(np.nanmean([s["psnr_outside"] for s in scores])), "n": len(scores)}

@@ -1,0 +1,212 @@
+"""Train the embedded model's InstructPix2Pix UNet on the world's edit triplets.
+
+    python training/train_instruct.py --out training/runs/instruct --base training/runs/unet/model --minutes 25
+
+Recipe (the IP2P paper's, scaled down): the UNet starts as a copy of the base text-to-image UNet with 4 extra
+input channels for the input image's latent, their weights zero (so step 0 behaves exactly like the base
+model); the text encoder and VAE stay frozen. Training pairs are (input render, instruction, edited render)
+from `training.world.make_edit` on training seeds, all five edit kinds. Condition dropout as in the paper:
+5% no instruction, 5% no input image, 5% neither, so image (sI) and text (sT) guidance both work at sampling.
+
+Writes into --out: checkpoint/ (resume), history.jsonl (held-out edit success), unet/ (diffusers folder,
+EMA weights, 8 input channels).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from training import checkpoint, evaluation, world  # noqa: E402
+from training.train_unet import SCHEDULER, ema_update, lr_at, progress_of  # noqa: E402
+
+DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", required=True, help="the text-to-image model folder (unet, text_encoder, vae, ...)")
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--samples", type=int, default=20000, help="training edit triplets (latents cached once)")
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--eval-edits", type=int, default=12, help="held-out edits per kind in the quick look")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.minutes is None and args.steps is None:
+        p.error("give --minutes or --steps")
+    return args
+
+
+def instruct_unet_from(base_unet):
+    """The base UNet with 8 input channels; the 4 new ones start at zero weight."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(base_unet.config)
+    config["in_channels"] = 8
+    unet = UNet2DConditionModel.from_config(config)
+    state = base_unet.state_dict()
+    conv = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([conv, torch.zeros_like(conv)], dim=1)
+    unet.load_state_dict(state)
+    return unet
+
+
+@torch.no_grad()
+def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bool) -> dict:
+    """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids."""
+    path = folder / "triplets.safetensors"
+    if path.is_file():
+        cached = load_file(path)
+        if len(cached["target"]) == count:
+            return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 777)
+    sources, targets, ids = [], [], []
+    bar = tqdm(total=count, desc="encoding edit triplets", disable=not progress)
+    done = 0
+    while done < count:
+        before, after, texts = [], [], []
+        while len(texts) < min(64, count - done):
+            s = int(rng.integers(0, world.HELD_OUT_SEED - 1000))
+            scene = world.sample_scene(s)
+            edit = world.make_edit(scene, rng)
+            before.append(world.render(scene)), after.append(world.render(edit.scene)), texts.append(edit.instruction)
+        sources.append(evaluation.encode(vae, np.stack(before), scaled=False).half())
+        targets.append(evaluation.encode(vae, np.stack(after)).half())
+        ids.append(tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.int())
+        done += len(texts)
+        bar.update(len(texts))
+    bar.close()
+    data = {"source": torch.cat(sources).contiguous(), "target": torch.cat(targets).contiguous(),
+            "ids": torch.cat(ids).contiguous()}
+    save_file(data, path)
+    return data
+
+
+def quick_eval(args, unet, text_encoder, tokenizer, vae, kinds=("recolour", "background")) -> dict:
+    from diffusers import DDIMScheduler
+
+    unet.eval()
+    row = {}
+    for kind in kinds:
+        acc = evaluation.edit_accuracy(unet, text_encoder, tokenizer, vae, DDIMScheduler(**SCHEDULER).config, kind,
+                                       count=args.eval_edits, steps=20)
+        row[f"{kind}_success"] = round(acc["success"], 3)
+        row[f"{kind}_psnr_outside"] = round(acc["psnr_outside"], 2)
+    unet.train()
+    return row
+
+
+def main(argv=None) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    base = Path(args.base)
+    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
+    unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(base / "unet"))
+    data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    source, target, ids_all = data["source"], data["target"], data["ids"].long()
+    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty_emb = text_encoder(empty)[0]
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    step, elapsed = 0, 0.0
+    if args.resume:
+        state, modules = checkpoint.load(out, opt, rng)
+        unet.load_state_dict(modules["unet"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    if args.resume:
+        ema.load_state_dict(modules["ema_unet"])
+    alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float()
+
+    def save():
+        checkpoint.save(out, {"unet": unet.state_dict(), "ema_unet": ema.state_dict()}, opt, rng,
+                        {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
+
+    unet.train()
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    start = time.time() - elapsed
+    running = None
+    while progress_of(args, step, time.time() - start) < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start))
+        idx = torch.from_numpy(rng.integers(0, len(target), args.batch))
+        z0, image = target[idx].float(), source[idx].float()
+        with torch.no_grad():
+            emb = text_encoder(ids_all[idx])[0]
+        u = torch.from_numpy(rng.random(args.batch))
+        drop_text = u < DROP_TEXT + DROP_BOTH
+        drop_image = (u >= DROP_TEXT) & (u < DROP_TEXT + DROP_BOTH + DROP_IMAGE)
+        emb[drop_text] = empty_emb
+        image[drop_image] = 0
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,))
+        noise = torch.randn_like(z0)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_update(ema, unet, min(args.ema, (1 + step) / (10 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % args.eval_every == 0:
+            row = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(running, 4),
+                   **quick_eval(args, ema, text_encoder, tokenizer, vae)}
+            with (out / "history.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.write(json.dumps(row))
+        if step % args.checkpoint_every == 0:
+            save()
+    bar.close()
+    save()
+    partial, final = out / "unet.partial", out / "unet"
+    shutil.rmtree(partial, ignore_errors=True)
+    ema.save_pretrained(partial, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    report = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": running, "unet": str(final)}
+    print(json.dumps(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
