@@ -1,0 +1,273 @@
+"""Evaluation harness for the embedded world model: held-out prompts, seeds and images only, read back by
+`training.checker`. Prints a table and writes JSON.
+
+    python benchmarks/eval_embedded.py                       # full table -> benchmarks/results/embedded_eval.json
+    python benchmarks/eval_embedded.py --quick               # fewer samples (a few minutes less)
+    python benchmarks/eval_embedded.py --rows vae,t2i        # some row groups only
+    python benchmarks/eval_embedded.py --model path/to/model # another diffusers folder of this world
+
+Adding a row group: write `def my_rows(ctx) -> list[Row]` and decorate it with `@row_group("name")`; `ctx`
+holds the loaded model, the sample counts and the instruct UNet (if any).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines import ddim  # noqa: E402
+from pipelines.events import run_to_end  # noqa: E402
+from training import evaluation, world  # noqa: E402
+
+
+@dataclass
+class Row:
+    group: str
+    metric: str
+    value: float
+    target: str = ""            # e.g. ">= 30"; empty: reported only
+    unit: str = ""
+    n: int | None = None
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if not self.target:
+            return None
+        op, bound = self.target.split()
+        return self.value >= float(bound) if op == ">=" else self.value <= float(bound)
+
+
+@dataclass
+class Context:
+    model: object               # pipelines.models.LoadedModel
+    instruct_unet: object | None
+    quick: bool
+    extra: dict = field(default_factory=dict)
+
+    def n(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    @property
+    def modules(self):
+        m = self.model
+        return m.unet, m.text_encoder, m.tokenizer, m.vae
+
+
+GROUPS: dict[str, Callable[[Context], list[Row]]] = {}
+
+
+def row_group(name: str):
+    def register(fn):
+        GROUPS[name] = fn
+        return fn
+    return register
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+@row_group("vae")
+def vae_rows(ctx: Context) -> list[Row]:
+    from training.data import photo_eval_set, world_eval_set
+    from training.train_vae import psnr_per_image, reconstruct
+
+    vae = ctx.model.vae
+    w = psnr_per_image(reconstruct(vae, world_eval_set(ctx.n(256, 64))), world_eval_set(ctx.n(256, 64)))
+    photos = photo_eval_set()
+    p = psnr_per_image(reconstruct(vae, photos), photos)
+    return [Row("vae", "world PSNR", float(w.mean()), ">= 30", "dB", len(w)),
+            Row("vae", "world PSNR p10", float(w.quantile(0.1)), "", "dB", len(w)),
+            Row("vae", "photo PSNR", float(p.mean()), "", "dB", len(p), "held-out strips of CC0/PD skimage photos")]
+
+
+@row_group("t2i")
+def t2i_rows(ctx: Context) -> list[Row]:
+    unet, te, tok, vae = ctx.modules
+    cfg = ctx.model.scheduler_config
+    n1, n2 = ctx.n(100, 32), ctx.n(50, 16)
+    one = evaluation.text_to_image_accuracy(unet, te, tok, vae, cfg, count=n1, n_objects=1)
+    rows = [Row("t2i 1 object", "background colour", one["background"], ">= 0.9", "", n1),
+            Row("t2i 1 object", "object colour", one["colour"], ">= 0.9", "", n1),
+            Row("t2i 1 object", "shape", one["shape"], ">= 0.8", "", n1),
+            Row("t2i 1 object", "position (3x3 cell)", one["cell"], ">= 0.8", "", n1),
+            Row("t2i 1 object", "size", one["size"], "", "", n1, "size is left out of 1 caption in 10"),
+            Row("t2i 1 object", "object count", one["count"], "", "", n1)]
+    items = evaluation.held_out_scenes(n2, 2)
+    images = evaluation.generate_batch(unet, te, tok, vae, [t for t, _ in items], range(len(items)),
+                                       scheduler_config=cfg)
+    bg, count, both = [], [], []
+    for im, (_, scene) in zip(images, items):
+        seen = evaluation.check(im)
+        bg.append(seen["background"]["colours"] == list(scene.background.colours))
+        count.append(len(seen["objects"]) == 2)
+        found = [(o["colour"], o["shape"]) for o in seen["objects"]]
+        both.append(all(found.count(k) >= [(o.colour, o.shape) for o in scene.objects].count(k)
+                        for k in {(o.colour, o.shape) for o in scene.objects}))
+    rows += [Row("t2i 2 objects", "background colour", float(np.mean(bg)), "", "", n2),
+             Row("t2i 2 objects", "object count", float(np.mean(count)), "", "", n2),
+             Row("t2i 2 objects", "both objects (colour+shape)", float(np.mean(both)), "", "", n2)]
+    return rows
+
+
+@row_group("inversion")
+def inversion_rows(ctx: Context) -> list[Row]:
+    from pipelines.inversion import InversionParams, invert_and_reconstruct
+
+    items = evaluation.held_out_scenes(ctx.n(24, 8), None, start=20_000)
+    rows = []
+    for w, target in ((1.0, ">= 25"), (7.5, "")):
+        psnrs, vae_psnrs = [], []
+        for text, scene in items:
+            from PIL import Image
+
+            params = InversionParams(prompt=text, steps=50, inversion_guidance=1.0, guidance=w)
+            res = run_to_end(invert_and_reconstruct(ctx.model, Image.fromarray(world.render(scene)), params))
+            psnrs.append(res.metrics["psnr"])
+            vae_psnrs.append(res.metrics.get("vae_psnr", float("nan")))
+        rows.append(Row("DDIM inversion", f"reconstruction PSNR, guidance {w:g}", float(np.mean(psnrs)), target,
+                        "dB", len(items), "50 steps, caption as prompt"))
+    rows.append(Row("DDIM inversion", "VAE-only round trip PSNR", float(np.nanmean(vae_psnrs)), "", "dB", len(items),
+                    "the ceiling for the rows above"))
+    return rows
+
+
+@row_group("instruct")
+def instruct_rows(ctx: Context) -> list[Row]:
+    if ctx.instruct_unet is None:
+        return [Row("InstructPix2Pix", "instruct UNet present", 0.0, ">= 1", note="no unet_instruct/ folder")]
+    _, te, tok, vae = ctx.modules
+    rows = []
+    for kind in world.EDIT_KINDS:
+        acc = evaluation.edit_accuracy(ctx.instruct_unet, te, tok, vae, ctx.model.scheduler_config, kind,
+                                       count=ctx.n(40, 12))
+        target = ">= 0.8" if kind in ("recolour", "background") else ""
+        rows.append(Row("InstructPix2Pix", f"{kind} success", acc["success"], target, "", acc["n"],
+                        "sI 1.5, sT 7.5, 50 steps"))
+        rows.append(Row("InstructPix2Pix", f"{kind} PSNR outside the edit", acc["psnr_outside"], ">= 25", "dB",
+                        acc["n"], "vs the input, edit region grown 2 px"))
+    return rows
+
+
+@row_group("interpolation")
+def interpolation_rows(ctx: Context) -> list[Row]:
+    from pipelines.interpolation import InterpolationParams, interpolation_sequence
+
+    values = []
+    for k, (text, _) in enumerate(evaluation.held_out_scenes(ctx.n(4, 2), 1, start=30_000)):
+        p = InterpolationParams(prompt_a=text, seed_a=2 * k, seed_b=2 * k + 1, steps=50)
+        values.append(run_to_end(interpolation_sequence(ctx.model, p, n_frames=11)).istd)
+    return [Row("interpolation", "ISTD, 11-frame seed interpolation", float(np.mean(values)), "", "", len(values),
+                "lower is smoother (Smooth LoRA issue)")]
+
+
+@row_group("brightness")
+def brightness_rows(ctx: Context) -> list[Row]:
+    unet, te, tok, vae = ctx.modules
+    n = ctx.n(16, 6)
+    rows = []
+    for colour in ("white", "black"):
+        images = evaluation.generate_batch(unet, te, tok, vae, [f"a plain {colour} background"] * n, range(n),
+                                           scheduler_config=ctx.model.scheduler_config)
+        rows.append(Row("brightness", f'mean of "a plain {colour} background"', float(images.mean() / 255), "",
+                        "0-1", n, "ideal 1.0 / 0.0 (SingDiffusion issue)"))
+    return rows
+
+
+@row_group("speed")
+def speed_rows(ctx: Context) -> list[Row]:
+    from pipelines.generate import GenerateParams, generate
+
+    model = ctx.model
+    run_to_end(generate(model, GenerateParams("a red circle on the left on a white background", seed=0, steps=5)))
+    times = []
+    for seed in range(3):
+        t0 = time.perf_counter()
+        run_to_end(generate(model, GenerateParams("a red circle on the left on a white background", seed=seed,
+                                                  steps=50)))
+        times.append(time.perf_counter() - t0)
+    rows = [Row("speed", "50-step generation", float(np.median(times)), "<= 5", "s", 3,
+                f"{model.device}, {torch.get_num_threads()} threads, studio generate() incl. decode")]
+    if ctx.instruct_unet is not None:
+        _, te, tok, vae = ctx.modules
+        image = world.render(world.sample_scene(world.HELD_OUT_SEED))[None]
+        times = []
+        for seed in range(3):
+            t0 = time.perf_counter()
+            evaluation.edit_batch(ctx.instruct_unet, te, tok, vae, image, ["make the background blue"], [seed],
+                                  steps=50, scheduler_config=model.scheduler_config)
+            times.append(time.perf_counter() - t0)
+        rows.append(Row("speed", "50-step InstructPix2Pix edit", float(np.median(times)), "<= 8", "s", 3,
+                        "encode + 50 three-way guided steps + decode"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def load(model_source: str):
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.models import load_model
+
+    model = run_to_end(load_model(model_source))
+    instruct = None
+    if model.folder is not None and (Path(model.folder) / "unet_instruct" / "config.json").is_file():
+        instruct = UNet2DConditionModel.from_pretrained(Path(model.folder) / "unet_instruct", dtype=model.dtype)
+        instruct.to(model.device).eval().requires_grad_(False)
+    return model, instruct
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'group':<18} {'metric':<40} {'value':>9} {'target':>8} {'pass':>5} {'n':>4}  note", "-" * 110]
+    for r in rows:
+        value = f"{r.value:.3f}" if isinstance(r.value, float) and not math.isnan(r.value) else str(r.value)
+        ok = {True: "yes", False: "NO", None: ""}[r.passed]
+        lines.append(f"{r.group:<18} {(r.metric + (' (' + r.unit + ')' if r.unit else '')):<40} {value:>9} "
+                     f"{r.target:>8} {ok:>5} {r.n if r.n is not None else '':>4}  {r.note}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--rows", default=",".join(GROUPS), help=f"comma-separated groups of: {', '.join(GROUPS)}")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "embedded_eval.json"))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("STUDIO_THREADS", "0")) or None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, instruct = load(args.model)
+    ctx = Context(model, instruct, args.quick)
+    rows: list[Row] = []
+    for name in [g.strip() for g in args.rows.split(",") if g.strip()]:
+        if name not in GROUPS:
+            p.error(f"unknown row group {name!r} (have {', '.join(GROUPS)})")
+        t0 = time.perf_counter()
+        rows += GROUPS[name](ctx)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    report = {"model": model.display_name, "quick": args.quick, "device": str(model.device),
+              "threads": torch.get_num_threads(), "rows": [asdict(r) | {"passed": r.passed} for r in rows]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
