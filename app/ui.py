@@ -1,7 +1,6 @@
 """The Gradio Blocks studio. UI only: every handler starts a pipeline job and renders its events."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import gradio as gr
@@ -15,26 +14,13 @@ from pipelines.models import model_choices
 from pipelines.stream import PreviewOptions
 from pipelines.studio import Studio
 
+from . import examples
 from .sessions import SessionRegistry
 from .streaming import status_line, stream
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, across all sessions
 
-EXAMPLE_PROMPTS = [
-    ["a small red circle on the left on a white background"],
-    ["a large blue square in the centre on a black background"],
-    ["a yellow star at the top on a plain green background"],
-]
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
-EXAMPLE_IMAGES = [
-    [str(EXAMPLES_DIR / "red_circle_left.png"), "a red circle on the left on a white background"],
-    [str(EXAMPLES_DIR / "blue_square_centre.png"), "a blue square in the centre on a black background"],
-    [str(EXAMPLES_DIR / "yellow_triangle_top_right.png"), "a yellow triangle at the top right on a green background"],
-]
-EXAMPLE_PAIRS = [
-    ["a red circle on a white background", "a blue square on a white background"],
-    ["a small green triangle on the left", "a small green triangle on the right"],
-]
+EXAMPLE_PROMPTS, EXAMPLE_PAIRS, EXAMPLE_IMAGES = examples.PROMPTS, examples.PAIRS, examples.IMAGES
 
 
 def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Blocks:

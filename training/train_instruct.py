@@ -41,9 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--base", required=True, help="the text-to-image model folder (unet, text_encoder, vae, ...)")
+    p.add_argument("--vae", help="vae folder for the latents (default: the base's)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the base's)")
+    p.add_argument("--data-only", action="store_true",
+                   help="only build the cached triplet latents (can run before the base model is done)")
     p.add_argument("--minutes", type=float)
     p.add_argument("--steps", type=int)
-    p.add_argument("--samples", type=int, default=20000, help="training edit triplets (latents cached once)")
+    p.add_argument("--samples", type=int, default=12000, help="training edit triplets (latents cached once)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100)
@@ -56,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.minutes is None and args.steps is None:
+    if args.minutes is None and args.steps is None and not args.data_only:
         p.error("give --minutes or --steps")
     return args
 
@@ -133,12 +137,15 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     base = Path(args.base)
-    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
-    unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(base / "unet"))
+    vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or base / "tokenizer")
+    if args.data_only:
+        data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
+        return {"triplets": len(data["target"])}
     data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
+    unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(base / "unet"))
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         empty_emb = text_encoder(empty)[0]

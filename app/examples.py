@@ -1,0 +1,31 @@
+"""Example inputs for every tab, written in the embedded model's world vocabulary (shapes, colours,
+positions, backgrounds; see training/world.py), so they work out of the box with the default model.
+tests/test_embedded.py checks that the images show what their captions say."""
+from __future__ import annotations
+
+from pathlib import Path
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+PROMPTS = [
+    ["a large red circle on the left on a white background"],
+    ["a small blue square in the top right corner on a black background"],
+    ["a yellow star in the centre on a plain green background"],
+    ["a purple triangle at the bottom on a textured white background"],
+    ["a plain white background"],
+]
+PAIRS = [
+    ["a large red circle on the left on a white background", "a large blue square on the right on a white background"],
+    ["a small green triangle on the left, black background", "a small green triangle on the right, black background"],
+]
+# Renders of held-out scenes of the world (seeds 1090001, 1090003, 1090022) with their own captions.
+IMAGES = [
+    [str(EXAMPLES_DIR / "blue_triangle_centre.png"), "a large blue triangle in the centre, yellow background"],
+    [str(EXAMPLES_DIR / "yellow_circle_bottom_left.png"), "a large yellow circle in the bottom left, white background"],
+    [str(EXAMPLES_DIR / "green_square_left.png"), "a small green square on the left side on a black background"],
+]
+INSTRUCTIONS = [
+    [str(EXAMPLES_DIR / "blue_triangle_centre.png"), "make the triangle red"],
+    [str(EXAMPLES_DIR / "yellow_circle_bottom_left.png"), "make the background black"],
+    [str(EXAMPLES_DIR / "green_square_left.png"), "turn the square into a circle"],
+]

@@ -1,0 +1,137 @@
+"""Trainers of the embedded model (training/train_unet.py, train_instruct.py, assemble.py) on tiny networks:
+stop and resume, safetensors-only outputs, a folder the studio's loader reads like any SD1.5 checkout, the
+InstructPix2Pix UNet's zero-initialised extra channels, and the world tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import train_instruct, train_unet, world
+
+TINY = ["--tiny", "--threads", "1", "--batch", "4", "--samples", "48", "--checkpoint-every", "2",
+        "--eval-every", "1000", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_model):
+    """A tiny base model: 2 steps, then --resume to 3. Latents come from the tiny test model's VAE."""
+    out = tmp_path_factory.mktemp("unet_run")
+    vae = str(tiny_model.folder / "vae")
+    with torch.random.fork_rng():
+        train_unet.main(["--out", str(out), "--vae", vae, "--steps", "2", *TINY])
+        weights_2 = load_file(out / "checkpoint" / "unet.safetensors")
+        report = train_unet.main(["--out", str(out), "--vae", vae, "--steps", "3", "--resume", *TINY])
+    return out, report, weights_2
+
+
+def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
+    from pipelines.events import run_to_end
+    from pipelines.models import load_model
+
+    out, report, weights_2 = base_run
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert report["step"] == state["step"] == 3
+    weights_3 = load_file(out / "checkpoint" / "unet.safetensors")
+    assert any(not torch.equal(weights_2[k], weights_3[k]) for k in weights_2)
+    optimizer = load_file(out / "checkpoint" / "optimizer.safetensors")
+    assert {float(v) for k, v in optimizer.items() if k.endswith(".step")} == {3.0}
+    assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl", ".txt"}
+    model = run_to_end(load_model(str(out / "model")))
+    assert not model.random_weights and "embedded" in model.label
+    assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    sched = model.scheduler_config
+    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"], sched["num_train_timesteps"]) == (
+        0.00085, 0.012, "scaled_linear", 1000)
+    data = load_file(out / "data" / "latents.safetensors")
+    assert data["latents"].shape == (48, 4, 16, 16) and data["ids"].shape == (48, 77)
+
+
+def test_world_tokenizer_keeps_world_words_whole_and_still_splits_unknown_words(base_run):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(base_run[0] / "model" / "tokenizer")
+    for word in ("circle", "triangle", "purple", "background", "remove", "gradient", "textured", "bottom"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    pieces = tok("zebra giraffe", add_special_tokens=False).input_ids
+    assert len(pieces) > 2 and tok.unk_token_id not in pieces
+    assert tok.decode(pieces) == "zebra giraffe"
+    words = set(train_unet.world_words(200))
+    assert {"red", "circle", "left", "background", "make", "turn"} <= words
+
+
+def test_instruct_unet_starts_as_the_base_model(base_run):
+    from diffusers import UNet2DConditionModel
+
+    base = UNet2DConditionModel.from_pretrained(base_run[0] / "model" / "unet").eval()
+    unet = train_instruct.instruct_unet_from(base).eval()
+    assert unet.config.in_channels == 8 and unet.conv_in.weight[:, 4:].abs().sum() == 0
+    x, image = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    emb = torch.randn(2, 77, base.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = base(x, 500, encoder_hidden_states=emb).sample
+        got = unet(torch.cat([x, image], 1), 500, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from training import assemble
+
+    base = base_run[0] / "model"
+    out = tmp_path / "instruct"
+    with torch.random.fork_rng():
+        report = train_instruct.main(["--out", str(out), "--base", str(base), "--steps", "2", "--threads", "1",
+                                      "--batch", "4", "--samples", "16", "--eval-every", "1000", "--no-progress"])
+    assert report["step"] == 2
+    triplets = load_file(out / "data" / "triplets.safetensors")
+    assert triplets["source"].shape == triplets["target"].shape == (16, 4, 16, 16)
+    folder = tmp_path / "model"
+    assembled = assemble.main(["--base", str(base), "--instruct", str(out / "unet"), "--out", str(folder)])
+    assert assembled["safetensors_mb"] <= assemble.BUDGET_MB
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet_instruct")
+    assert unet.config.in_channels == 8
+    stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    with pytest.raises(SystemExit):  # a VAE with another encoder would change every latent the UNet learned
+        assemble.main(["--base", str(base), "--vae", str(_other_vae(tmp_path)), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def _other_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training.train_vae import TINY_ARCH, build_vae
+
+    torch.manual_seed(123)
+    path = tmp_path / "other_vae"
+    build_vae(TINY_ARCH).save_pretrained(path)
+    return path
+
+
+def test_edit_triplets_come_from_training_seeds_only(monkeypatch, tmp_path, tiny_model):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    seeds = []
+    real = world.sample_scene
+
+    def spy(seed, size=64, *args, **kwargs):
+        seeds.append(seed)
+        return real(seed, size, *args, **kwargs)
+
+    monkeypatch.setattr(world, "sample_scene", spy)
+    vae = AutoencoderKL.from_pretrained(tiny_model.folder / "vae")
+    tok = CLIPTokenizer.from_pretrained(tiny_model.folder / "tokenizer")
+    data = train_instruct.build_data(tmp_path, vae, tok, 20, seed=0, progress=False)
+    assert len(seeds) == 20 and all(0 <= s < world.HELD_OUT_SEED for s in seeds)
+    # Input latents are unscaled (diffusers' IP2P input form); targets carry the scaling factor.
+    factor = vae.config.scaling_factor
+    first = world.render(real(seeds[0]))[None]
+    from training.evaluation import encode
+
+    torch.testing.assert_close(data["source"][:1].float(), encode(vae, first, scaled=False), atol=2e-3, rtol=1e-2)
+    assert factor != 1.0
