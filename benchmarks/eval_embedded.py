@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines import ddim  # noqa: E402
 from pipelines.events import run_to_end  # noqa: E402
 from training import evaluation, world  # noqa: E402
 

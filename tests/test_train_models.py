@@ -102,8 +102,6 @@ def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_pa
 
 
 def _other_vae(tmp_path):
-    from diffusers import AutoencoderKL
-
     from training.train_vae import TINY_ARCH, build_vae
 
     torch.manual_seed(123)
@@ -115,6 +113,8 @@ def _other_vae(tmp_path):
 def test_edit_triplets_come_from_training_seeds_only(monkeypatch, tmp_path, tiny_model):
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
+
+    from training.evaluation import encode
 
     seeds = []
     real = world.sample_scene
@@ -131,7 +131,5 @@ def test_edit_triplets_come_from_training_seeds_only(monkeypatch, tmp_path, tiny
     # Input latents are unscaled (diffusers' IP2P input form); targets carry the scaling factor.
     factor = vae.config.scaling_factor
     first = world.render(real(seeds[0]))[None]
-    from training.evaluation import encode
-
     torch.testing.assert_close(data["source"][:1].float(), encode(vae, first, scaled=False), atol=2e-3, rtol=1e-2)
     assert factor != 1.0

@@ -476,7 +476,7 @@ def _object_to_add(scene: Scene, rng: np.random.Generator) -> SceneObject | None
     return None
 
 
-def _background_options(scene: Scene) -> list[str]:
+def background_options(scene: Scene) -> list[str]:
     """Solid colours the background can turn into: new ones, contrasting with every object."""
     return [c for c in BACKGROUND_COLOURS if c not in scene.background.colours  # a real change of colour
             and all(o.colour in allowed_object_colours(Background("solid", (c,))) for o in scene.objects)]
@@ -488,14 +488,14 @@ def make_edit(scene: Scene, rng_or_seed, kind: str | None = None) -> Edit:
     rng = _rng(rng_or_seed)
     added = _object_to_add(scene, rng)
     possible = [k for k, ok in (("recolour", scene.objects), ("reshape", scene.objects),
-                                ("background", _background_options(scene)), ("add", added),
+                                ("background", background_options(scene)), ("add", added),
                                 ("remove", scene.objects)) if ok]
     kind = kind or _pick(rng, possible)
     if kind not in possible:
         raise ValueError(f"a {kind!r} edit is not possible on this scene (possible: {possible})")
 
     if kind == "background":
-        colour = _pick(rng, _background_options(scene))
+        colour = _pick(rng, background_options(scene))
         edited = replace(scene, background=Background("solid", (colour,)))
         text = _pick(rng, (f"make the background {colour}", f"change the background to {colour}",
                            f"turn the background {colour}", f"give it {_a(colour)} background"))

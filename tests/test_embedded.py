@@ -1,0 +1,137 @@
+"""The committed embedded model (assets/model): its format and budget, the studio's default, and semantic
+checks by program: generations show what the prompt says, inversion round-trips, instructions edit.
+
+Thresholds sit well below what benchmarks/eval_embedded.py measures (see the README's table), so these
+tests catch a broken model or pipeline, not a slightly worse one."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import models
+from pipelines.events import run_to_end
+from pipelines.generate import GenerateParams, generate
+from training import evaluation, world
+from training.checker import check
+
+FOLDER = models.EMBEDDED_DIR
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return run_to_end(models.load_model(models.EMBEDDED_ID))
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_folder_is_an_sd_checkout_in_budget():
+    files = [f for f in FOLDER.rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} <= {".safetensors", ".json", ".txt"}
+    assert sum(f.stat().st_size for f in files if f.suffix == ".safetensors") <= 60e6
+    index = json.loads((FOLDER / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    sched = json.loads((FOLDER / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"], sched["num_train_timesteps"]) == (
+        0.00085, 0.012, "scaled_linear", 1000)
+    vae = json.loads((FOLDER / "vae" / "config.json").read_text())
+    assert vae["latent_channels"] == 4 and 0 < vae["scaling_factor"] < 10
+    assert json.loads((FOLDER / "unet_instruct" / "config.json").read_text())["in_channels"] == 8
+    assert (FOLDER / "latent_rgb.json").is_file()
+
+
+def test_embedded_is_the_default_and_loads_like_sd(monkeypatch, embedded):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.delenv(models.MODEL_ENV, raising=False)
+    assert models.default_source() == models.EMBEDDED_ID
+    assert "embedded" in embedded.display_name and not embedded.random_weights
+    assert embedded.vae_factor == 4 and embedded.resolution == 64
+    pipe = StableDiffusionPipeline.from_pretrained(FOLDER, safety_checker=None, requires_safety_checker=False)
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_tokenizer_keeps_world_words_and_splits_unknown_ones(embedded):
+    tok = embedded.tokenizer
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in ("circle", "purple", "gradient"))
+    ids = tok("a cheetah on a skateboard", add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in ids and tok.decode(ids) == "a cheetah on a skateboard"
+
+
+def _share(px: np.ndarray, colour: str) -> float:
+    return float((np.abs(px - np.array(world.COLOURS[colour])).sum(-1) < 120).mean())
+
+
+def test_a_red_circle_on_the_left_is_red_in_the_left_third(embedded):
+    hits = 0
+    for seed in range(4):
+        res = run_to_end(generate(embedded, GenerateParams(
+            "a large red circle on the left on a white background", seed=seed, steps=25)))
+        px = _pixels(res.image)
+        left, right = px[:, : px.shape[1] // 3], px[:, -px.shape[1] // 3:]
+        hits += _share(left, "red") > 0.15 and _share(right, "red") < 0.02 and _share(right, "white") > 0.8
+    assert hits >= 3
+
+
+def test_plain_white_is_brighter_than_plain_black(embedded):
+    means = {}
+    for colour in ("white", "black"):
+        res = run_to_end(generate(embedded, GenerateParams(f"a plain {colour} background", seed=1, steps=25)))
+        means[colour] = _pixels(res.image).mean() / 255
+    assert means["white"] > 0.7 and means["black"] < 0.3
+
+
+def test_generations_show_the_prompted_colour_and_place(embedded):
+    m = embedded
+    items = evaluation.held_out_scenes(8, 1, start=40_000)
+    images = evaluation.generate_batch(m.unet, m.text_encoder, m.tokenizer, m.vae, [t for t, _ in items],
+                                       range(8), steps=25, scheduler_config=m.scheduler_config)
+    scores = [evaluation.score_generation(im, sc) for im, (_, sc) in zip(images, items)]
+    assert sum(s["background"] for s in scores) >= 6
+    assert sum(s["colour"] for s in scores) >= 5
+    assert sum(s["cell"] for s in scores) >= 5
+
+
+def test_inversion_round_trip_at_guidance_1(embedded):
+    from pipelines.inversion import InversionParams, invert_and_reconstruct
+
+    text, scene = evaluation.held_out_scenes(1, 1, start=50_000)[0]
+    res = run_to_end(invert_and_reconstruct(embedded, Image.fromarray(world.render(scene)),
+                                            InversionParams(prompt=text, steps=50)))
+    assert res.metrics["psnr"] >= 22
+
+
+def test_instruct_unet_changes_the_background_and_keeps_the_object(embedded):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(FOLDER / "unet_instruct", dtype=torch.float32).eval()
+    seed = world.HELD_OUT_SEED + 60_000
+    while True:  # a held-out one-object scene whose background can turn blue
+        scene = world.sample_scene(seed)
+        if len(scene.objects) == 1 and "blue" in world.background_options(scene):
+            break
+        seed += 1
+    before = world.render(scene)
+    out = evaluation.edit_batch(unet, embedded.text_encoder, embedded.tokenizer, embedded.vae, before[None],
+                                ["make the background blue"], [0], steps=25,
+                                scheduler_config=embedded.scheduler_config)[0]
+    assert check(out)["background"]["colours"] == ["blue"]
+    obj = scene.objects[0]
+    mask = scene.mask(0)
+    assert np.abs(out[mask].astype(int) - obj.rgb).sum(-1).mean() < 90
+
+
+def test_examples_show_what_their_captions_say():
+    from app import examples
+
+    for path, caption in examples.IMAGES:
+        seen = check(Image.open(path))
+        (obj,) = seen["objects"]
+        for word in (obj["colour"], obj["shape"], seen["background"]["colours"][0]):
+            assert word in caption, (path, word)
