@@ -135,3 +135,12 @@ def test_examples_show_what_their_captions_say():
         (obj,) = seen["objects"]
         for word in (obj["colour"], obj["shape"], seen["background"]["colours"][0]):
             assert word in caption, (path, word)
+
+
+def test_an_unloadable_model_falls_back_to_the_embedded_one(monkeypatch):
+    from pipelines.studio import Studio
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    studio = Studio().start("no-such-owner/no-such-model")
+    assert studio.model.id == models.EMBEDDED_ID
+    assert "no-such-owner/no-such-model" in studio.notice and "embedded" in studio.notice

@@ -59,7 +59,7 @@ def noise_for(seeds, shape, device=None) -> torch.Tensor:
 @torch.no_grad()
 def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds, guidance: float = 7.5,
                    steps: int = 50, scheduler_config=None, chunk: int = 32) -> np.ndarray:
-    size = 64 // 4
+    size = unet.config.sample_size  # latent side (16 for the world's 64 px images)
     out = []
     for i in range(0, len(prompts), chunk):
         p, s = prompts[i:i + chunk], seeds[i:i + chunk]
