@@ -112,3 +112,19 @@ def test_photo_training_crops_never_touch_the_eval_strip(monkeypatch):
         assert data.train_region(name)[2] <= ex0
         for x0, y0, x1, y1 in data.photo_eval_boxes(name):
             assert ex0 <= x0 < x1 <= ex1 and ey0 <= y0 < y1 <= ey1
+
+
+def test_stage_two_trains_the_decoder_only(run, tmp_path):
+    """--init-from + --freeze-encoder: every latent (encoder, quant_conv, scaling factor) stays as it was."""
+    from diffusers import AutoencoderKL
+
+    stage1 = run[0] / "vae"
+    out = tmp_path / "stage2"
+    with torch.random.fork_rng():
+        main(["--out", str(out), "--init-from", str(stage1), "--freeze-encoder", "--steps", "2", *TINY])
+    before, after = AutoencoderKL.from_pretrained(stage1), AutoencoderKL.from_pretrained(out / "vae")
+    for name in ("encoder", "quant_conv"):
+        b, a = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(b[k], a[k]) for k in b), name
+    assert any(not torch.equal(before.decoder.state_dict()[k], v) for k, v in after.decoder.state_dict().items())
+    assert after.config.scaling_factor == before.config.scaling_factor
