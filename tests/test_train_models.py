@@ -133,3 +133,24 @@ def test_edit_triplets_come_from_training_seeds_only(monkeypatch, tmp_path, tiny
     first = world.render(real(seeds[0]))[None]
     torch.testing.assert_close(data["source"][:1].float(), encode(vae, first, scaled=False), atol=2e-3, rtol=1e-2)
     assert factor != 1.0
+
+
+def test_a_checkpoint_without_the_pooled_text_embedding_resumes_unchanged():
+    """The committed UNet gained addition_embed_type="text" mid-run; loading the older state must leave
+    the network's output exactly as it was (the new path starts at zero)."""
+    import argparse
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    _, grown = train_unet.build_models(argparse.Namespace(tiny=True), 600)
+    config = {k: v for k, v in grown.config.items() if not k.startswith("addition_embed_type")}
+    old = UNet2DConditionModel.from_config(config).eval()
+    new = set(train_unet._load_grown(grown.eval(), old.state_dict()))
+    assert new == {"norm1", "pool", "proj", "norm2"}
+    x, emb = torch.randn(2, 4, 16, 16), torch.randn(2, 77, grown.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, 300, encoder_hidden_states=emb).sample,
+                                   old(x, 300, encoder_hidden_states=emb).sample)
+    with pytest.raises(RuntimeError):
+        train_unet._load_grown(grown, {"conv_in.weight": torch.zeros(1)})

@@ -50,8 +50,9 @@ def save(out: Path, modules: dict[str, dict], opt: torch.optim.Optimizer, rng: n
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load(out: Path, opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict[str, dict]]:
-    """Restores optimizer and rng states in place; returns (state, name -> module state dict)."""
+def load(out: Path, opt: torch.optim.Optimizer | None, rng: np.random.Generator) -> tuple[dict, dict[str, dict]]:
+    """Restores optimizer (unless None; see load_optimizer) and rng states in place; returns
+    (state, name -> module state dict)."""
     folder = out / "checkpoint"
     if not folder.is_dir() and (out / "checkpoint.old").is_dir():  # stopped between the two renames
         folder = out / "checkpoint.old"
@@ -59,7 +60,13 @@ def load(out: Path, opt: torch.optim.Optimizer, rng: np.random.Generator) -> tup
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     state = json.loads((folder / "state.json").read_text())
     modules = {f.stem: load_file(f) for f in folder.glob("*.safetensors") if f.stem != "optimizer"}
-    opt.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
+    if opt is not None:
+        load_optimizer(out, opt, state)
     rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return state, modules
+
+
+def load_optimizer(out: Path, opt: torch.optim.Optimizer, state: dict) -> None:
+    folder = out / "checkpoint" if (out / "checkpoint").is_dir() else out / "checkpoint.old"
+    opt.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
