@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -66,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
+    p.add_argument("--max-weight", type=float, default=5.0,
+                   help="per-sample loss weight 1/SNR(t), clipped to [1, this] (1: plain epsilon loss)")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of each batch whose timestep is drawn from the noisier half [500, 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -205,14 +206,22 @@ def draw_timesteps(n: int, total: int, high_share: float) -> torch.Tensor:
     return t
 
 
-def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: float = 0.0) -> torch.Tensor:
-    """SD's objective: predict the noise added at a drawn timestep."""
+def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: float = 0.0,
+                   max_weight: float = 1.0) -> torch.Tensor:
+    """SD's objective, predict the noise added at a drawn timestep, with each sample's squared error weighted
+    by 1/SNR(t) clipped to [1, max_weight] (weights normalised over the batch). 1/SNR turns the epsilon error
+    into the error of the implied clean image; at high noise that is what decides the global content, and
+    under the plain epsilon loss its gradient is ~SNR (0.005 at t=999) times smaller: measured at 1600-2100
+    steps, a caption lowered the loss by 45-55% at t=300-500 but by 6% at t=999, and prompts had no effect on
+    the background colour. The clip keeps low-noise steps (shape detail) from being drowned."""
     t = draw_timesteps(len(z0), len(alphas_cumprod), high_t_share)
     noise = torch.randn_like(z0)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     emb = text_encoder(ids)[0]
-    return F.mse_loss(unet(zt, t, encoder_hidden_states=emb).sample, noise)
+    per_sample = (unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
+    weight = ((1 - alphas_cumprod[t]) / alphas_cumprod[t]).clamp(1.0, max_weight)
+    return (weight * per_sample).sum() / weight.sum()
 
 
 def export(out: Path, args, unet, text_encoder, tokenizer, vae_folder: str) -> Path:
@@ -297,7 +306,8 @@ def main(argv=None) -> dict:
         idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
-        loss = diffusion_loss(unet, text_encoder, alphas_cumprod, latents[idx].float(), ids, args.high_t_share)
+        loss = diffusion_loss(unet, text_encoder, alphas_cumprod, latents[idx].float(), ids, args.high_t_share,
+                              args.max_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
