@@ -220,7 +220,12 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: fl
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     emb = text_encoder(ids)[0]
     per_sample = (unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
-    weight = ((1 - alphas_cumprod[t]) / alphas_cumprod[t]).clamp(1.0, max_weight)
+    return weighted_mean(per_sample, alphas_cumprod[t], max_weight)
+
+
+def weighted_mean(per_sample: torch.Tensor, alpha_bar: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Batch mean of per-sample epsilon errors weighted by 1/SNR clipped to [1, max_weight]."""
+    weight = ((1 - alpha_bar) / alpha_bar).clamp(1.0, max_weight)
     return (weight * per_sample).sum() / weight.sum()
 
 
