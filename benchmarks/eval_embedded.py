@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +55,6 @@ class Context:
     model: object               # pipelines.models.LoadedModel
     instruct_unet: object | None
     quick: bool
-    extra: dict = field(default_factory=dict)
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -85,7 +84,8 @@ def vae_rows(ctx: Context) -> list[Row]:
     from training.train_vae import psnr_per_image, reconstruct
 
     vae = ctx.model.vae
-    w = psnr_per_image(reconstruct(vae, world_eval_set(ctx.n(256, 64))), world_eval_set(ctx.n(256, 64)))
+    world_images = world_eval_set(ctx.n(256, 64))
+    w = psnr_per_image(reconstruct(vae, world_images), world_images)
     photos = photo_eval_set()
     p = psnr_per_image(reconstruct(vae, photos), photos)
     return [Row("vae", "world PSNR", float(w.mean()), ">= 30", "dB", len(w)),
@@ -124,6 +124,8 @@ def t2i_rows(ctx: Context) -> list[Row]:
 
 @row_group("inversion")
 def inversion_rows(ctx: Context) -> list[Row]:
+    from PIL import Image
+
     from pipelines.inversion import InversionParams, invert_and_reconstruct
 
     items = evaluation.held_out_scenes(ctx.n(24, 8), None, start=20_000)
@@ -131,8 +133,6 @@ def inversion_rows(ctx: Context) -> list[Row]:
     for w, target in ((1.0, ">= 25"), (7.5, "")):
         psnrs, vae_psnrs = [], []
         for text, scene in items:
-            from PIL import Image
-
             params = InversionParams(prompt=text, steps=50, inversion_guidance=1.0, guidance=w)
             res = run_to_end(invert_and_reconstruct(ctx.model, Image.fromarray(world.render(scene)), params))
             psnrs.append(res.metrics["psnr"])

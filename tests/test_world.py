@@ -14,6 +14,7 @@ from PIL import Image
 
 from training import world
 from training.checker import check
+from training.evaluation import nearest
 
 HELD = world.HELD_OUT_SEED
 ATTRIBUTES = ("background", "kind", "count", "colour", "shape", "size", "cell")
@@ -23,10 +24,6 @@ def _degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Mild damage a model's output might show: Gaussian noise of 3 levels, then a 3x3 box blur."""
     noisy = np.clip(np.round(image + rng.normal(0.0, 3.0, image.shape)), 0, 255).astype(np.uint8)
     return cv2.blur(noisy, (3, 3))
-
-
-def _nearest(found: list[dict], centre) -> dict | None:
-    return min(found, key=lambda o: math.dist(o["centre"], centre)) if found else None
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,7 @@ def test_edits_change_only_the_edited_object_and_the_checker_sees_them(kind):
                 assert gone.shape in edit.instruction
             else:
                 target = edited.objects[edit.index]
-                found = _nearest(seen["objects"], target.centre)
+                found = nearest(seen["objects"], target.centre)
                 assert (found["colour"], found["shape"], found["cell"]) == (target.colour, target.shape, target.cell)
                 word = {"recolour": target.colour, "reshape": target.shape, "add": target.shape}[kind]
                 assert word in edit.instruction
@@ -181,7 +178,7 @@ def _agreement(seeds, size: int, degrade: bool) -> dict[str, float]:
             hits[name] += hit
             totals[name] += 1
         for obj in scene.objects:
-            found = _nearest(seen["objects"], obj.centre)
+            found = nearest(seen["objects"], obj.centre)
             for name in ("colour", "shape", "size", "cell"):
                 hits[name] += found is not None and found[name] == getattr(obj, name)
                 totals[name] += 1

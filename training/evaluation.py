@@ -7,10 +7,12 @@ trained as well as on a loaded `LoadedModel`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from pipelines import ddim
+from pipelines import ddim, metrics
 from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, instruct_eps
 from training import world
 from training.checker import check
@@ -72,19 +74,20 @@ def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds
     return np.concatenate(out)
 
 
+def nearest(found: list[dict], centre) -> dict | None:
+    """The detected object (a checker dict) whose centre is closest to `centre`, or None if none was found."""
+    return min(found, key=lambda o: math.dist(o["centre"], centre), default=None)
+
+
 def score_generation(image: np.ndarray, scene: world.Scene) -> dict[str, bool]:
     """Does a generated image show the caption's scene? Background colour(s), and per object colour, shape,
     size and grid cell of the detected object nearest the true centre."""
     seen = check(image)
     hits = {"background": seen["background"]["colours"] == list(scene.background.colours),
             "count": len(seen["objects"]) == len(scene.objects)}
+    matches = [(obj, nearest(seen["objects"], obj.centre)) for obj in scene.objects]
     for name in ("colour", "shape", "cell", "size"):
-        ok = True
-        for obj in scene.objects:
-            found = min(seen["objects"], key=lambda o: np.hypot(o["centre"][0] - obj.centre[0],
-                                                                  o["centre"][1] - obj.centre[1]), default=None)
-            ok &= found is not None and found[name] == getattr(obj, name)
-        hits[name] = ok
+        hits[name] = all(found is not None and found[name] == getattr(obj, name) for obj, found in matches)
     return hits
 
 
@@ -144,8 +147,8 @@ def changed_region(before: np.ndarray, after: np.ndarray, margin: int = 2) -> np
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    """PSNR of uint8 pixels (any shape), capped at 100 dB so identical regions still average."""
+    return min(metrics.psnr(a, b), 100.0)
 
 
 def score_edit(output: np.ndarray, scene: world.Scene, edit: world.Edit) -> dict:
@@ -159,8 +162,7 @@ def score_edit(output: np.ndarray, scene: world.Scene, edit: world.Edit) -> dict
         ok = len(seen["objects"]) == len(target.objects) and gone.cell not in {o["cell"] for o in seen["objects"]}
     else:
         obj = target.objects[edit.index]
-        found = min(seen["objects"], key=lambda o: np.hypot(o["centre"][0] - obj.centre[0],
-                                                              o["centre"][1] - obj.centre[1]), default=None)
+        found = nearest(seen["objects"], obj.centre)
         ok = found is not None and (found["colour"], found["shape"], found["cell"]) == (obj.colour, obj.shape, obj.cell)
     before = world.render(scene)
     keep = ~changed_region(before, world.render(target))

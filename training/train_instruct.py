@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.train_unet import (SCHEDULER, draw_timesteps, ema_update, lr_at, progress_of,  # noqa: E402
-                                 weighted_mean)
+from training.schedule import lr_at, progress_of, start_run  # noqa: E402
+from training.train_unet import LR_FLOOR, SCHEDULER, ema_update, noised, weighted_mean  # noqa: E402
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
 
@@ -133,18 +133,13 @@ def main(argv=None) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    out, rng = start_run(args)
     base = Path(args.base)
     vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or base / "tokenizer")
-    if args.data_only:
-        data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
-        return {"triplets": len(data["target"])}
     data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    if args.data_only:
+        return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(base / "unet"))
@@ -173,7 +168,7 @@ def main(argv=None) -> dict:
     running = None
     while progress_of(args, step, time.time() - start) < 1.0:
         for group in opt.param_groups:
-            group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start))
+            group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), LR_FLOOR)
         idx = torch.from_numpy(rng.integers(0, len(target), args.batch))
         z0, image = target[idx].float(), source[idx].float()
         with torch.no_grad():
@@ -185,10 +180,7 @@ def main(argv=None) -> dict:
         image[drop_image] = 0
         # Same weighting as the base model: the input image must steer the layout at high noise, where the
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
-        t = draw_timesteps(args.batch, len(alphas_cumprod), args.high_t_share)
-        noise = torch.randn_like(z0)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
         per_sample = (unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample - noise).pow(2)
         loss = weighted_mean(per_sample.mean(dim=(1, 2, 3)), alphas_cumprod[t], args.max_weight)
         opt.zero_grad(set_to_none=True)

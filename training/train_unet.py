@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import shutil
 import sys
@@ -34,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
+from training.schedule import lr_at, progress_of, start_run  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -162,18 +162,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
 # --------------------------------------------------------------------------------------------- training
 
 
-def lr_at(args, step: int, progress: float) -> float:
-    warm = min(1.0, (step + 1) / max(1, args.warmup))
-    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def progress_of(args, step: int, elapsed: float) -> float:
-    parts = []
-    if args.steps is not None:
-        parts.append(step / args.steps)
-    if args.minutes is not None:
-        parts.append(elapsed / (60 * args.minutes))
-    return max(parts)
+LR_FLOOR = 0.1  # cosine decay to 10% of --lr (train_instruct.py too)
 
 
 @torch.no_grad()
@@ -206,6 +195,14 @@ def draw_timesteps(n: int, total: int, high_share: float) -> torch.Tensor:
     return t
 
 
+def noised(z0: torch.Tensor, alphas_cumprod: torch.Tensor, high_t_share: float):
+    """(z_t, t, noise): clean latents noised at drawn timesteps, as DDPM/SD training does."""
+    t = draw_timesteps(len(z0), len(alphas_cumprod), high_t_share)
+    noise = torch.randn_like(z0)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
+
+
 def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: float = 0.0,
                    max_weight: float = 1.0) -> torch.Tensor:
     """SD's objective, predict the noise added at a drawn timestep, with each sample's squared error weighted
@@ -214,10 +211,7 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: fl
     under the plain epsilon loss its gradient is ~SNR (0.005 at t=999) times smaller: measured at 1600-2100
     steps, a caption lowered the loss by 45-55% at t=300-500 but by 6% at t=999, and prompts had no effect on
     the background colour. The clip keeps low-noise steps (shape detail) from being drowned."""
-    t = draw_timesteps(len(z0), len(alphas_cumprod), high_t_share)
-    noise = torch.randn_like(z0)
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    zt, t, noise = noised(z0, alphas_cumprod, high_t_share)
     emb = text_encoder(ids)[0]
     per_sample = (unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
     return weighted_mean(per_sample, alphas_cumprod[t], max_weight)
@@ -262,11 +256,7 @@ def main(argv=None) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    out, rng = start_run(args)
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     tokenizer = build_tokenizer(out / "tokenizer")
@@ -307,7 +297,7 @@ def main(argv=None) -> dict:
     while progress_of(args, step, time.time() - start) < 1.0:
         progress = progress_of(args, step, time.time() - start)
         for group in opt.param_groups:
-            group["lr"] = lr_at(args, step, progress)
+            group["lr"] = lr_at(args, step, progress, LR_FLOOR)
         idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
