@@ -68,9 +68,11 @@ def sample(
 def sample_with(
     eps_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, steps: int,
     scheduler_config, cancel: CancelToken | None = None, start_index: int = 0,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> Iterator[StepState]:
     """The DDIM loop itself, for any noise predictor eps_fn(x_t, t, step_index) (e.g. InstructPix2Pix's
-    three-way guidance). `sample` is this loop with classifier-free guidance."""
+    three-way guidance). `sample` is this loop with classifier-free guidance. `after_step(x, step_index)`
+    may replace each new latent (Prompt-to-Prompt's local blend, DiffEdit's masked update)."""
     sched = make_scheduler(scheduler_config, steps)
     timesteps = sched.timesteps[start_index:]
     x = x_T
@@ -80,6 +82,8 @@ def sample_with(
             cancel.check()
         out = sched.step(eps_fn(x, t, start_index + i), t, x, eta=0.0)
         x = out.prev_sample
+        if after_step is not None:
+            x = after_step(x, start_index + i)
         yield StepState(i, n, int(t), x, out.pred_original_sample)
 
 

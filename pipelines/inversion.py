@@ -1,20 +1,27 @@
-"""Real-image DDIM inversion and reconstruction, with PSNR / SSIM / MSE against the source.
+"""Real-image inversion (DDIM, null-text, negative-prompt) and reconstruction, with PSNR / SSIM / MSE.
 
-Inversion at guidance 1 followed by reconstruction at guidance 1 round-trips almost exactly; larger
-reconstruction guidance (e.g. 7.5) shows the classic DDIM-inversion drift that NTI later fixes.
-Inverted latents are cached per session (image hash + settings), so changing only the reconstruction
-guidance does not invert again.
+Methods:
+  ddim           DDIM inversion at the inversion guidance; reconstruction at w drifts for w > 1 (the baseline)
+  nti            null-text inversion, our fast schedule (starts from the prompt embedding; nti.FAST)
+  nti-reference  null-text inversion with the paper's schedule (nti.REFERENCE)
+  npi            negative-prompt inversion: no optimisation, null = the source prompt's embedding
+
+`invert_images` is the one entry point every real-image method uses (Invert tab, text editing, real-image
+interpolation); its results are cached per (image content, prompt, steps, guidance, method, model, LoRA) in a
+bounded per-session cache, and `force=True` ("re-invert") replaces a cached one.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Generator, Sequence
 
 import torch
 from PIL import Image
 
-from . import ddim
+from . import ddim, nti
 from .cache import LRUCache
+from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .image_io import load_image
@@ -22,19 +29,45 @@ from .latents import decode_to_pil, encode_image
 from .lora import lora_applied
 from .metadata import with_metadata
 from .metrics import mse, psnr, ssim
-from .stream import PreviewOptions, stream_steps
+from .stream import PreviewOptions, preview_image, stream_steps
 from .text import encode_prompt
 from .validation import check_number
+
+METHODS = {
+    "ddim": "DDIM inversion",
+    "nti": "Null-text inversion (fast)",
+    "nti-reference": "Null-text inversion (paper schedule)",
+    "npi": "Negative-prompt inversion (no optimisation)",
+}
 
 
 @dataclass
 class InversionParams:
     prompt: str = ""                 # empty: unconditional inversion
     steps: int = 50
-    inversion_guidance: float = 1.0
-    guidance: float = 1.0            # reconstruction guidance w
+    inversion_guidance: float = 1.0  # DDIM only: null-text methods always invert at 1 (their pivot)
+    guidance: float = 1.0            # reconstruction guidance w (null-text methods fit their embeddings to it)
     lora: str | None = None
     lora_strength: float = 1.0
+    method: str = "ddim"
+    inner_steps: int = 10            # null-text methods: most Adam iterations per step
+    force: bool = False              # re-invert even when a cached inversion exists
+
+
+@dataclass
+class Inversion:
+    """A cached inversion of one or more images: what reconstruction and editing start from."""
+
+    method: str
+    x_T: torch.Tensor                     # (B, C, h, w)
+    cond: torch.Tensor                    # (B, L, D) source prompt embeddings
+    uncond: list[torch.Tensor] | torch.Tensor   # per-step nulls (B, L, D) or one "" embedding (1, L, D)
+    guidance: float                       # the w the nulls were fitted for (reconstruction guidance)
+    steps: int
+    z0: torch.Tensor                      # VAE latents of the sources
+    reconstruction: torch.Tensor | None   # latents of guided sampling from x_T (null-text methods)
+    losses: list[float] = field(default_factory=list)   # per step (summed over groups)
+    evals: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -44,50 +77,139 @@ class InversionResult:
     x_T: torch.Tensor
     metrics: dict                    # psnr / ssim / mse vs source, and psnr vs the VAE-only round trip
     cached: bool = False
+    method: str = "ddim"
+    losses: list = field(default_factory=list)
+    inversion: Inversion | None = None
 
 
 def image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
-def prepare_image(model, image) -> Image.Image:
-    """Any upload -> RGB at the model's resolution (long side), sides multiples of the model's step."""
-    return load_image(image, resolution=model.resolution, multiple=model.size_multiple)
+def prepare_image(model, image, size: tuple[int, int] | None = None) -> Image.Image:
+    """Any upload -> RGB at the model's resolution (long side), sides multiples of the model's step; with
+    `size`, resized to exactly that (width, height) instead."""
+    img = load_image(image, resolution=model.resolution, multiple=model.size_multiple)
+    return img if size is None or img.size == tuple(size) else img.resize(tuple(size), Image.LANCZOS)
+
+
+def check_method(method: str) -> str:
+    method = (method or "ddim").strip().lower()
+    if method not in METHODS:
+        raise InputError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}.")
+    return method
+
+
+def validate_inversion(p: InversionParams, steps: int, guidance: float, strength: float) -> InversionParams:
+    """Range-checks everything an inversion takes, before any image is read or model run."""
+    return replace(p, steps=steps, guidance=guidance, lora_strength=strength, method=check_method(p.method),
+                   inversion_guidance=check_number(p.inversion_guidance, "Inversion guidance", 0, 50),
+                   inner_steps=check_number(p.inner_steps, "Inner iterations", 1, 50, integer=True))
+
+
+def invert_images(model, sources: Sequence[Image.Image], prompts: Sequence[str], p: InversionParams,
+                  cache: LRUCache | None = None, cancel: CancelToken | None = None,
+                  preview: PreviewOptions | None = None, shared_nulls: bool = False, offset: int = 0,
+                  total: int | None = None) -> Generator[Progress, None, tuple[Inversion, bool]]:
+    """Inverts prepared images (same size) with their prompts; returns (inversion, came_from_cache).
+
+    shared_nulls: one null embedding per step for all images, fitted to the sum of their losses (dual NTI).
+    Must run inside the job's lora_applied block (the UNet it inverts with is the one that will sample)."""
+    method = check_method(p.method)
+    steps = int(p.steps)
+    inner = check_number(p.inner_steps, "Inner iterations", 1, 50, integer=True)
+    inv_guidance = check_number(p.inversion_guidance, "Inversion guidance", 0, 50)
+    total = total if total is not None else offset + inversion_cost(method, steps)
+    key = (model.id, id(model.pipe), tuple(image_key(s) for s in sources), tuple(prompts), steps, method,
+           inv_guidance if method == "ddim" else None, None if method == "ddim" else float(p.guidance),
+           inner if method.startswith("nti") else None, shared_nulls, p.lora, float(p.lora_strength) if p.lora else 0.0)
+    hit = None if cache is None or p.force else cache.get(key)
+    if hit is not None:
+        yield Progress("inversion (cached)", offset + inversion_cost(method, steps), total)
+        return hit, True
+    cond = torch.cat([encode_prompt(model, t) for t in prompts])
+    empty = encode_prompt(model, "")
+    z0 = torch.cat([encode_image(model, s) for s in sources])
+    if method == "ddim":
+        states = ddim.invert(model.unet, z0, cond, empty.expand(len(z0), -1, -1), inv_guidance, steps,
+                             model.scheduler_config, cancel)
+        x_T = yield from stream_steps(model, states, "inverting", offset, total, preview)
+        inv = Inversion(method, x_T, cond, empty.expand(len(z0), -1, -1), float(p.guidance), steps, z0, None)
+    else:
+        schedule = replace(nti.REFERENCE if method == "nti-reference" else nti.FAST, inner_steps=inner)
+        groups = [list(range(len(z0)))] if shared_nulls else None
+        job = nti.run_inversion(model.unet, z0, cond, empty, float(p.guidance), steps, model.scheduler_config,
+                                method, schedule, groups, cancel)
+        result = yield from _stream_nti(model, job, offset, total, preview)
+        inv = Inversion(method, result.x_T, cond, result.nulls, float(p.guidance), steps, z0,
+                        result.reconstruction, [sum(l) for l in result.losses], result.counter.as_dict())
+    if cache is not None:
+        cache.put(key, inv)
+    return inv, False
+
+
+def inversion_cost(method: str, steps: int) -> int:
+    """Progress units of an inversion: pivot steps, plus fitting (or sampling) steps for null-text methods."""
+    return steps if method == "ddim" else 2 * steps
+
+
+def _stream_nti(model, job, offset: int, total: int, opts: PreviewOptions | None):
+    """Progress events from nti.run_inversion: the pivot, then per step the loss curve so far (partial) and a
+    preview of the reconstruction."""
+    opts = opts or PreviewOptions()
+    curve: list[float] = []
+    done = 0
+    while True:
+        try:
+            tag, ev = next(job)
+        except StopIteration as stop:
+            return stop.value
+        done += 1
+        k = ev.index + 1
+        due = opts.every and (k % opts.every == 0 or k == ev.total)
+        full = bool(opts.full_decode_every) and k % opts.full_decode_every == 0
+        image = preview_image(model, ev.pred_x0[:1], full) if (due or full) else None
+        if tag == "null":
+            curve.append(float(sum(ev.losses)))
+            yield Progress("fitting null-text", offset + done, total, preview=image, partial=list(curve),
+                           message=f"step loss {curve[-1]:.2e} after {ev.iterations} iteration(s)")
+        else:
+            stage = "inverting" if tag == "pivot" else "reconstructing"
+            yield Progress(stage, offset + done, total, preview=image)
 
 
 def invert_and_reconstruct(model, image, p: InversionParams, cache: LRUCache | None = None,
                            cancel: CancelToken | None = None, preview: PreviewOptions | None = None) -> Job:
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
-    inv_guidance = check_number(p.inversion_guidance, "Inversion guidance", 0, 50)
+    p = validate_inversion(p, steps, guidance, strength)
+    method = p.method
     source = prepare_image(model, image)
     prompt = (p.prompt or "").strip()
-    total = 2 * steps
+    total = inversion_cost(method, steps) + (steps if method == "ddim" else 0)
     yield Progress("encoding image", 0, total, preview=source)
-    cond = encode_prompt(model, prompt)
-    uncond = encode_prompt(model, "")
-    key = (model.id, id(model.pipe), image_key(source), prompt, steps, inv_guidance, p.lora, strength)
-    hit = cache.get(key) if cache is not None else None
     with lora_applied(model, p.lora, strength):
-        z0 = encode_image(model, source)
-        if hit is None:
-            states = ddim.invert(model.unet, z0, cond, uncond, inv_guidance, steps, model.scheduler_config, cancel)
-            x_T = yield from stream_steps(model, states, "inverting", 0, total, preview)
-            if cache is not None:
-                cache.put(key, x_T)
+        inv, cached = yield from invert_images(model, [source], [prompt], p, cache, cancel, preview, total=total)
+        if inv.reconstruction is None:  # DDIM: sample back at the reconstruction guidance
+            states = ddim.sample(model.unet, inv.x_T, inv.cond, inv.uncond, guidance, steps, model.scheduler_config,
+                                 cancel)
+            z_rec = yield from stream_steps(model, states, "reconstructing", inversion_cost(method, steps), total,
+                                            preview)
         else:
-            x_T = hit
-            yield Progress("inverting (cached)", steps, total)
-        states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
-        z_rec = yield from stream_steps(model, states, "reconstructing", steps, total, preview)
+            z_rec = inv.reconstruction
     recon = decode_to_pil(model, z_rec)
-    vae_only = decode_to_pil(model, z0)
+    vae_only = decode_to_pil(model, inv.z0)
     metrics = {
         "psnr": psnr(source, recon), "ssim": ssim(source, recon), "mse": mse(source, recon),
-        "psnr_vs_vae": psnr(vae_only, recon), "vae_psnr": psnr(source, vae_only),
+        "psnr_vs_vae": psnr(vae_only, recon), "vae_psnr": psnr(source, vae_only), **inv.evals,
     }
-    meta = {"prompt": prompt, "task": "invert", "steps": steps, "inversion_guidance": inv_guidance,
-            "guidance": guidance, "size": f"{source.width}x{source.height}", "eta": 0.0,
-            **base_metadata(model, p.lora, strength)}
-    result = InversionResult(source, ImageResult(with_metadata(recon, meta), -1, meta), x_T, metrics, hit is not None)
+    meta = {"prompt": prompt, "task": "invert", "method": method, "steps": steps, "guidance": guidance,
+            "size": f"{source.width}x{source.height}", "eta": 0.0, **base_metadata(model, p.lora, strength)}
+    if method == "ddim":
+        meta["inversion_guidance"] = p.inversion_guidance
+    if method.startswith("nti"):
+        meta["inner_steps"] = p.inner_steps
+    result = InversionResult(source, ImageResult(with_metadata(recon, meta), -1, meta), inv.x_T, metrics, cached,
+                             method, list(inv.losses), inv)
     yield Progress("done", total, total, preview=result.reconstruction.image, result=result,
-                   message=f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, MSE {metrics['mse']:.5f}")
+                   message=f"{METHODS[method]}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+                           f"MSE {metrics['mse']:.5f}")
