@@ -1,8 +1,13 @@
-"""Seed interpolation (Smooth Diffusion's test): frames from slerp(x_T^A, x_T^B, eta) with linearly
-interpolated text embeddings, plus the ISTD smoothness measure of a sequence.
+"""Interpolation (Smooth Diffusion): frames from slerp(x_T^A, x_T^B, eta) with linearly interpolated text
+embeddings, plus the ISTD smoothness measure of a sequence. Two sources of endpoints:
 
-Endpoints (both noises and prompt embeddings) are cached per session, so scrubbing the eta slider costs
-exactly one generation per frame.
+  seeds        two Gaussian x_T (Smooth Diffusion's test);
+  real images  two uploads, resized to one common size and inverted together: dual null-text inversion fits
+               one null embedding per step shared by both images (the sum of both losses), and every frame
+               reuses those nulls (lerped, which is a no-op when shared; NPI's per-image nulls do change).
+
+Endpoints (noises or inversions, and prompt embeddings) are cached per session, so scrubbing the eta slider
+costs exactly one generation per frame.
 """
 from __future__ import annotations
 
@@ -75,9 +80,14 @@ class Endpoints:
     noise_b: torch.Tensor
     cond_a: torch.Tensor
     cond_b: torch.Tensor
-    uncond: torch.Tensor
+    uncond: torch.Tensor | list        # one embedding, or per step (B=2: row 0 for A, row 1 for B)
     seed_a: int
     seed_b: int
+
+    def uncond_at(self, eta: float):
+        if isinstance(self.uncond, list):
+            return [lerp(u[:1], u[1:2], eta) for u in self.uncond]
+        return self.uncond
 
 
 @dataclass
@@ -87,6 +97,7 @@ class SequenceResult:
     distances: list
     istd: float
     gif_path: str | None = None
+    mp4_path: str | None = None
 
 
 def _endpoints(model, p: InterpolationParams, cache: LRUCache | None, width: int, height: int) -> tuple[Endpoints, bool]:
@@ -117,7 +128,7 @@ def _meta(model, p: InterpolationParams, ends: Endpoints, eta: float, steps, gui
 def _render(model, ends: Endpoints, eta: float, steps, guidance, cancel, offset, total, preview, stage):
     x_T = slerp(ends.noise_a, ends.noise_b, eta)
     cond = lerp(ends.cond_a, ends.cond_b, eta)
-    states = ddim.sample(model.unet, x_T, cond, ends.uncond, guidance, steps, model.scheduler_config, cancel)
+    states = ddim.sample(model.unet, x_T, cond, ends.uncond_at(eta), guidance, steps, model.scheduler_config, cancel)
     x0 = yield from stream_steps(model, states, stage, offset, total, preview)
     return decode_to_pil(model, x0)
 
@@ -140,24 +151,36 @@ def interpolation_frame(model, p: InterpolationParams, eta: float, cache: LRUCac
 def interpolation_sequence(model, p: InterpolationParams, n_frames: int = 11, cache: LRUCache | None = None,
                            cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
                            gif_dir: str | Path | None = None, fps: int = 8) -> Job:
-    """N frames at evenly spaced eta (ends included), then their ISTD and an animated GIF."""
+    """N frames at evenly spaced eta (ends included), then their ISTD, an animated GIF and an MP4."""
     n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
     ends, _ = _endpoints(model, p, cache, w, h)
-    etas = [k / (n_frames - 1) for k in range(n_frames)]
-    total = steps * n_frames
-    frames = []
     with lora_applied(model, p.lora, strength):
-        for k, eta in enumerate(etas):
-            image = yield from _render(model, ends, eta, steps, guidance, cancel, k * steps, total, preview,
-                                       f"frame {k + 1}/{n_frames}")
-            frames.append(with_metadata(image, _meta(model, p, ends, eta, steps, guidance, strength, w, h)))
-            yield Progress(f"frame {k + 1}/{n_frames}", (k + 1) * steps, total, partial=list(frames))
+        return (yield from render_sequence(
+            model, ends, n_frames, steps, guidance, cancel, preview, 0, steps * n_frames,
+            lambda eta: _meta(model, p, ends, eta, steps, guidance, strength, w, h),
+            Path(gif_dir) / f"interp_{ends.seed_a}_{ends.seed_b}" if gif_dir else None, fps))
+
+
+def render_sequence(model, ends: Endpoints, n_frames: int, steps: int, guidance: float, cancel, preview,
+                    offset: int, total: int, meta_for, out_stem: Path | None, fps: int = 8) -> Job:
+    """Renders the frames of any endpoints (seeds or real images), streaming each finished frame."""
+    etas = [k / (n_frames - 1) for k in range(n_frames)]
+    frames = []
+    for k, eta in enumerate(etas):
+        image = yield from _render(model, ends, eta, steps, guidance, cancel, offset + k * steps, total, preview,
+                                   f"frame {k + 1}/{n_frames}")
+        frames.append(with_metadata(image, meta_for(eta)))
+        yield Progress(f"frame {k + 1}/{n_frames}", offset + (k + 1) * steps, total, partial=list(frames))
     dists = adjacent_distances(frames)
-    gif_path = write_gif(frames, Path(gif_dir) / f"interp_{ends.seed_a}_{ends.seed_b}.gif", fps) if gif_dir else None
-    result = SequenceResult(frames, etas, dists.tolist(), float(dists.std()), str(gif_path) if gif_path else None)
+    gif = mp4 = None
+    if out_stem is not None:
+        gif = str(write_gif(frames, out_stem.with_suffix(".gif"), fps))
+        mp4 = write_mp4(frames, out_stem.with_suffix(".mp4"), fps)
+    result = SequenceResult(frames, etas, dists.tolist(), float(dists.std()), gif, mp4)
     yield Progress("done", total, total, partial=list(frames), result=result, message=f"ISTD {result.istd:.4f}")
+    return result
 
 
 def write_gif(frames: list, path: str | Path, fps: int = 8) -> Path:
@@ -166,3 +189,21 @@ def write_gif(frames: list, path: str | Path, fps: int = 8) -> Path:
     rgb = [f.convert("RGB") for f in frames]
     rgb[0].save(path, save_all=True, append_images=rgb[1:], duration=int(1000 / max(fps, 1)), loop=0)
     return path
+
+
+def write_mp4(frames: list, path: str | Path, fps: int = 8) -> str | None:
+    """MPEG-4 video via OpenCV (headless build: the mp4v codec); None if this OpenCV cannot write one."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = frames[0].size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), max(int(fps), 1), (w, h))
+    if not writer.isOpened():
+        return None
+    try:
+        for f in frames:
+            writer.write(cv2.cvtColor(np.asarray(f.convert("RGB").resize((w, h))), cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+    return str(path) if path.is_file() and path.stat().st_size > 0 else None

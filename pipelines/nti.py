@@ -110,7 +110,7 @@ def optimise_nulls(
 
     cond: (B, L, D) source prompt embeddings; null_init: (1 or B, L, D) start (the embedding of ""), unless the schedule starts from the prompt.
     groups: lists of batch indices sharing one embedding (default: each image alone); a group's loss is the
-    sum of its images' losses. The conditional prediction is computed once per step, as in the paper."""
+    sum of its images' losses. The conditional prediction is computed once per step for the fit, as in the paper."""
     counter = counter if counter is not None else EvalCounter()
     sched = ddim.make_scheduler(scheduler_config, steps)
     n = len(sched.timesteps)
@@ -179,9 +179,11 @@ def optimise_nulls(
             states = [opt.state_dict() for opt in opts]
         step_nulls = torch.stack([current[owner[b]] for b in range(batch)]).to(dtype)
         with torch.no_grad():
-            eps_u = unet(z, t, encoder_hidden_states=step_nulls).sample
-            counter.forward += batch
-            z, x0 = _ddim_step(z, eps_u + guidance * (eps_c - eps_u), a_t, a_prev)
+            # The same batched guided call and scheduler step as ddim.sample, so sampling again with these
+            # nulls (an edit whose prompt never switches) reproduces this reconstruction exactly.
+            out = sched.step(ddim.guided_eps(unet, z, t, cond, step_nulls, guidance), t, z, eta=0.0)
+            counter.forward += batch * (1 if guidance == 1.0 else 2)
+            z, x0 = out.prev_sample, out.pred_original_sample
             final = [float(sum((z[b].float() - target[b].float()).pow(2).mean() for b in members))
                      for members in groups]
         nulls.append(step_nulls)

@@ -12,9 +12,11 @@ from typing import Callable
 from .errors import InputError
 from .events import CancelToken, Job, Progress, run_to_end
 from .generate import GenerateParams, generate
+from .edit import EditParams, text_edit
 from .interpolation import InterpolationParams, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
 from .lora import load_lora
+from .real_interpolation import RealInterpolationParams, real_interpolation_frame, real_interpolation_sequence
 from .models import EMBEDDED_ID, default_source, embedded_available, load_model
 from .tiny_model import TINY_ID
 
@@ -81,6 +83,19 @@ class Studio:
 
     def invert(self, image, p: InversionParams, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: invert_and_reconstruct(m, image, p, cache, cancel, preview), cancel)
+
+    def edit(self, image, p: EditParams, cache=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: text_edit(m, image, p, cache, cancel, preview), cancel)
+
+    def real_interpolation_frame(self, image_a, image_b, p: RealInterpolationParams, eta: float, cache=None,
+                                 cancel=None, preview=None) -> Job:
+        return self._exclusive(
+            lambda m: real_interpolation_frame(m, image_a, image_b, p, eta, cache, cancel, preview), cancel)
+
+    def real_interpolation_sequence(self, image_a, image_b, p: RealInterpolationParams, n_frames: int = 11,
+                                    cache=None, cancel=None, preview=None, gif_dir=None) -> Job:
+        return self._exclusive(lambda m: real_interpolation_sequence(m, image_a, image_b, p, n_frames, cache, cancel,
+                                                                     preview, gif_dir), cancel)
 
     # --- one job at a time ------------------------------------------------------------------------
     def _exclusive(self, make_job: Callable, cancel: CancelToken | None) -> Job:
