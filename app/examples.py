@@ -29,3 +29,18 @@ INSTRUCTIONS = [
     [str(EXAMPLES_DIR / "yellow_circle_bottom_left.png"), "make the background black"],
     [str(EXAMPLES_DIR / "green_square_left.png"), "turn the square into a circle"],
 ]
+# Text edits of the example images: [image, source prompt (its caption), target prompt]. Each target keeps the
+# caption's word count (one word swapped), so Prompt-to-Prompt's "replace" mode works on all of them.
+EDITS = [
+    [str(EXAMPLES_DIR / "blue_triangle_centre.png"), "a large blue triangle in the centre, yellow background",
+     "a large red triangle in the centre, yellow background"],                      # recolour
+    [str(EXAMPLES_DIR / "yellow_circle_bottom_left.png"), "a large yellow circle in the bottom left, white background",
+     "a large yellow square in the bottom left, white background"],                 # reshape
+    [str(EXAMPLES_DIR / "green_square_left.png"), "a small green square on the left side on a black background",
+     "a small green square on the left side on a white background"],                # background
+]
+# Real-image interpolation: [image A, image B, prompt A, prompt B].
+IMAGE_PAIRS = [
+    [IMAGES[0][0], IMAGES[1][0], IMAGES[0][1], IMAGES[1][1]],
+    [IMAGES[1][0], IMAGES[2][0], IMAGES[1][1], IMAGES[2][1]],
+]

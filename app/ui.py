@@ -5,12 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import gradio as gr
 
+from pipelines.edit import EditParams
 from pipelines.errors import InputError
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import InterpolationParams
-from pipelines.inversion import InversionParams
+from pipelines.inversion import METHODS as INVERSION_METHODS, InversionParams
+from pipelines.p2p import MODES as P2P_MODES, P2PSettings
 from pipelines.lora import SMOOTH_LORA_REPO
 from pipelines.models import model_choices
+from pipelines.real_interpolation import RealInterpolationParams
 from pipelines.stream import PreviewOptions
 from pipelines.studio import Studio
 
@@ -21,6 +24,32 @@ from .streaming import status_line, stream
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, across all sessions
 
 EXAMPLE_PROMPTS, EXAMPLE_PAIRS, EXAMPLE_IMAGES = examples.PROMPTS, examples.PAIRS, examples.IMAGES
+EXAMPLE_EDITS, EXAMPLE_IMAGE_PAIRS = examples.EDITS, examples.IMAGE_PAIRS
+LOSS_PLOT_COLUMNS = ("step", "loss")
+
+
+def upload_path(image, what: str) -> str:
+    """The raw (unpreprocessed) upload's server path: the pipeline's own loader then reports corrupt or odd
+    files clearly. Missing upload -> a message asking for it."""
+    path = image.get("path") if isinstance(image, dict) else image
+    if not path:
+        raise InputError(f"Please upload {what}.")
+    return path
+
+
+def loss_frame(losses) -> pd.DataFrame:
+    """The null-text loss curve (one value per inversion step, 1-based) as LinePlot data; empty for DDIM."""
+    losses = [float(v) for v in (losses or [])]
+    return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses}, columns=list(LOSS_PLOT_COLUMNS))
+
+
+def distance_frame(distances) -> pd.DataFrame:
+    return pd.DataFrame({"pair": list(range(len(distances))), "distance": list(distances)})
+
+
+def rounded_metrics(metrics: dict, **extra) -> dict:
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return {**out, **extra}
 
 
 def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Blocks:
@@ -56,6 +85,16 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
     def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
         return gr.Slider(1, 150, value=default, step=1, label="Steps", elem_id=elem_id)
+
+    def inversion_controls(prefix: str, default: str = "nti"):
+        """Inversion method, null-text inner iterations and the re-invert flag (Invert, Edit, real interpolation)."""
+        method = gr.Radio([(label, key) for key, label in INVERSION_METHODS.items()], value=default,
+                          label="Inversion method", elem_id=f"{prefix}-method")
+        with gr.Row():
+            inner = gr.Slider(1, 20, value=10, step=1, label="Inner iterations (NTI)",
+                              info="Most optimisation iterations per step (null-text methods only)")
+            force = gr.Checkbox(False, label="Re-invert (ignore cached inversion)")
+        return method, inner, force
 
     def stopped(n: int, status_index: int):
         def make():
@@ -102,7 +141,9 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         g_image = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=320, elem_id="gen-result")
                         g_seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                         g_status = gr.Markdown("", elem_id="gen-status")
-                        g_send = gr.Button("Send to Invert")
+                        with gr.Row():
+                            g_send = gr.Button("Send to Invert")
+                            g_send_edit = gr.Button("Send to Edit")
 
             # ---------------------------------------------------------------- Interpolate
             with gr.Tab("Interpolate (seeds)", id="interpolate"):
@@ -130,11 +171,52 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                     with gr.Column():
                         i_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320, elem_id="int-frame-img")
                         i_status = gr.Markdown("", elem_id="int-status")
-                        i_send = gr.Button("Send frame to Invert")
+                        with gr.Row():
+                            i_send = gr.Button("Send frame to Invert")
+                            i_send_edit = gr.Button("Send frame to Edit")
                         i_gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="int-gallery")
                         i_gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
+                        # MPEG-4 part 2 ('mp4v'), which browsers may not play inline: offered as a download
+                        i_mp4 = gr.File(label="Animation (MP4, download)", interactive=False, height=90, elem_id="int-mp4")
                         i_istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])", interactive=False)
                         i_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances", x_title="frame pair k→k+1", y_title="L2 distance")
+
+            # ---------------------------------------------------------------- Interpolate real images
+            # The second interpolation mode, as its own tab next to the seeds one (same controls and outputs).
+            with gr.Tab("Interpolate (real images)", id="interpolate-images"):
+                with gr.Row():
+                    with gr.Column():
+                        with gr.Row():
+                            r_image_a = gr.Image(label="Image A", type="filepath", sources=["upload", "clipboard"],
+                                                 height=200, elem_id="rint-image-a")
+                            r_image_b = gr.Image(label="Image B", type="filepath", sources=["upload", "clipboard"],
+                                                 height=200, elem_id="rint-image-b")
+                        r_prompt_a = gr.Textbox(label="Prompt A (describing image A)", elem_id="rint-prompt-a")
+                        r_prompt_b = gr.Textbox(label="Prompt B (describing image B; empty = prompt A)")
+                        r_method, r_inner, r_force = inversion_controls("rint")
+                        with gr.Row():
+                            r_steps = steps_slider(50)
+                            r_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
+                        r_lora, r_lora_s = lora_controls()
+                        r_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)",
+                                          elem_id="rint-eta")
+                        r_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
+                        with gr.Row():
+                            r_run = gr.Button("Render frame", variant="primary", elem_id="rint-frame")
+                            r_seq = gr.Button("Render sequence", elem_id="rint-seq")
+                            r_stop = gr.Button("Stop", variant="stop", elem_id="rint-stop")
+                        gr.Examples(EXAMPLE_IMAGE_PAIRS, [r_image_a, r_image_b, r_prompt_a, r_prompt_b])
+                    with gr.Column():
+                        r_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320,
+                                           elem_id="rint-frame-img")
+                        r_status = gr.Markdown("", elem_id="rint-status")
+                        r_gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="rint-gallery")
+                        r_gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
+                        r_mp4 = gr.File(label="Animation (MP4, download)", interactive=False, height=90, elem_id="rint-mp4")
+                        r_istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])",
+                                           interactive=False)
+                        r_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances",
+                                             x_title="frame pair k→k+1", y_title="L2 distance")
 
             # ---------------------------------------------------------------- Invert
             with gr.Tab("Invert", id="invert"):
@@ -142,22 +224,73 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                     with gr.Column():
                         v_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="inv-input")
                         v_prompt = gr.Textbox(label="Prompt describing the image (empty = unconditional)")
+                        v_method, v_inner, v_force = inversion_controls("inv")
                         with gr.Row():
                             v_steps = steps_slider(50)
-                            v_inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance")
-                            v_guid = gr.Slider(0, 20, value=1.0, step=0.1, label="Reconstruction guidance w (try 7.5)")
+                            v_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Reconstruction guidance w",
+                                               info="Null-text methods fit their null embeddings to this w")
+                        v_inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance (DDIM only)",
+                                            info="Only DDIM inversion uses it: null-text and negative-prompt "
+                                                 "inversion always invert at 1")
                         v_lora, v_lora_s = lora_controls()
                         with gr.Row():
                             v_run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
-                            v_stop = gr.Button("Stop", variant="stop")
+                            v_stop = gr.Button("Stop", variant="stop", elem_id="inv-stop")
                         gr.Examples(EXAMPLE_IMAGES, [v_input, v_prompt])
                     with gr.Column():
                         v_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256, elem_id="inv-preview")
                         with gr.Row():
                             v_source = gr.Image(label="Source (as the model sees it)", format="png", interactive=False, height=256, elem_id="inv-source")
                             v_recon = gr.Image(label="Reconstruction", format="png", type="filepath", interactive=False, height=256, elem_id="inv-result")
-                        v_metrics = gr.JSON(label="PSNR / SSIM / MSE")
+                        v_loss = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Null-text loss per step",
+                                             x_title="inversion step", y_title="fitted loss", y_axis_format=".1e",
+                                             elem_id="inv-loss")
+                        v_metrics = gr.JSON(label="Reconstruction metrics (PSNR / SSIM / MSE) and UNet evaluations")
                         v_status = gr.Markdown("", elem_id="inv-status")
+                        v_send_edit = gr.Button("Edit this image (reuses the inversion)")
+
+            # ---------------------------------------------------------------- Edit (text)
+            with gr.Tab("Edit (text)", id="edit"):
+                with gr.Row():
+                    with gr.Column():
+                        e_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-input")
+                        e_src = gr.Textbox(label="Source prompt (describing the image)", elem_id="edit-source-prompt")
+                        e_tgt = gr.Textbox(label="Target prompt (describing the edit)", elem_id="edit-target-prompt")
+                        e_method = gr.Radio([("Threshold r (prompt switch)", "threshold"), ("Prompt-to-Prompt", "p2p")],
+                                            value="threshold", label="Edit method", elem_id="edit-method")
+                        e_r = gr.Slider(0, 1, value=0.8, step=0.05, label="Threshold r",
+                                        info="Source prompt while t > T·r, target prompt after (0 = reconstruction)")
+                        e_inv, e_inner, e_force = inversion_controls("edit", EditParams.inversion)
+                        with gr.Row():
+                            e_steps = steps_slider(50)
+                            e_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
+                        e_lora, e_lora_s = lora_controls()
+                        with gr.Accordion("Prompt-to-Prompt", open=False) as e_p2p:
+                            e_mode = gr.Radio(list(P2P_MODES), value="replace", label="Mode",
+                                              info="replace: swap words one for one · refine: add or change words · "
+                                                   "reweight: only scale words' attention")
+                            with gr.Row():
+                                e_cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace steps")
+                                e_self = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replace steps")
+                            with gr.Row():
+                                e_rw_words = gr.Textbox(label="Re-weight words (of the target prompt, comma-separated)")
+                                e_rw_scale = gr.Slider(-5, 10, value=2.0, step=0.1, label="Re-weight scale")
+                            with gr.Row():
+                                e_blend = gr.Textbox(label="Local blend words (comma-separated; empty = off)")
+                                e_blend_t = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Blend threshold",
+                                                      info="0.5 here (the paper's 0.3 is too low for the "
+                                                           "embedded model, whose maps have a high floor)")
+                        with gr.Row():
+                            e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                            e_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
+                        gr.Examples(EXAMPLE_EDITS, [e_input, e_src, e_tgt])
+                    with gr.Column():
+                        e_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256, elem_id="edit-preview")
+                        e_image = gr.Image(label="Edited", format="png", type="filepath", interactive=False, height=256, elem_id="edit-result")
+                        with gr.Row():
+                            e_recon = gr.Image(label="Source reconstruction", format="png", interactive=False, height=200, elem_id="edit-recon")
+                            e_mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200, elem_id="edit-mask")
+                        e_status = gr.Markdown("", elem_id="edit-status")
 
         # -------------------------------------------------------------------- handlers
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, request: gr.Request):
@@ -200,42 +333,118 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def render(ev, final):
                 if final:
                     r = ev.result
-                    plot = pd.DataFrame({"pair": list(range(len(r.distances))), "distance": r.distances})
-                    return (r.frames[-1], r.frames, r.gif_path, r.istd, plot,
-                            f"{len(r.frames)} frames · ISTD {r.istd:.4f}")
+                    return (r.frames[-1], r.frames, r.gif_path, r.istd, distance_frame(r.distances),
+                            f"{len(r.frames)} frames · ISTD {r.istd:.4f}", r.mp4_path)
                 frames = ev.partial if ev.partial is not None else gr.skip()
-                return (ev.preview if ev.preview is not None else gr.skip()), frames, gr.skip(), gr.skip(), gr.skip(), status_line(ev)
+                return ((ev.preview if ev.preview is not None else gr.skip()), frames, gr.skip(), gr.skip(), gr.skip(),
+                        status_line(ev), gr.skip())
 
             def job():
                 p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
                 yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
                                                          gif_dir=session.out_dir)
 
-            yield from stream(job(), render, stopped(6, 5), cancel=token)
+            yield from stream(job(), render, stopped(7, 5), cancel=token)
 
-        def run_invert(image, prompt, steps, inv_g, guidance, use_lora, strength, request: gr.Request):
+        def run_invert(image, prompt, steps, inv_g, guidance, use_lora, strength, method, inner_steps,
+                       force, request: gr.Request):
             session = sessions.get(request)
             token = session.new_job()
 
             def render(ev, final):
                 if final:
                     r = ev.result
-                    metrics = {k: round(v, 4) for k, v in r.metrics.items()}
+                    metrics = rounded_metrics(r.metrics, method=r.method, cached=r.cached)
                     note = " (inversion reused from cache)" if r.cached else ""
-                    return r.reconstruction.image, r.source, r.reconstruction.image, metrics, f"Done{note} · {ev.message}"
+                    return (r.reconstruction.image, r.source, r.reconstruction.image, loss_frame(r.losses), metrics,
+                            f"Done{note} · {ev.message}")
                 src = ev.preview if ev.stage == "encoding image" else gr.skip()
                 prev = ev.preview if ev.preview is not None and ev.stage != "encoding image" else gr.skip()
-                return prev, src, gr.skip(), gr.skip(), status_line(ev)
+                # a new run starts with an empty loss plot; null-text fitting streams the curve so far
+                plot = (loss_frame(ev.partial) if ev.partial is not None and ev.stage == "fitting null-text"
+                        else loss_frame([]) if ev.stage == "encoding image" else gr.skip())
+                return prev, src, gr.skip(), plot, gr.skip(), status_line(ev)
 
             def job():
-                # Raw (unpreprocessed) upload: our own loader reports corrupt or odd files clearly.
-                path = image.get("path") if isinstance(image, dict) else image
-                if not path:
-                    raise InputError("Please upload an image to invert.")
-                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora), strength)
+                path = upload_path(image, "an image to invert")
+                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora), strength,
+                                    method=method, inner_steps=inner_steps, force=bool(force))
                 yield from studio.invert(path, p, session.inversion_cache, token, session.preview)
 
+            yield from stream(job(), render, stopped(6, 5), cancel=token)
+
+        def run_edit(image, source_prompt, target_prompt, method, r, inversion, inner_steps, force, steps, guidance,
+                     use_lora, strength, p2p_mode, cross_replace_steps, self_replace_steps, reweight_words,
+                     reweight_scale, blend_words, blend_threshold, request: gr.Request):
+            session = sessions.get(request)
+            token = session.new_job()
+
+            def render(ev, final):
+                if final:
+                    res = ev.result
+                    note = " (inversion reused from cache)" if res.cached else ""
+                    what = (f"threshold r={res.params['r']:g}" if res.params["edit_method"] == "threshold"
+                            else f"Prompt-to-Prompt ({res.params['p2p_mode']})")
+                    return (res.edited.image, res.edited.image, res.reconstruction, res.mask,
+                            f"Done{note} · {what} · {INVERSION_METHODS[res.params['inversion']]}")
+                return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), gr.skip(), status_line(ev)
+
+            def job():
+                path = upload_path(image, "an image to edit")
+                settings = P2PSettings(mode=p2p_mode, cross_replace_steps=cross_replace_steps,
+                                       self_replace_steps=self_replace_steps, reweight_words=reweight_words or "",
+                                       reweight_scale=reweight_scale, blend_words=blend_words or "",
+                                       blend_threshold=blend_threshold)
+                p = EditParams(source_prompt or "", target_prompt or "", method, r, steps, guidance, inversion,
+                               inner_steps, bool(force), lora_name(use_lora), strength, settings)
+                yield from studio.edit(path, p, session.inversion_cache, token, session.preview)
+
             yield from stream(job(), render, stopped(5, 4), cancel=token)
+
+        def real_params(pa, pb, inversion, inner_steps, force, steps, guidance, use_lora, strength):
+            return RealInterpolationParams(pa or "", pb or "", steps, guidance, inversion, inner_steps, bool(force),
+                                           lora_name(use_lora), strength)
+
+        def run_real_frame(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
+                           use_lora, strength, eta, request: gr.Request):
+            session = sessions.get(request)
+            token = session.new_job()
+
+            def render(ev, final):
+                if final:
+                    note = " (inversion reused from cache)" if "from cache" in ev.message else ""
+                    return ev.result.image, f"Frame at eta={float(eta):.2f}{note}"
+                return (ev.preview if ev.preview is not None else gr.skip()), status_line(ev)
+
+            def job():
+                a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
+                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength)
+                yield from studio.real_interpolation_frame(a, b, p, eta, session.inversion_cache, token, session.preview)
+
+            yield from stream(job(), render, stopped(2, 1), cancel=token)
+
+        def run_real_sequence(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
+                              use_lora, strength, n, request: gr.Request):
+            session = sessions.get(request)
+            token = session.new_job()
+
+            def render(ev, final):
+                if final:
+                    r = ev.result
+                    return (r.frames[-1], r.frames, r.gif_path, r.mp4_path, r.istd, distance_frame(r.distances),
+                            f"{len(r.frames)} frames · ISTD {r.istd:.4f}")
+                # partial: the loss curve while fitting null-text, then the frames rendered so far
+                frames = ev.partial if ev.partial is not None and ev.stage.startswith("frame") else gr.skip()
+                return ((ev.preview if ev.preview is not None else gr.skip()), frames, gr.skip(), gr.skip(), gr.skip(),
+                        gr.skip(), status_line(ev))
+
+            def job():
+                a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
+                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength)
+                yield from studio.real_interpolation_sequence(a, b, p, n, session.inversion_cache, token,
+                                                              session.preview, gif_dir=session.out_dir)
+
+            yield from stream(job(), render, stopped(7, 6), cancel=token)
 
         def run_load_model(source):
             # The final event carries the new model; it is rendered before switch_model makes it studio.model.
@@ -280,13 +489,40 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         i_scrub = i_eta.release(run_frame, i_common + [i_eta], [i_frame, i_status], api_visibility="private",
                                 trigger_mode="always_last", **GPU)
         i_seq_event = i_seq.click(run_sequence, i_common + [i_frames],
-                                  [i_frame, i_gallery, i_gif, i_istd, i_plot, i_status], api_name="interpolate_sequence", **GPU)
+                                  [i_frame, i_gallery, i_gif, i_istd, i_plot, i_status, i_mp4],
+                                  api_name="interpolate_sequence", **GPU)
         i_stop.click(stop, None, i_status, cancels=[i_event, i_scrub, i_seq_event], api_visibility="private", queue=False)
 
-        v_event = v_run.click(run_invert, [v_input, v_prompt, v_steps, v_inv_g, v_guid, v_lora, v_lora_s],
-                              [v_preview, v_source, v_recon, v_metrics, v_status], api_name="invert",
+        # Real images: raw uploads (preprocess=False) so the pipeline's loader reports unreadable files itself.
+        r_common = [r_image_a, r_image_b, r_prompt_a, r_prompt_b, r_method, r_inner, r_force, r_steps, r_guid,
+                    r_lora, r_lora_s]
+        r_event = r_run.click(run_real_frame, r_common + [r_eta], [r_frame, r_status], api_name="interpolate_images_frame",
+                              preprocess=False, **GPU)
+        r_scrub = r_eta.release(run_real_frame, r_common + [r_eta], [r_frame, r_status], api_visibility="private",
+                                trigger_mode="always_last", preprocess=False, **GPU)
+        r_seq_event = r_seq.click(run_real_sequence, r_common + [r_frames],
+                                  [r_frame, r_gallery, r_gif, r_mp4, r_istd, r_plot, r_status],
+                                  api_name="interpolate_images_sequence", preprocess=False, **GPU)
+        r_stop.click(stop, None, r_status, cancels=[r_event, r_scrub, r_seq_event], api_visibility="private", queue=False)
+
+        # New inputs are appended after the original seven, so older positional calls keep working.
+        v_event = v_run.click(run_invert, [v_input, v_prompt, v_steps, v_inv_g, v_guid, v_lora, v_lora_s,
+                                           v_method, v_inner, v_force],
+                              [v_preview, v_source, v_recon, v_loss, v_metrics, v_status], api_name="invert",
                               preprocess=False, **GPU)
         v_stop.click(stop, None, v_status, cancels=[v_event], api_visibility="private", queue=False)
+
+        e_inputs = [e_input, e_src, e_tgt, e_method, e_r, e_inv, e_inner, e_force, e_steps, e_guid, e_lora, e_lora_s,
+                    e_mode, e_cross, e_self, e_rw_words, e_rw_scale, e_blend, e_blend_t]
+        e_event = e_run.click(run_edit, e_inputs, [e_preview, e_image, e_recon, e_mask, e_status], api_name="edit",
+                              preprocess=False, **GPU)
+        e_stop.click(stop, None, e_status, cancels=[e_event], api_visibility="private", queue=False)
+
+        def edit_method_changed(method):
+            p2p = method == "p2p"
+            return gr.update(visible=not p2p), gr.update(open=p2p)
+
+        e_method.change(edit_method_changed, [e_method], [e_r, e_p2p], api_visibility="private", queue=False)
 
         model_btn.click(run_load_model, [model_dd], [status_md, load_status, g_w, g_h, i_w, i_h],
                         api_name="load_model", **GPU)
@@ -297,6 +533,20 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         g_send.click(send_to_invert, [g_image, g_prompt], [v_input, v_prompt, tabs], api_visibility="private")
         i_send.click(send_to_invert, [i_frame, i_prompt_a], [v_input, v_prompt, tabs], api_visibility="private")
+
+        def send_to_edit(image, prompt):
+            return image, prompt, gr.Tabs(selected="edit")
+
+        g_send_edit.click(send_to_edit, [g_image, g_prompt], [e_input, e_src, tabs], api_visibility="private")
+        i_send_edit.click(send_to_edit, [i_frame, i_prompt_a], [e_input, e_src, tabs], api_visibility="private")
+
+        def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength):
+            # the same inversion settings, so the edit reuses the cached inversion of this image
+            return image, prompt, method, inner, steps, guidance, use_lora, strength, gr.Tabs(selected="edit")
+
+        v_send_edit.click(invert_to_edit, [v_input, v_prompt, v_method, v_inner, v_steps, v_guid, v_lora, v_lora_s],
+                          [e_input, e_src, e_inv, e_inner, e_steps, e_guid, e_lora, e_lora_s, tabs],
+                          api_visibility="private")
 
         demo.load(model_status, None, status_md, api_visibility="private")
 

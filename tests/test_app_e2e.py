@@ -46,9 +46,11 @@ def interp_args(pa=PROMPT, pb="", neg="", sa=0, sb=1, steps=STEPS, guidance=7.5,
     return (pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
 
 
-def invert(client: Client, image, prompt=PROMPT, steps=20, inv_g=1.0, guidance=1.0):
-    """-> (preview, source, reconstruction, metrics, status)"""
-    return client.predict(image, prompt, steps, inv_g, guidance, False, 1.0, api_name="/invert")
+def invert(client: Client, image, prompt=PROMPT, steps=20, inv_g=1.0, guidance=1.0, method="ddim", inner_steps=10,
+           force=False):
+    """-> (preview, source, reconstruction, loss plot, metrics, status)"""
+    return client.predict(image, prompt, steps, inv_g, guidance, False, 1.0, method, inner_steps, force,
+                          api_name="/invert")
 
 
 def pixels(path) -> np.ndarray:
@@ -63,6 +65,14 @@ def app_error(call) -> str:
     text = str(info.value)
     assert "Traceback" not in text and 'File "' not in text, text
     return text
+
+
+def assert_mp4(path):
+    """An MPEG-4 file (ISO base media: an 'ftyp' box first)."""
+    assert path and str(path).endswith(".mp4"), path
+    with open(path, "rb") as f:
+        head = f.read(12)
+    assert head[4:8] == b"ftyp", head
 
 
 def wait_for(cond, timeout=WAIT, interval=0.02, what="condition"):
@@ -120,7 +130,9 @@ def test_named_endpoints_and_parameter_order(client):
     assert names("/generate") == ["prompt", "neg", "seed", "steps", "guidance", "w", "h", "use_lora", "strength"]
     assert names("/interpolate_frame")[-1] == "eta"
     assert names("/interpolate_sequence")[-1] == "n"
-    assert names("/invert") == ["image", "prompt", "steps", "inv_g", "guidance", "use_lora", "strength"]
+    # new inputs are appended, so the original positional order stays valid
+    assert names("/invert") == ["image", "prompt", "steps", "inv_g", "guidance", "use_lora", "strength",
+                                "method", "inner_steps", "force"]
 
 
 # ------------------------------------------------------------------------------------------ Generate
@@ -192,8 +204,9 @@ def test_interpolate_frame_at_eta0_equals_generate_with_seed_a(client):
 
 
 def test_interpolate_sequence_gif_istd_and_plot(client):
-    last, gallery, gif, istd, plot, status = client.predict(*interp_args(sa=3, sb=4, steps=3), 5,
-                                                            api_name="/interpolate_sequence")
+    last, gallery, gif, istd, plot, status, mp4 = client.predict(*interp_args(sa=3, sb=4, steps=3), 5,
+                                                                 api_name="/interpolate_sequence")
+    assert_mp4(mp4)
     assert len(gallery) == 5
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == 5
@@ -207,7 +220,7 @@ def test_interpolate_sequence_gif_istd_and_plot(client):
 
 # ------------------------------------------------------------------------------------------- Invert
 def test_invert_generated_png(client, generated_png):
-    preview, source, recon, metrics, status = invert(client, handle_file(generated_png), steps=20)
+    preview, source, recon, _, metrics, status = invert(client, handle_file(generated_png), steps=20)
     assert status.startswith("Done")
     assert {"psnr", "ssim", "mse"} <= set(metrics)
     assert all(np.isfinite(metrics[k]) for k in ("psnr", "ssim", "mse"))
@@ -230,7 +243,7 @@ def test_invert_accepts_odd_images(client, tmp_path, kind, size):
         img.paste((0, 0, 255, 255), (16, 16, 48, 48))
     path = tmp_path / f"{kind}.png"
     img.save(path)
-    _, source, recon, metrics, status = invert(client, handle_file(str(path)), steps=2)
+    _, source, recon, _, metrics, status = invert(client, handle_file(str(path)), steps=2)
     assert status.startswith("Done")
     assert Image.open(source).size == size  # long side at the model's resolution (64)
     assert Image.open(recon).size == size
