@@ -26,16 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines import ddim, nti  # noqa: E402
-from pipelines.events import run_to_end  # noqa: E402
+from pipelines.events import drain, run_to_end  # noqa: E402
 from training import evaluation, world  # noqa: E402
-
-
-def drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def run_method(model, images, prompts, method, guidance, steps, batch):

@@ -68,3 +68,13 @@ def run_to_end(events: Iterator[Progress]) -> Any:
         if ev.result is not None:
             result = ev.result
     return result
+
+
+def drain(gen: Generator) -> Any:
+    """Run any generator to its end and return its return value (the DDIM core's and NTI's generators return
+    their final latents / inversion), discarding what it yields."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

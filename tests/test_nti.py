@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines import ddim, nti
 from pipelines.cache import LRUCache
 from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, run_to_end
+from pipelines.events import CancelToken, Cancelled, drain, run_to_end
 from pipelines.inversion import InversionParams, invert_and_reconstruct, invert_images, prepare_image
 from pipelines.latents import encode_image
 from pipelines.text import encode_prompt
@@ -22,14 +22,6 @@ STEPS = 8
 def _image(model, seed=0, size=None):
     w, h = size or (model.resolution, model.resolution)
     return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
-
-
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _latent_error(model, image, prompt, method, guidance=7.5, steps=STEPS, **kw):
@@ -85,11 +77,11 @@ def test_early_stop_and_inner_step_cap(tiny_model):
     model = tiny_model
     z0 = encode_image(model, _image(model, 3))
     cond, empty = encode_prompt(model, "a red circle"), encode_prompt(model, "")
-    traj = _drain(nti.pivot_trajectory(model.unet, z0, cond, STEPS, model.scheduler_config))
-    capped = _drain(nti.optimise_nulls(model.unet, traj, cond, empty, 7.5, STEPS, model.scheduler_config,
+    traj = drain(nti.pivot_trajectory(model.unet, z0, cond, STEPS, model.scheduler_config))
+    capped = drain(nti.optimise_nulls(model.unet, traj, cond, empty, 7.5, STEPS, model.scheduler_config,
                                        replace(nti.REFERENCE, inner_steps=2)))
     assert capped.counter.backward == 2 * STEPS
-    loose = _drain(nti.optimise_nulls(model.unet, traj, cond, empty, 7.5, STEPS, model.scheduler_config,
+    loose = drain(nti.optimise_nulls(model.unet, traj, cond, empty, 7.5, STEPS, model.scheduler_config,
                                       replace(nti.REFERENCE, stop_at=1e9)))
     assert loose.counter.backward == STEPS  # one update, then the (huge) threshold stops every step
 
@@ -99,14 +91,14 @@ def test_shared_null_dual_inversion_reconstructs_both_endpoints(tiny_model):
     z0 = torch.cat([encode_image(model, _image(model, s)) for s in (4, 5)])
     cond = torch.cat([encode_prompt(model, "a red circle"), encode_prompt(model, "a blue square")])
     empty = encode_prompt(model, "")
-    res = _drain(nti.run_inversion(model.unet, z0, cond, empty, 7.5, STEPS, model.scheduler_config,
+    res = drain(nti.run_inversion(model.unet, z0, cond, empty, 7.5, STEPS, model.scheduler_config,
                                    "nti-reference", groups=[[0, 1]]))
     for nulls in res.nulls:  # one embedding per step, shared by both images
         assert torch.equal(nulls[0], nulls[1])
     assert len(res.losses[0]) == 1  # one group: the loss is the sum over both images
     traj_err, drift = [], []
     for b in range(2):
-        own = _drain(nti.pivot_trajectory(model.unet, z0[b:b + 1], cond[b:b + 1], STEPS, model.scheduler_config))
+        own = drain(nti.pivot_trajectory(model.unet, z0[b:b + 1], cond[b:b + 1], STEPS, model.scheduler_config))
         z = own[-1]
         for st in ddim.sample(model.unet, z, cond[b:b + 1], [n[b:b + 1] for n in res.nulls], 7.5, STEPS,
                               model.scheduler_config):
@@ -169,6 +161,6 @@ def test_bad_inversion_method_and_inner_steps(tiny_model):
 def test_prepare_image_to_common_size(tiny_model):
     a = prepare_image(tiny_model, _image(tiny_model, 0, size=(80, 40)), size=(64, 64))
     assert a.size == (64, 64)
-    inv, cached = _drain(invert_images(tiny_model, [a, prepare_image(tiny_model, _image(tiny_model, 1), (64, 64))],
+    inv, cached = drain(invert_images(tiny_model, [a, prepare_image(tiny_model, _image(tiny_model, 1), (64, 64))],
                                        ["a", "b"], InversionParams(steps=2, method="ddim")))
     assert inv.x_T.shape[0] == 2 and not cached
