@@ -277,9 +277,9 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                 e_rw_scale = gr.Slider(-5, 10, value=2.0, step=0.1, label="Re-weight scale")
                             with gr.Row():
                                 e_blend = gr.Textbox(label="Local blend words (comma-separated; empty = off)")
-                                e_blend_t = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Blend threshold",
-                                                      info="0.5 here (the paper's 0.3 is too low for the "
-                                                           "embedded model, whose maps have a high floor)")
+                                e_blend_t = gr.Slider(0.05, 0.95, value=P2PSettings.blend_threshold, step=0.05, label="Blend threshold",
+                                                      info="On the words' attention maps rescaled to [0, 1] "
+                                                           "(min to max); higher = tighter region")
                         with gr.Row():
                             e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                             e_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
