@@ -205,7 +205,7 @@ def text_edit_rows(ctx: Context) -> list[Row]:
         image = Image.fromarray(world.render(scene))
         for name, kw in variants:
             if "p2p" in kw and kw["p2p"] is None:
-                kw = dict(kw, p2p=P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=0.5))
+                kw = dict(kw, p2p=P2PSettings(blend_words=(scene.objects[edit.index].shape,)))
             res = run_to_end(text_edit(ctx.model, image, EditParams(source, target, steps=50, guidance=7.5, **kw),
                                        cache))
             scores[name].append(evaluation.score_edit(np.asarray(res.edited.image), scene, edit))
