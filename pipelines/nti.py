@@ -32,7 +32,6 @@ class NullSchedule:
     lr: float = 1e-2
     stop_at: float = 1e-5
     stop_growth: float = 1e-3
-    fresh_optimizer: bool = True   # a new Adam every step (the paper); False carries its moments over
     start: str = "empty"           # first step's embedding: "empty" (the "" embedding, the paper) or "prompt"
 
     def lr_at(self, i: int, n: int) -> float:
@@ -128,7 +127,6 @@ def optimise_nulls(
         current = [cond[members].detach().float().mean(0) for members in groups]
     else:
         current = [null_init[min(members[0], len(null_init) - 1)].detach().float().clone() for members in groups]
-    states: list[dict] = [{} for _ in groups]
     z = trajectory[-1]
     nulls, losses = [], []
     for i, t in enumerate(sched.timesteps):
@@ -141,13 +139,7 @@ def optimise_nulls(
             eps_c = unet(z, t, encoder_hidden_states=cond).sample
         counter.forward += batch
         params = [c.clone().requires_grad_(True) for c in current]
-        opts = [torch.optim.Adam([p], lr=schedule.lr_at(i, n)) for p in params]
-        if not schedule.fresh_optimizer:
-            for opt, st in zip(opts, states):
-                if st:
-                    opt.load_state_dict(st)
-                for group in opt.param_groups:
-                    group["lr"] = schedule.lr_at(i, n)
+        opts = [torch.optim.Adam([p], lr=schedule.lr_at(i, n)) for p in params]  # a fresh Adam per step
         active = list(range(len(groups)))
         threshold = schedule.threshold_at(i, n)
         step_losses = [float("nan")] * len(groups)
@@ -175,8 +167,6 @@ def optimise_nulls(
             # As in the paper, the check follows the update: a group stops once its loss is low enough.
             active = [g for g in active if step_losses[g] >= threshold]
         current = [p.detach() for p in params]
-        if not schedule.fresh_optimizer:
-            states = [opt.state_dict() for opt in opts]
         step_nulls = torch.stack([current[owner[b]] for b in range(batch)]).to(dtype)
         with torch.no_grad():
             # The same batched guided call and scheduler step as ddim.sample, so sampling again with these
