@@ -29,7 +29,7 @@ from .latents import decode_to_pil, encode_image
 from .lora import lora_applied
 from .metadata import with_metadata
 from .metrics import mse, psnr, ssim
-from .stream import PreviewOptions, preview_image, stream_steps
+from .stream import PreviewOptions, step_preview, stream_steps
 from .text import encode_prompt
 from .validation import check_number
 
@@ -114,11 +114,9 @@ def invert_images(model, sources: Sequence[Image.Image], prompts: Sequence[str],
     """Inverts prepared images (same size) with their prompts; returns (inversion, came_from_cache).
 
     shared_nulls: one null embedding per step for all images, fitted to the sum of their losses (dual NTI).
-    Must run inside the job's lora_applied block (the UNet it inverts with is the one that will sample)."""
-    method = check_method(p.method)
-    steps = int(p.steps)
-    inner = check_number(p.inner_steps, "Inner iterations", 1, 50, integer=True)
-    inv_guidance = check_number(p.inversion_guidance, "Inversion guidance", 0, 50)
+    Must run inside the job's lora_applied block (the UNet it inverts with is the one that will sample).
+    `p` comes through validate_inversion (every caller checks it before reading images)."""
+    method, steps, inner, inv_guidance = p.method, int(p.steps), p.inner_steps, p.inversion_guidance
     total = total if total is not None else offset + inversion_cost(method, steps)
     key = (model.id, id(model.pipe), tuple(image_key(s) for s in sources), tuple(prompts), steps, method,
            inv_guidance if method == "ddim" else None, None if method == "ddim" else float(p.guidance),
@@ -131,10 +129,10 @@ def invert_images(model, sources: Sequence[Image.Image], prompts: Sequence[str],
     empty = encode_prompt(model, "")
     z0 = torch.cat([encode_image(model, s) for s in sources])
     if method == "ddim":
-        states = ddim.invert(model.unet, z0, cond, empty.expand(len(z0), -1, -1), inv_guidance, steps,
-                             model.scheduler_config, cancel)
+        uncond = empty.expand(len(z0), -1, -1)
+        states = ddim.invert(model.unet, z0, cond, uncond, inv_guidance, steps, model.scheduler_config, cancel)
         x_T = yield from stream_steps(model, states, "inverting", offset, total, preview)
-        inv = Inversion(method, x_T, cond, empty.expand(len(z0), -1, -1), float(p.guidance), steps, z0, None)
+        inv = Inversion(method, x_T, cond, uncond, float(p.guidance), steps, z0, None)
     else:
         schedule = replace(nti.REFERENCE if method == "nti-reference" else nti.FAST, inner_steps=inner)
         groups = [list(range(len(z0)))] if shared_nulls else None
@@ -165,10 +163,7 @@ def _stream_nti(model, job, offset: int, total: int, opts: PreviewOptions | None
         except StopIteration as stop:
             return stop.value
         done += 1
-        k = ev.index + 1
-        due = opts.every and (k % opts.every == 0 or k == ev.total)
-        full = bool(opts.full_decode_every) and k % opts.full_decode_every == 0
-        image = preview_image(model, ev.pred_x0[:1], full) if (due or full) else None
+        image = step_preview(model, opts, ev.index + 1, ev.total, ev.pred_x0[:1])
         if tag == "null":
             curve.append(float(sum(ev.losses)))
             yield Progress("fitting null-text", offset + done, total, preview=image, partial=list(curve),

@@ -32,11 +32,16 @@ def stream_steps(
     x = None
     for st in states:
         x = st.latents
-        k = st.index + 1
-        preview = None
-        if opts.full_decode_every and k % opts.full_decode_every == 0:
-            preview = preview_image(model, st.pred_x0, full=True)
-        elif opts.every and (k % opts.every == 0 or k == st.total):
-            preview = preview_image(model, st.pred_x0, full=False)
-        yield Progress(stage, offset + k, total, preview=preview)
+        yield Progress(stage, offset + st.index + 1, total, preview=step_preview(model, opts, st.index + 1, st.total,
+                                                                                 st.pred_x0))
     return x
+
+
+def step_preview(model, opts: PreviewOptions, k: int, steps: int, pred_x0: torch.Tensor) -> Image.Image | None:
+    """The preview due after step k of `steps` (1-based): a full decode every `full_decode_every` steps, else
+    the linear preview every `every` steps and on the last one; None when none is due."""
+    if opts.full_decode_every and k % opts.full_decode_every == 0:
+        return preview_image(model, pred_x0, full=True)
+    if opts.every and (k % opts.every == 0 or k == steps):
+        return preview_image(model, pred_x0, full=False)
+    return None
