@@ -33,7 +33,7 @@ def make_scheduler(scheduler_config, steps: int) -> DDIMScheduler:
     return sched
 
 
-def _at(embeds: Embeds, i: int) -> torch.Tensor:
+def embedding_at(embeds: Embeds, i: int) -> torch.Tensor:
     """A single embedding, or a per-step list (null-text inversion, prompt switching)."""
     return embeds if isinstance(embeds, torch.Tensor) else embeds[i]
 
@@ -59,7 +59,7 @@ def sample(
     """DDIM (eta 0) from x_T down to x_0; yields after every step. start_index > 0 skips the noisiest steps
     (x_T is then the latent at timesteps[start_index], as in SDEdit or inversion to an intermediate t)."""
     def eps(x, t, k):
-        return guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+        return guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
 
     return sample_with(eps, x_T, steps, scheduler_config, cancel, start_index)
 
@@ -106,7 +106,7 @@ def invert(
         t = int(ascending[i])
         k = len(ascending) - 1 - i  # the sampling step index that undoes this inversion step
         a_prev, a_t = _alpha(sched, t - stride), _alpha(sched, t)
-        eps = guided_eps(unet, x, t, _at(cond, k), None if uncond is None else _at(uncond, k), guidance)
+        eps = guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
         x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
         x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
         yield StepState(i, n, t, x, x0)

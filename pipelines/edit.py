@@ -65,10 +65,6 @@ def source_steps(r: float, steps: int) -> int:
     return min(steps, max(0, math.ceil((1 - r) * steps - 1e-9)))
 
 
-def _uncond_at(inv, k: int) -> torch.Tensor:
-    return inv.uncond[k] if isinstance(inv.uncond, list) else inv.uncond
-
-
 def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel: CancelToken | None = None,
               preview: PreviewOptions | None = None) -> Job:
     src_prompt = check_prompt(p.source_prompt, "source prompt")
@@ -98,8 +94,8 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
         if method == "threshold":
             n_src = source_steps(r, steps)
             conds = [inv.cond if k < n_src else target for k in range(steps)]
-            uncond = [_uncond_at(inv, k) for k in range(steps)]
-            states = ddim.sample(model.unet, inv.x_T, conds, uncond, guidance, steps, model.scheduler_config, cancel)
+            states = ddim.sample(model.unet, inv.x_T, conds, inv.uncond, guidance, steps, model.scheduler_config,
+                                 cancel)
             z = yield from stream_steps(model, states, "editing", offset, total, preview)
             edited_z, source_z = z, inv.reconstruction
         else:
@@ -136,7 +132,7 @@ def _p2p_sample(model, inv, target, controller, guidance, steps, cancel, offset,
 
     def eps(x_t, t, k):
         controller.begin_step(k)
-        return ddim.guided_eps(model.unet, x_t, t, cond, _uncond_at(inv, k).expand(2, -1, -1), guidance)
+        return ddim.guided_eps(model.unet, x_t, t, cond, ddim.embedding_at(inv.uncond, k).expand(2, -1, -1), guidance)
 
     with p2p.attention_control(model.unet, controller):
         states = ddim.sample_with(eps, x, steps, model.scheduler_config, cancel, after_step=controller.after_step)

@@ -49,7 +49,7 @@ def _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, t
                                            shared_nulls=True, total=total)
     ends = Endpoints(inv.x_T[:1], inv.x_T[1:], inv.cond[:1], inv.cond[1:],
                      inv.uncond if isinstance(inv.uncond, list) else inv.uncond[:1], -1, -1)
-    return ends, inv, cached
+    return ends, cached
 
 
 def _meta(model, a, b, prompt_a, prompt_b, inv_p, eta) -> dict:
@@ -71,7 +71,7 @@ def real_interpolation_frame(model, image_a, image_b, p: RealInterpolationParams
     total = offset + inv_p.steps
     yield Progress("encoding images", 0, total, preview=a)
     with lora_applied(model, inv_p.lora, inv_p.lora_strength):
-        ends, _, cached = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
+        ends, cached = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
         image = yield from _render(model, ends, eta, inv_p.steps, inv_p.guidance, cancel, offset, total, preview,
                                    f"frame eta={eta:.2f}")
     meta = _meta(model, a, b, prompt_a, prompt_b, inv_p, eta)
@@ -90,7 +90,7 @@ def real_interpolation_sequence(model, image_a, image_b, p: RealInterpolationPar
     total = offset + inv_p.steps * n_frames
     yield Progress("encoding images", 0, total, preview=a)
     with lora_applied(model, inv_p.lora, inv_p.lora_strength):
-        ends, _, _ = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
+        ends, _ = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
         stem = Path(gif_dir) / f"interp_{image_key(a)[:8]}_{image_key(b)[:8]}" if gif_dir else None
         return (yield from render_sequence(model, ends, n_frames, inv_p.steps, inv_p.guidance, cancel, preview,
                                            offset, total, lambda eta: _meta(model, a, b, prompt_a, prompt_b, inv_p, eta),
