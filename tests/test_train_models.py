@@ -154,3 +154,27 @@ def test_a_checkpoint_without_the_pooled_text_embedding_resumes_unchanged():
                                    old(x, 300, encoder_hidden_states=emb).sample)
     with pytest.raises(RuntimeError):
         train_unet._load_grown(grown, {"conv_in.weight": torch.zeros(1)})
+
+
+def test_unet_on_a_frozen_pretrained_text_encoder_starts_from_the_given_unet(base_run, tiny_model, tmp_path):
+    """train_text.py's encoder is used as it is (SD's frozen-CLIP recipe) and --init-unet warm-starts the UNet:
+    at learning rate 0 the exported model is exactly the two inputs."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from training import train_text
+
+    text_run = tmp_path / "text"
+    with torch.random.fork_rng():
+        train_text.main(["--out", str(text_run), "--tiny", "--steps", "3", "--threads", "1", "--batch", "8",
+                         "--no-progress"])
+        out = tmp_path / "unet"
+        train_unet.main(["--out", str(out), "--vae", str(tiny_model.folder / "vae"), "--steps", "2", "--lr", "0",
+                         "--text-encoder", str(text_run), "--init-unet", str(base_run[0] / "model" / "unet"), *TINY])
+    assert not (out / "checkpoint" / "text_encoder.safetensors").exists()
+    exported = CLIPTextModel.from_pretrained(out / "model" / "text_encoder").state_dict()
+    frozen = CLIPTextModel.from_pretrained(text_run / "text_encoder").state_dict()
+    assert all(torch.equal(exported[k], frozen[k]) for k in frozen)
+    start = UNet2DConditionModel.from_pretrained(base_run[0] / "model" / "unet").state_dict()
+    got = UNet2DConditionModel.from_pretrained(out / "model" / "unet").state_dict()
+    assert all(torch.equal(got[k], start[k]) for k in start)

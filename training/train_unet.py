@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="per-sample loss weight 1/SNR(t), clipped to [1, this] (1: plain epsilon loss)")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of each batch whose timestep is drawn from the noisier half [500, 1000)")
+    p.add_argument("--text-encoder", help="a pre-trained text encoder run (train_text.py --out): its text_encoder/ "
+                   "and tokenizer/ are used frozen, as SD uses CLIP (default: train one jointly from scratch)")
+    p.add_argument("--init-unet", help="diffusers unet folder to start from (same architecture; default: random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -115,14 +118,20 @@ def build_tokenizer(folder: Path):
     return tok
 
 
-def build_models(args, vocab_size: int):
-    from diffusers import UNet2DConditionModel
+def text_encoder_for(text: dict, vocab_size: int):
+    """A fresh CLIPTextModel of the given size over the world tokenizer's vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = TINY_TEXT if args.tiny else TEXT_ARCH
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, max_position_embeddings=77, projection_dim=text["hidden_size"],
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **text))
+
+
+def build_models(args, vocab_size: int):
+    from diffusers import UNet2DConditionModel
+
+    text = TINY_TEXT if args.tiny else TEXT_ARCH
+    text_encoder = text_encoder_for(text, vocab_size)
     arch = TINY_UNET if args.tiny else UNET_ARCH
     unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
                                 cross_attention_dim=text["hidden_size"], **arch)
@@ -259,37 +268,56 @@ def main(argv=None) -> dict:
     out, rng = start_run(args)
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
-    tokenizer = build_tokenizer(out / "tokenizer")
+    if args.text_encoder:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(Path(args.text_encoder) / "tokenizer")
+    else:
+        tokenizer = build_tokenizer(out / "tokenizer")
     data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
     latents = data["latents"]
     ids_all = data["ids"].long()
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
 
     text_encoder, unet = build_models(args, len(tokenizer))
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    train_text = not args.text_encoder
+    if not train_text:
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(Path(args.text_encoder) / "text_encoder").requires_grad_(False)
+    if args.init_unet and not args.resume:
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_unet).float().state_dict())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
     grown = False
     if args.resume:
         state, modules = checkpoint.load(out, None, rng)
         grown = _load_grown(unet, modules["unet"])
-        text_encoder.load_state_dict(modules["text_encoder"])
+        if train_text:
+            text_encoder.load_state_dict(modules["text_encoder"])
         if grown:  # new parameters: Adam's moments start afresh for all
             print(f"resumed into a grown UNet (new: {', '.join(sorted(grown))}); optimizer state reset", flush=True)
         else:
             checkpoint.load_optimizer(out, opt, state)
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if train_text else text_encoder
     if args.resume:
-        _load_grown(ema_unet, modules["ema_unet"]), ema_text.load_state_dict(modules["ema_text_encoder"])
+        _load_grown(ema_unet, modules["ema_unet"])
+        if train_text:
+            ema_text.load_state_dict(modules["ema_text_encoder"])
     alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float()
 
     def save():
-        checkpoint.save(out, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                              "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_text.state_dict()},
-                        opt, rng, {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
+        modules = {"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict()}
+        if train_text:
+            modules |= {"text_encoder": text_encoder.state_dict(), "ema_text_encoder": ema_text.state_dict()}
+        checkpoint.save(out, modules, opt, rng, {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
 
-    unet.train(), text_encoder.train()
+    unet.train(), text_encoder.train(train_text)
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     start = time.time() - elapsed
     history = out / "history.jsonl"
@@ -309,7 +337,9 @@ def main(argv=None) -> dict:
         opt.step()
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay), ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        if train_text:
+            ema_update(ema_text, text_encoder, decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
