@@ -307,6 +307,17 @@ def speed_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+def markdown_table(records: list[dict]) -> str:
+    lines = ["| group | metric | value | target | met | n |", "|---|---|---|---|---|---|"]
+    for r in records:
+        v = r["value"]
+        value = f"{v:.1f} dB" if r["unit"] == "dB" else f"{v:.2f} s" if r["unit"] == "s" else f"{v:.3f}"
+        met = {True: "yes", False: "**no**", None: ""}[r["passed"]]
+        n = f"{r['n']}{' (quick)' if r.get('quick') else ''}"
+        lines.append(f"| {r['group']} | {r['metric']} | {value} | {r['target']} | {met} | {n} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -340,21 +351,33 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "embedded_eval.json"))
     p.add_argument("--threads", type=int, default=int(os.environ.get("STUDIO_THREADS", "0")) or None)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the groups not run from the existing --json (new weights: re-run them all)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (the README's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, instruct = load(args.model)
     ctx = Context(model, instruct, args.quick)
     rows: list[Row] = []
-    for name in [g.strip() for g in args.rows.split(",") if g.strip()]:
+    records: list[dict] = []
+    names = [g.strip() for g in args.rows.split(",") if g.strip()]
+    for name in names:
         if name not in GROUPS:
             p.error(f"unknown row group {name!r} (have {', '.join(GROUPS)})")
         t0 = time.perf_counter()
-        rows += GROUPS[name](ctx)
+        new = GROUPS[name](ctx)
+        rows += new
+        records += [asdict(r) | {"passed": r.passed, "row_group": name, "quick": args.quick} for r in new]
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     print(format_table(rows))
-    report = {"model": model.display_name, "quick": args.quick, "device": str(model.device),
-              "threads": torch.get_num_threads(), "rows": [asdict(r) | {"passed": r.passed} for r in rows]}
+    if args.merge and Path(args.json).is_file():
+        kept = [r for r in json.loads(Path(args.json).read_text())["rows"] if r.get("row_group") not in names]
+        records = kept + records
+    report = {"model": model.display_name, "device": str(model.device), "threads": torch.get_num_threads(),
+              "rows": records}
+    if args.markdown:
+        print(markdown_table(records))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
