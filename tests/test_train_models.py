@@ -87,6 +87,9 @@ def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_pa
         report = train_instruct.main(["--out", str(out), "--base", str(base), "--steps", "2", "--threads", "1",
                                       "--batch", "4", "--samples", "16", "--eval-every", "1000", "--no-progress"])
     assert report["step"] == 2
+    groups = json.loads((out / "checkpoint" / "state.json").read_text())["optimizer"]["param_groups"]
+    rest, first = groups  # conv_in (the image's only way in) learns 10x faster than the rest
+    assert len(first["params"]) == 2 and first["lr"] == pytest.approx(10 * rest["lr"]) and rest["lr"] > 0
     triplets = load_file(out / "data" / "triplets.safetensors")
     assert triplets["source"].shape == triplets["target"].shape == (16, 4, 16, 16)
     folder = tmp_path / "model"
