@@ -3,11 +3,40 @@ budget-based schedule. A budget (--steps and/or --minutes) is for the WHOLE run,
 the learning rate follows the same curve whether or not the run was interrupted."""
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every: int, eval_every: int
+               ) -> argparse.ArgumentParser:
+    """The arguments every trainer takes (output, budget, optimiser basics, seed, resume, cadence, threads);
+    each trainer adds its own and finishes with `parse_run_args`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, help="total training wall time (whole run)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (whole run)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) -> argparse.Namespace:
+    """Parses; a budget (--minutes or --steps) is required unless the flag named `unless` is set."""
+    args = p.parse_args(argv)
+    if args.minutes is None and args.steps is None and not (unless and getattr(args, unless)):
+        p.error("give --minutes or --steps")
+    return args
 
 
 def start_run(args) -> tuple[Path, np.random.Generator]:

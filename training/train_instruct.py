@@ -31,15 +31,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.schedule import lr_at, progress_of, start_run  # noqa: E402
+from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 from training.train_unet import LR_FLOOR, SCHEDULER, ema_update, noised, weighted_mean  # noqa: E402
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p = run_parser(__doc__, batch=48, lr=3e-4, warmup=100, checkpoint_every=100, eval_every=400)
     p.add_argument("--base", required=True, help="the text-to-image model folder (unet, text_encoder, vae, ...)")
     p.add_argument("--vae", help="vae folder for the latents (default: the base's)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the base's)")
@@ -49,26 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning-rate multiple for conv_in, whose image half starts at zero (see below)")
     p.add_argument("--data-only", action="store_true",
                    help="only build the cached triplet latents (can run before the base model is done)")
-    p.add_argument("--minutes", type=float)
-    p.add_argument("--steps", type=int)
     p.add_argument("--samples", type=int, default=12000, help="training edit triplets (latents cached once)")
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--max-weight", type=float, default=5.0, help="1/SNR loss weight clip, as in train_unet.py")
     p.add_argument("--high-t-share", type=float, default=0.5, help="as in train_unet.py")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-edits", type=int, default=12, help="held-out edits per kind in the quick look")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.minutes is None and args.steps is None and not args.data_only:
-        p.error("give --minutes or --steps")
-    return args
+    return parse_run_args(p, argv, unless="data_only")
 
 
 def instruct_unet_from(base_unet):

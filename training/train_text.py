@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, world  # noqa: E402
-from training.schedule import lr_at, progress_of, start_run  # noqa: E402
+from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100
@@ -59,25 +59,10 @@ FACTS: dict[str, tuple[str, ...]] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float)
-    p.add_argument("--steps", type=int)
+    p = run_parser(__doc__, batch=128, lr=1e-3, warmup=100, checkpoint_every=500, eval_every=500)
     p.add_argument("--samples", type=int, default=40000, help="training texts (captions and instructions)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="tiny network and data, for tests")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.minutes is None and args.steps is None:
-        p.error("give --minutes or --steps")
-    return args
+    return parse_run_args(p, argv)
 
 
 # --------------------------------------------------------------------------------------------- labels
@@ -227,7 +212,7 @@ def main(argv=None) -> dict:
     text_encoder.train()
     start = time.time() - elapsed
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    running, row = None, {}
+    running = None
     while progress_of(args, step, time.time() - start) < 1.0:
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), 0.05)

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.schedule import lr_at, progress_of, start_run  # noqa: E402
+from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -54,15 +54,9 @@ LABEL = "embedded world model (trained by this project on its synthetic world)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p = run_parser(__doc__, batch=48, lr=5e-4, warmup=200, checkpoint_every=100, eval_every=400)
     p.add_argument("--vae", required=True, help="diffusers vae folder (its encoder makes the latents)")
-    p.add_argument("--minutes", type=float, help="total training wall time (whole run)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (whole run)")
     p.add_argument("--samples", type=int, default=30000, help="training scenes (latents cached once)")
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--max-weight", type=float, default=5.0,
@@ -72,18 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-encoder", help="a pre-trained text encoder run (train_text.py --out): its text_encoder/ "
                    "and tokenizer/ are used frozen, as SD uses CLIP (default: train one jointly from scratch)")
     p.add_argument("--init-unet", help="diffusers unet folder to start from (same architecture; default: random)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-prompts", type=int, default=24)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="tiny networks and data, for tests")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.minutes is None and args.steps is None:
-        p.error("give --minutes or --steps")
-    return args
+    return parse_run_args(p, argv)
 
 
 # --------------------------------------------------------------------------------------------- models

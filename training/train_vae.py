@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, data  # noqa: E402
-from training.schedule import lr_at, progress_of, start_run  # noqa: E402
+from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.
@@ -60,32 +60,17 @@ def build_vae(arch: dict):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, help="total training wall time (whole run)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (whole run)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p = run_parser(__doc__, batch=16, lr=1e-3, warmup=100, checkpoint_every=200, eval_every=200)
     p.add_argument("--init-from", help="start from this diffusers vae folder (its architecture is kept)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the decoder only; latents and scaling factor stay those of --init-from")
     p.add_argument("--photo-fraction", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on image gradients (sharp world edges)")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-world", type=int, default=256, help="held-out world images in the final eval")
     p.add_argument("--scale-images", type=int, default=384, help="training images for the scaling factor")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a tiny model and evaluation, for tests")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.minutes is None and args.steps is None:
-        p.error("give --minutes or --steps")
-    return args
+    return parse_run_args(p, argv)
 
 
 # --------------------------------------------------------------------------------------------- metrics
