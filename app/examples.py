@@ -44,3 +44,16 @@ IMAGE_PAIRS = [
     [IMAGES[0][0], IMAGES[1][0], IMAGES[0][1], IMAGES[1][1]],
     [IMAGES[1][0], IMAGES[2][0], IMAGES[1][1], IMAGES[2][1]],
 ]
+# DiffEdit: [image, target prompt, source prompt (the caption)]; the mask comes from the prompts' difference.
+DIFFEDITS = [
+    [str(EXAMPLES_DIR / "blue_triangle_centre.png"), "a large red triangle in the centre, yellow background",
+     "a large blue triangle in the centre, yellow background"],
+    [str(EXAMPLES_DIR / "yellow_circle_bottom_left.png"), "a large green circle in the bottom left, white background",
+     "a large yellow circle in the bottom left, white background"],
+]
+# SDEdit: [stroke painting (512 px, rough hand-drawn-like polygons), prompt, strength t0].
+SDEDITS = [
+    [str(EXAMPLES_DIR / "strokes_red_blob_left.png"), "a large red circle on the left on a white background", 0.6],
+    [str(EXAMPLES_DIR / "strokes_yellow_patch_top_right.png"),
+     "a large yellow square in the top right on a blue background", 0.6],
+]

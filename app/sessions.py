@@ -24,6 +24,7 @@ class Session:
     token: CancelToken = field(default_factory=CancelToken)
     interpolation_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     inversion_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
+    diffedit_cache: LRUCache = field(default_factory=lambda: LRUCache(4))   # DiffEdit's inverted trajectories
     preview: PreviewOptions = field(default_factory=PreviewOptions)
     _out_dir: Path | None = None
 

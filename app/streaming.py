@@ -51,3 +51,21 @@ def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], s
         raise gr.Error(f"Something went wrong: {type(exc).__name__}: {exc}", print_exception=False) from None
     finally:
         job.close()
+
+
+def stopped(n: int, status_index: int) -> Callable[[], tuple]:
+    """What a handler with n outputs shows after Stop: "Stopped." in its status, everything else kept."""
+    def make():
+        out = [gr.skip()] * n
+        out[status_index] = "Stopped."
+        return tuple(out)
+    return make
+
+
+def upload_path(image, what: str) -> str:
+    """The raw (unpreprocessed) upload's server path: the pipeline's own loader then reports corrupt or odd
+    files clearly. Missing upload -> a message asking for it."""
+    path = image.get("path") if isinstance(image, dict) else image
+    if not path:
+        raise InputError(f"Please upload {what}.")
+    return path

@@ -18,23 +18,15 @@ from pipelines.stream import PreviewOptions
 from pipelines.studio import Studio
 
 from . import examples
+from .editing_tabs import build_editing_tabs
 from .sessions import SessionRegistry
-from .streaming import status_line, stream
+from .streaming import status_line, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, across all sessions
 
 EXAMPLE_PROMPTS, EXAMPLE_PAIRS, EXAMPLE_IMAGES = examples.PROMPTS, examples.PAIRS, examples.IMAGES
 EXAMPLE_EDITS, EXAMPLE_IMAGE_PAIRS = examples.EDITS, examples.IMAGE_PAIRS
 LOSS_PLOT_COLUMNS = ("step", "loss")
-
-
-def upload_path(image, what: str) -> str:
-    """The raw (unpreprocessed) upload's server path: the pipeline's own loader then reports corrupt or odd
-    files clearly. Missing upload -> a message asking for it."""
-    path = image.get("path") if isinstance(image, dict) else image
-    if not path:
-        raise InputError(f"Please upload {what}.")
-    return path
 
 
 def loss_frame(losses) -> pd.DataFrame:
@@ -96,12 +88,11 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             force = gr.Checkbox(False, label="Re-invert (ignore cached inversion)")
         return method, inner, force
 
-    def stopped(n: int, status_index: int):
-        def make():
-            out = [gr.skip()] * n
-            out[status_index] = "Stopped."
-            return tuple(out)
-        return make
+    def stop(request: gr.Request):
+        sessions.get(request).token.cancel()
+        # Said here too: Gradio's cancel (cancels=...) usually ends the event before the job's own
+        # "Stopped." update is delivered, which would leave the last progress line showing.
+        return "Stopped."
 
     with gr.Blocks(title="Diffusion Studio", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# Diffusion Studio")
@@ -144,6 +135,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             g_send = gr.Button("Send to Invert")
                             g_send_edit = gr.Button("Send to Edit")
+                            g_send_ip2p = gr.Button("Send to Instruct")
 
             # ---------------------------------------------------------------- Interpolate
             with gr.Tab("Interpolate (seeds)", id="interpolate"):
@@ -291,6 +283,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             e_recon = gr.Image(label="Source reconstruction", format="png", interactive=False, height=200, elem_id="edit-recon")
                             e_mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200, elem_id="edit-mask")
                         e_status = gr.Markdown("", elem_id="edit-status")
+
+            editing = build_editing_tabs(studio, sessions, stop)
 
         # -------------------------------------------------------------------- handlers
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, request: gr.Request):
@@ -473,12 +467,6 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         preview_full.change(set_preview_mode, [preview_full], None, api_visibility="private")
 
-        def stop(request: gr.Request):
-            sessions.get(request).token.cancel()
-            # Said here too: Gradio's cancel (cancels=...) usually ends the event before the job's own
-            # "Stopped." update is delivered, which would leave the last progress line showing.
-            return "Stopped."
-
         g_inputs = [g_prompt, g_neg, g_seed, g_steps, g_guid, g_w, g_h, g_lora, g_lora_s]
         g_event = g_run.click(run_generate, g_inputs, [g_preview, g_image, g_seed_used, g_status], api_name="generate", **GPU)
         g_stop.click(stop, None, g_status, cancels=[g_event], api_name="stop", queue=False)
@@ -538,6 +526,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             return image, prompt, gr.Tabs(selected="edit")
 
         g_send_edit.click(send_to_edit, [g_image, g_prompt], [e_input, e_src, tabs], api_visibility="private")
+        g_send_ip2p.click(lambda image: (image, gr.Tabs(selected="instruct")), [g_image],
+                          [editing.instruct_input, tabs], api_visibility="private")
         i_send_edit.click(send_to_edit, [i_frame, i_prompt_a], [e_input, e_src, tabs], api_visibility="private")
 
         def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength):

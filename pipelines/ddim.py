@@ -74,13 +74,24 @@ def sample_with(
     three-way guidance). `sample` is this loop with classifier-free guidance. `after_step(x, step_index)`
     may replace each new latent (Prompt-to-Prompt's local blend, DiffEdit's masked update)."""
     sched = make_scheduler(scheduler_config, steps)
+    return sample_scheduled(eps_fn, x_T, sched, cancel, start_index, after_step, eta=0.0)
+
+
+@torch.no_grad()
+def sample_scheduled(
+    eps_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor, sched,
+    cancel: CancelToken | None = None, start_index: int = 0,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None, **step_kwargs,
+) -> Iterator[StepState]:
+    """The same loop for any diffusers scheduler whose timesteps are set (DDIM above; Euler ancestral for
+    InstructPix2Pix, which scales its model input and draws noise from `step_kwargs["generator"]`).
+    x is the starting latent as the scheduler expects it (times init_noise_sigma for sigma schedulers)."""
     timesteps = sched.timesteps[start_index:]
-    x = x_T
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         if cancel is not None:
             cancel.check()
-        out = sched.step(eps_fn(x, t, start_index + i), t, x, eta=0.0)
+        out = sched.step(eps_fn(sched.scale_model_input(x, t), t, start_index + i), t, x, **step_kwargs)
         x = out.prev_sample
         if after_step is not None:
             x = after_step(x, start_index + i)

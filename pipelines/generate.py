@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from . import ddim
+from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
 from .lora import lora_applied
@@ -36,6 +37,9 @@ class ImageResult:
 
 
 def validate_common(model, steps, guidance, lora_strength):
+    if model.is_instruct:
+        raise InputError(f"{model.label} is an InstructPix2Pix model (its UNet needs an input image): use the "
+                         "Instruct tab, or load a text-to-image model for this.")
     steps = check_number(steps, "Steps", 1, 500, integer=True)
     guidance = check_number(guidance, "Guidance", 0, 50)
     strength = check_number(lora_strength, "LoRA strength", -2, 4)

@@ -129,6 +129,16 @@ def load_image(source, *, resolution: int, multiple: int) -> Image.Image:
     the result is resized with LANCZOS to ``fit_size(...)``.
     Raises ``InputError`` for anything a user could have got wrong.
     """
+    rgb = load_rgb(source)
+    size = fit_size(*rgb.size, resolution=resolution, multiple=multiple)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return rgb
+
+
+def load_rgb(source) -> Image.Image:
+    """``load_image`` without the resize: the checked, upright RGB image at its own size (for callers that
+    size images their own way, e.g. InstructPix2Pix's reference crop)."""
     if source is None or (isinstance(source, (str, bytes, bytearray, memoryview)) and len(source) == 0):
         raise InputError("No image was given.")
     if isinstance(source, np.ndarray):
@@ -159,18 +169,16 @@ def load_image(source, *, resolution: int, multiple: int) -> Image.Image:
     finally:
         if opened is not None:
             opened.close()  # release the file handle of a path source
-
-    size = fit_size(*rgb.size, resolution=resolution, multiple=multiple)
-    if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
     return rgb
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL -> (1, 3, H, W) float32 in [-1, 1], the same arithmetic as diffusers'
     VaeImageProcessor (x / 255 in float32, then 2x - 1)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)[None] / 255.0
+    # (1, H, W, 3) viewed as NCHW, the very layout diffusers produces: convolutions pick their algorithm by
+    # memory layout, so a contiguous copy would encode ~1e-4 differently from diffusers' pipelines
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2)
     return 2.0 * t - 1.0
 
 

@@ -1,24 +1,167 @@
-"""InstructPix2Pix noise prediction: the UNet sees [noisy latent, input-image latent] (8 channels) and the
-instruction; two guidance scales pull towards the instruction (sT) and towards the input image (sI).
+"""InstructPix2Pix: edit an image by a written instruction.
+
+The UNet sees [noisy latent, input-image latent] (8 channels) and the instruction; two guidance scales pull
+towards the instruction (sT) and towards the input image (sI), in one batched UNet call per step:
 
     eps = eps(none) + sI * (eps(image) - eps(none)) + sT * (eps(image + text) - eps(image))
 
-"none" drops both conditions (empty prompt, zero image latent), as the model saw in training. The input
-latent is the VAE posterior mode WITHOUT the scaling factor, as diffusers' InstructPix2Pix pipeline feeds it,
-so published IP2P weights and ours read the same input.
+"none" drops both conditions (empty prompt, zero image latent), as the model saw in training. Unlike
+diffusers' pipeline, sI < 1 does not switch all guidance off: the formula holds for every value.
+The input latent is the VAE posterior mode WITHOUT the scaling factor, as diffusers' InstructPix2Pix
+pipeline and the reference code feed it, so published IP2P weights and ours read the same input.
+
+Sampling reuses the studio's one sampling loop (ddim.sample_scheduled) with Euler ancestral, as the
+reference app, or DDIM.
 """
 from __future__ import annotations
 
+import math
+import random
+from dataclasses import dataclass
+
 import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image, ImageOps
+
+from . import ddim
+from .errors import InputError
+from .events import CancelToken, Job, Progress
+from .generate import ImageResult
+from .image_io import load_rgb, pil_to_tensor
+from .latents import decode_to_pil
+from .metadata import with_metadata
+from .stream import PreviewOptions, stream_steps
+from .text import encode_prompt
+from .validation import check_number, resolve_seed
 
 DEFAULT_TEXT_GUIDANCE = 7.5   # sT, the IP2P paper's default
 DEFAULT_IMAGE_GUIDANCE = 1.5  # sI
+SCHEDULERS = {"euler_a": "Euler ancestral (reference)", "ddim": "DDIM (eta 0, deterministic)"}
+# The reference app's "Randomize" ranges.
+RANDOM_SEED_MAX = 100_000
+RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
+RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
+
+
+@dataclass
+class InstructParams:
+    instruction: str
+    text_guidance: float = DEFAULT_TEXT_GUIDANCE
+    image_guidance: float = DEFAULT_IMAGE_GUIDANCE
+    steps: int = 50
+    seed: int = -1
+    scheduler: str = "euler_a"
+    randomize_seed: bool = False   # draw the seed from 0..100000, as the reference app
+    randomize_cfg: bool = False    # draw sT from U(6, 9) and sI from U(1.2, 1.8), rounded to 2 decimals
+
+
+@dataclass
+class InstructResult:
+    edited: ImageResult    # carries its parameters (seed and guidance actually used) as PNG metadata
+    source: Image.Image    # the input as the model saw it (resized and centre-cropped)
+    params: dict
+    latents: torch.Tensor | None = None   # the final latent (None when the input was returned unchanged)
 
 
 def instruct_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, image_latents: torch.Tensor,
                  text_guidance: float, image_guidance: float) -> torch.Tensor:
-    """Three-way guided noise prediction in one batched UNet call."""
+    """Three-way guided noise prediction in one batched UNet call (batch order as diffusers: text, image, none)."""
     img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
     inp = torch.cat([torch.cat([x, x, x]), img], dim=1)
     e_full, e_image, e_none = unet(inp, t, encoder_hidden_states=torch.cat([cond, uncond, uncond])).sample.chunk(3)
-    return e_none + image_guidance * (e_image - e_none) + text_guidance * (e_full - e_image)
+    # summed in diffusers' order, so both give bit-identical results
+    return e_none + text_guidance * (e_full - e_image) + image_guidance * (e_image - e_none)
+
+
+def instruct_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The reference app's input size: the long side about `resolution`, the short side rounded UP to a
+    multiple, then both sides floored to multiples (1024x768 -> 512x384, 1920x1080 -> 512x320 at 512/64)."""
+    factor = resolution / max(width, height)
+    factor = math.ceil(min(width, height) * factor / multiple) * multiple / min(width, height)
+    w = max(multiple, int(width * factor / multiple) * multiple)
+    h = max(multiple, int(height * factor / multiple) * multiple)
+    return w, h
+
+
+def size_multiple(model) -> int:
+    """64 for SD1.5 (VAE factor 8 x the UNet's 3 downsamplings, the reference's multiple); for the embedded
+    model its VAE factor 4 x 4 = 16, so every UNet level still divides the latent evenly."""
+    unet = model.instruct_unet() or model.unet
+    return model.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def prepare_input(model, image) -> Image.Image:
+    """Any upload -> RGB resized and centre-cropped (ImageOps.fit) to `instruct_size`, as the reference app."""
+    img = load_rgb(image)
+    size = instruct_size(*img.size, model.resolution, size_multiple(model))
+    return img if img.size == size else ImageOps.fit(img, size, Image.Resampling.LANCZOS)
+
+
+@torch.no_grad()
+def image_latents(model, image: Image.Image) -> torch.Tensor:
+    """The image condition: VAE posterior mode, not scaled (what IP2P was trained on)."""
+    vae = model.vae
+    x = pil_to_tensor(image).to(model.device, next(vae.parameters()).dtype)
+    return vae.encode(x).latent_dist.mode().to(model.dtype)
+
+
+def make_scheduler(model, name: str, steps: int):
+    cls = {"euler_a": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler}[name]
+    sched = cls.from_config(model.scheduler_config)
+    sched.set_timesteps(int(steps), device=model.device)
+    return sched
+
+
+def check_params(p: InstructParams) -> InstructParams:
+    """Range checks before any image is read; randomisation (as the reference app) happens here, so the
+    values actually used are returned and shown."""
+    scheduler = (p.scheduler or "euler_a").strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise InputError(f"Unknown scheduler {p.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
+    steps = check_number(p.steps, "Steps", 1, 500, integer=True)
+    text_g = check_number(p.text_guidance, "Text guidance sT", 0, 50)
+    image_g = check_number(p.image_guidance, "Image guidance sI", 0, 20)
+    if p.randomize_cfg:
+        text_g = round(random.uniform(*RANDOM_TEXT_GUIDANCE), 2)
+        image_g = round(random.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
+    seed = random.randint(0, RANDOM_SEED_MAX) if p.randomize_seed else resolve_seed(p.seed)
+    return InstructParams((p.instruction or "").strip(), text_g, image_g, steps, seed, scheduler, False, False)
+
+
+def instruct_edit(model, image, p: InstructParams, cancel: CancelToken | None = None,
+                  preview: PreviewOptions | None = None) -> Job:
+    """Edits `image` by `p.instruction`; the last event's result is an InstructResult. An empty instruction
+    returns the (resized) input unchanged, as the reference app does."""
+    unet = model.instruct_unet()
+    if unet is None:
+        raise InputError(f"{model.label} has no InstructPix2Pix UNet: load the embedded model, or "
+                         "timbrooks/instruct-pix2pix, in the Model panel.")
+    p = check_params(p)
+    source = prepare_input(model, image)
+    total = p.steps + 1
+    meta = {"task": "instruct", "instruction": p.instruction, "seed": p.seed, "steps": p.steps,
+            "text_guidance": p.text_guidance, "image_guidance": p.image_guidance, "scheduler": p.scheduler,
+            "size": f"{source.width}x{source.height}", "model": model.id}
+    if not p.instruction:
+        result = InstructResult(ImageResult(with_metadata(source, meta), p.seed, meta), source, meta)
+        yield Progress("done", total, total, preview=source, result=result,
+                       message="Empty instruction: the input is returned unchanged.")
+        return
+    yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}")
+    cond, uncond = encode_prompt(model, p.instruction), encode_prompt(model, "")
+    img_lat = image_latents(model, source)
+    sched = make_scheduler(model, p.scheduler, p.steps)
+    gen = torch.Generator("cpu").manual_seed(p.seed)  # CPU noise: the same edit for the same seed on any device
+    x = randn_tensor(img_lat.shape, generator=gen, device=model.device, dtype=model.dtype) * sched.init_noise_sigma
+
+    def eps(x_t, t, _k):
+        return instruct_eps(unet, x_t, t, cond, uncond, img_lat, p.text_guidance, p.image_guidance)
+
+    kwargs = {"generator": gen} if p.scheduler == "euler_a" else {"eta": 0.0}
+    states = ddim.sample_scheduled(eps, x, sched, cancel, **kwargs)
+    z = yield from stream_steps(model, states, "editing", 0, total, preview)
+    edited = decode_to_pil(model, z)
+    result = InstructResult(ImageResult(with_metadata(edited, meta), p.seed, meta), source, meta, z)
+    yield Progress("done", total, total, preview=edited, result=result,
+                   message=f"seed {p.seed} · sT {p.text_guidance:g} · sI {p.image_guidance:g}")

@@ -19,11 +19,14 @@ from .tiny_model import TINY_ID, TINY_LABEL, ensure_tiny_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
 EMBEDDED_ID = "embedded"
+INSTRUCT_SUBFOLDER = "unet_instruct"  # our layout: an InstructPix2Pix UNet beside the text-to-image one
+INSTRUCT_HUB_MODEL = "timbrooks/instruct-pix2pix"
 
 HUB_MODELS = [
     "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "SG161222/Realistic_Vision_V2.0",
     "prompthero/openjourney-v4",
+    INSTRUCT_HUB_MODEL,
 ]
 MODEL_ENV = "STUDIO_MODEL"
 
@@ -41,6 +44,7 @@ class LoadedModel:
     random_weights: bool = False
     folder: Path | None = None
     loras: dict = field(default_factory=dict)  # adapter name -> source
+    _instruct: object = field(default=None, repr=False)  # the InstructPix2Pix UNet, loaded on first use
 
     @property
     def unet(self):
@@ -68,7 +72,27 @@ class LoadedModel:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def is_instruct(self) -> bool:
+        """The main UNet itself takes [noisy latent, image latent] (e.g. timbrooks/instruct-pix2pix loaded as
+        the model): it edits images but cannot generate from text alone."""
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels
+
+    def instruct_unet(self):
+        """The InstructPix2Pix UNet of this model: the main UNet of an InstructPix2Pix model, or the
+        `unet_instruct/` folder next to a text-to-image UNet (the embedded model ships one); None if neither.
+        Loaded once and shared, read-only, like the other components."""
+        if self.is_instruct:
+            return self.unet
+        if self._instruct is None and self.folder is not None and (self.folder / INSTRUCT_SUBFOLDER / "config.json").is_file():
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(self.folder / INSTRUCT_SUBFOLDER, dtype=self.dtype,
+                                                        use_safetensors=True)
+            self._instruct = unet.to(self.device).eval().requires_grad_(False)
+        return self._instruct
 
     @property
     def resolution(self) -> int:

@@ -13,6 +13,9 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress, run_to_end
 from .generate import GenerateParams, generate
 from .edit import EditParams, text_edit
+from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
+from .instruct import InstructParams, instruct_edit
+from .sdedit import SDEditParams, sdedit
 from .interpolation import InterpolationParams, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
 from .lora import load_lora
@@ -86,6 +89,18 @@ class Studio:
 
     def edit(self, image, p: EditParams, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: text_edit(m, image, p, cache, cancel, preview), cancel)
+
+    def instruct(self, image, p: InstructParams, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: instruct_edit(m, image, p, cancel, preview), cancel)
+
+    def diffedit_mask(self, image, p: DiffEditParams, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: diffedit_mask(m, image, p, cancel, preview), cancel)
+
+    def diffedit(self, image, p: DiffEditParams, mask=None, cache=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: diffedit_edit(m, image, p, mask, cache, cancel, preview), cancel)
+
+    def sdedit(self, image, p: SDEditParams, mask=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: sdedit(m, image, p, mask, cancel, preview), cancel)
 
     def real_interpolation_frame(self, image_a, image_b, p: RealInterpolationParams, eta: float, cache=None,
                                  cancel=None, preview=None) -> Job:

@@ -15,7 +15,7 @@ import torch
 
 TINY_ID = "tiny-random"
 TINY_LABEL = "tiny SD-architecture model (random weights, for testing)"
-TINY_VERSION = 3
+TINY_VERSION = 4  # 4: + unet_instruct/
 
 # Words that get their own token; everything else falls back to byte-level pieces.
 _WORDS = (
@@ -115,11 +115,19 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
+    # An InstructPix2Pix UNet beside it, as the embedded model ships one: the base UNet's weights with 4 more
+    # input channels for the image latent (random here, unlike IP2P's zeros, so tests can see the image act).
+    instruct = UNet2DConditionModel.from_config({**unet.config, "in_channels": 8})
+    with torch.no_grad():
+        state = unet.state_dict()
+        state["conv_in.weight"] = torch.cat([state["conv_in.weight"], 0.5 * torch.randn_like(state["conv_in.weight"])], 1)
+        instruct.load_state_dict(state)
     # A small output layer (diffusion UNets often zero-init it) keeps a random model's DDIM trajectories
     # stable: inversion then reconstruction round-trips at ~30 dB instead of ~18 dB.
     with torch.no_grad():
-        unet.conv_out.weight.mul_(0.3)
-        unet.conv_out.bias.mul_(0.3)
+        for net in (unet, instruct):
+            net.conv_out.weight.mul_(0.3)
+            net.conv_out.bias.mul_(0.3)
     # SD1.5's noise schedule, so SD-specific behaviour (e.g. non-zero terminal SNR) carries over.
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -137,6 +145,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
+    instruct.save_pretrained(tmp / "unet_instruct", safe_serialization=True)
     fit_previewer(vae).save(tmp)
     (tmp / "studio_model.json").write_text(json.dumps({"label": TINY_LABEL, "random_weights": True, "version": TINY_VERSION}))
     for f in tok_dir.iterdir():
