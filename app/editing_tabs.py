@@ -257,7 +257,8 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
     n_inputs = [n_input, n_text, n_steps, n_seed_mode, n_seed, n_cfg_mode, n_text_g, n_image_g, n_sched]
     n_event = n_run.click(run_instruct, n_inputs, [n_preview, n_result, n_seed, n_text_g, n_image_g, n_status],
                           api_name="instruct", preprocess=False, **GPU)
-    n_stop.click(stop, None, n_status, cancels=[n_event], api_visibility="private", queue=False)
+    n_stop.click(stop, None, n_status, cancels=[n_event], api_name="instruct_stop", api_visibility="private",
+                 queue=False)  # named: the bare name "stop" belongs to the Generate tab's public endpoint
     n_reuse.click(lambda img: img if img else gr.skip(), [n_result], [n_input], api_visibility="private",
                   queue=False)
 
@@ -266,9 +267,11 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                                     api_name="diffedit_mask", **GPU)
     d_event = d_run.click(run_diffedit, [d_editor] + d_settings, [d_preview, d_result, d_used, d_status],
                           api_name="diffedit", **GPU)
-    d_stop.click(stop, None, d_status, cancels=[d_mask_event, d_event], api_visibility="private", queue=False)
+    d_stop.click(stop, None, d_status, cancels=[d_mask_event, d_event], api_name="diffedit_stop",
+                 api_visibility="private", queue=False)
 
     s_inputs = [s_canvas, s_prompt, s_neg, s_strength, s_steps, s_guid, s_seed, s_repeats, s_keep]
     s_event = s_run.click(run_sdedit, s_inputs, [s_preview, s_gallery, s_status], api_name="sdedit", **GPU)
-    s_stop.click(stop, None, s_status, cancels=[s_event], api_visibility="private", queue=False)
+    s_stop.click(stop, None, s_status, cancels=[s_event], api_name="sdedit_stop", api_visibility="private",
+                 queue=False)
     return EditingTabs(n_input, n_text)

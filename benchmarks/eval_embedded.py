@@ -254,6 +254,100 @@ def instruct_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+@row_group("instruct sweep")
+def instruct_sweep_rows(ctx: Context) -> list[Row]:
+    """The sI / sT trade-off: more image guidance keeps more of the input, more text guidance edits harder."""
+    if ctx.instruct_unet is None:
+        return []
+    _, te, tok, vae = ctx.modules
+    grid = [(1.0, 7.5), (1.5, 7.5), (2.5, 7.5), (1.5, 3.0), (1.5, 12.0)]
+    rows = []
+    for kind in ("recolour", "background"):
+        for s_i, s_t in grid:
+            acc = evaluation.edit_accuracy(ctx.instruct_unet, te, tok, vae, ctx.model.scheduler_config, kind,
+                                           count=ctx.n(20, 8), text_guidance=s_t, image_guidance=s_i)
+            name = f"{kind} sI {s_i:g} sT {s_t:g}"
+            rows.append(Row("IP2P sI/sT sweep", f"{name}: success", acc["success"], "", "", acc["n"]))
+            rows.append(Row("IP2P sI/sT sweep", f"{name}: PSNR outside", acc["psnr_outside"], "", "dB", acc["n"]))
+    return rows
+
+
+@row_group("diffedit")
+def diffedit_rows(ctx: Context) -> list[Row]:
+    """DiffEdit recolouring of held-out renders: the estimated mask against the true object mask, and the edit
+    read back by the checker (source prompt = the caption, target = the caption with the colour word swapped)."""
+    from pipelines.cache import LRUCache
+    from pipelines.diffedit import DiffEditParams, diffedit_edit, diffedit_mask
+
+    items = recolour_prompts(ctx.n(24, 8))
+    cache = LRUCache(2)
+    iou, recall, success, psnr_out = [], [], [], []
+    for scene, edit, source, target in items:
+        image = world.render(scene)
+        p = DiffEditParams(target, source, steps=50)
+        mask = run_to_end(diffedit_mask(ctx.model, image, p)).mask
+        truth = scene.mask(edit.index)
+        iou.append((mask & truth).sum() / max(1, (mask | truth).sum()))
+        recall.append((mask & truth).sum() / max(1, truth.sum()))
+        res = run_to_end(diffedit_edit(ctx.model, image, p, mask, cache))
+        score = evaluation.score_edit(np.asarray(res.edited.image), scene, edit)
+        success.append(score["success"])
+        psnr_out.append(score["psnr_outside"])
+    n = len(items)
+    note = "50 steps, r 0.8, threshold 0.5, 10 draws at strength 0.5"
+    return [Row("DiffEdit (recolour)", "mask IoU with the object", float(np.mean(iou)), ">= 0.6", "", n, note),
+            Row("DiffEdit (recolour)", "mask recall (object covered)", float(np.mean(recall)), "", "", n),
+            Row("DiffEdit (recolour)", "edit success", float(np.mean(success)), "", "", n,
+                "checker reads the new colour, shape and cell"),
+            Row("DiffEdit (recolour)", "PSNR outside the object", float(np.nanmean(psnr_out)), ">= 25", "dB", n,
+                "vs the input, object region grown 2 px")]
+
+
+def stroke_painting(scene: world.Scene, seed: int) -> np.ndarray:
+    """A crude painting of a one-object scene: the plain background colour and a jagged blob of the object's
+    colour at its centre and size (what a user's brush strokes look like), at the scene's size."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    obj = scene.objects[0]
+    img = Image.new("RGB", (scene.size, scene.size), world.COLOURS[scene.background.colours[0]])
+    angles = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    radii = obj.radius * (0.8 + rng.uniform(-0.2, 0.2, len(angles)))
+    cx, cy = obj.centre
+    ImageDraw.Draw(img).polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)],
+                                fill=world.COLOURS[obj.colour])
+    return np.asarray(img)
+
+
+@row_group("sdedit")
+def sdedit_rows(ctx: Context) -> list[Row]:
+    """SDEdit from crude stroke paintings of held-out one-object scenes (plain backgrounds), caption as prompt:
+    faithfulness = RMS distance to the strokes (lower = more faithful), realism = the checker finds exactly one
+    clean object with the caption's colour and shape, on the caption's background."""
+    from pipelines.sdedit import SDEditParams, sdedit
+
+    items = [(t, s) for t, s in evaluation.held_out_scenes(ctx.n(60, 20), 1, start=60_000)
+             if s.background.kind == "solid"][:ctx.n(16, 6)]
+    rows = []
+    for strength in (0.3, 0.5, 0.7, 0.9):
+        dist, clean = [], []
+        for k, (text, scene) in enumerate(items):
+            strokes = stroke_painting(scene, k)
+            res = run_to_end(sdedit(ctx.model, strokes, SDEditParams(text, strength=strength, steps=50, seed=k)))
+            out = np.asarray(res.images[0].image).astype(float)
+            dist.append(float(np.sqrt(((out - strokes) ** 2).mean())))
+            seen = evaluation.check(out.astype(np.uint8))
+            obj = scene.objects[0]
+            clean.append(len(seen["objects"]) == 1 and seen["objects"][0]["colour"] == obj.colour
+                         and seen["objects"][0]["shape"] == obj.shape
+                         and seen["background"]["colours"] == list(scene.background.colours))
+        rows.append(Row("SDEdit (strokes)", f"t0 {strength:g}: distance to strokes", float(np.mean(dist)), "", "0-255",
+                        len(items), "RMS, lower = more faithful"))
+        rows.append(Row("SDEdit (strokes)", f"t0 {strength:g}: clean object (realism)", float(np.mean(clean)), "", "",
+                        len(items), "checker: one object, caption's colour and shape, right background"))
+    return rows
+
+
 @row_group("interpolation")
 def interpolation_rows(ctx: Context) -> list[Row]:
     from pipelines.interpolation import InterpolationParams, interpolation_sequence
@@ -322,16 +416,10 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def load(model_source: str):
-    from diffusers import UNet2DConditionModel
-
     from pipelines.models import load_model
 
     model = run_to_end(load_model(model_source))
-    instruct = None
-    if model.folder is not None and (Path(model.folder) / "unet_instruct" / "config.json").is_file():
-        instruct = UNet2DConditionModel.from_pretrained(Path(model.folder) / "unet_instruct", dtype=model.dtype)
-        instruct.to(model.device).eval().requires_grad_(False)
-    return model, instruct
+    return model, model.instruct_unet()
 
 
 def format_table(rows: list[Row]) -> str:

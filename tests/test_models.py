@@ -32,7 +32,7 @@ def test_tiny_model_folder_has_only_safetensors_weights(folder, tiny_model):
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
     weights = sorted(p.relative_to(folder).parts[0] for p in files if p.suffix == ".safetensors")
-    assert weights == ["text_encoder", "unet", "vae"]
+    assert weights == ["text_encoder", "unet", "unet_instruct", "vae"]
     assert (folder / "model_index.json").is_file() and (folder / PREVIEW_FILE).is_file()
     assert tiny_model.folder == folder and tiny_model.random_weights
 
