@@ -29,7 +29,8 @@ DIFFEDIT_HELP = """**1. Estimate mask** compares the model's noise predictions f
 (10 noise draws at encode strength 0.5) and shows the region as a translucent layer: paint to add to it,
 erase to remove. **2. Apply edit** inverts the image to the encoding ratio r and decodes it with the target
 prompt, keeping the inverted image outside the mask. With nothing painted, Apply estimates the mask itself."""
-SDEDIT_HELP = """Paint coarse colour strokes on the blank canvas or on an uploaded picture. **Strength t0**
+SDEDIT_HELP = """Pick the brush in the canvas toolbar and paint coarse colour strokes on the blank canvas or on an
+uploaded picture. **Strength t0**
 trades faithfulness for realism: low values stay close to the strokes, high values give cleaner,
 more realistic images that follow them less (SDEdit's paper works at 0.3-0.6 on pixel models; SD-class latent
 models often need 0.5-0.8). *Keep unpainted regions* repaints only the strokes (masked SDEdit)."""
@@ -112,7 +113,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                     d_run = gr.Button("2. Apply edit", variant="primary", elem_id="diffedit-run")
                     d_stop = gr.Button("Stop", variant="stop", elem_id="diffedit-stop")
                 gr.Markdown(DIFFEDIT_HELP)
-                gr.Examples(examples.DIFFEDITS, [d_editor, d_target, d_source])
+                gr.Examples(examples.DIFFEDITS, [d_editor, d_target, d_source], elem_id="diffedit-examples")
             with gr.Column():
                 d_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
                                      elem_id="diffedit-preview")
