@@ -281,7 +281,7 @@ def diffedit_rows(ctx: Context) -> list[Row]:
 
     items = recolour_prompts(ctx.n(24, 8))
     cache = LRUCache(2)
-    iou, recall, success, psnr_out = [], [], [], []
+    iou, recall, success, colour, psnr_out = [], [], [], [], []
     for scene, edit, source, target in items:
         image = world.render(scene)
         p = DiffEditParams(target, source, steps=50)
@@ -290,15 +290,20 @@ def diffedit_rows(ctx: Context) -> list[Row]:
         iou.append((mask & truth).sum() / max(1, (mask | truth).sum()))
         recall.append((mask & truth).sum() / max(1, truth.sum()))
         res = run_to_end(diffedit_edit(ctx.model, image, p, mask, cache))
-        score = evaluation.score_edit(np.asarray(res.edited.image), scene, edit)
+        out = np.asarray(res.edited.image)
+        score = evaluation.score_edit(out, scene, edit)
         success.append(score["success"])
         psnr_out.append(score["psnr_outside"])
+        found = evaluation.nearest(evaluation.check(out)["objects"], edit.scene.objects[edit.index].centre)
+        colour.append(found is not None and found["colour"] == edit.scene.objects[edit.index].colour)
     n = len(items)
     note = "50 steps, r 0.8, threshold 0.5, 10 draws at strength 0.5"
     return [Row("DiffEdit (recolour)", "mask IoU with the object", float(np.mean(iou)), ">= 0.6", "", n, note),
             Row("DiffEdit (recolour)", "mask recall (object covered)", float(np.mean(recall)), "", "", n),
             Row("DiffEdit (recolour)", "edit success", float(np.mean(success)), "", "", n,
                 "checker reads the new colour, shape and cell"),
+            Row("DiffEdit (recolour)", "new colour read on the object", float(np.mean(colour)), "", "", n,
+                "colour only (the model often rounds shapes off)"),
             Row("DiffEdit (recolour)", "PSNR outside the object", float(np.nanmean(psnr_out)), ">= 25", "dB", n,
                 "vs the input, object region grown 2 px")]
 
