@@ -238,7 +238,8 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                 gallery = [(im.image, f"seed {im.seed}") for im in r.images]
                 return (ev.preview, gallery, f"Done · {len(r.images)} candidate(s) · {r.params['steps_run']} "
                                              f"steps from t={r.params['start_timestep']}")
-            return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), status_line(ev)
+            done = [(im.image, f"seed {im.seed}") for im in ev.partial] if ev.partial is not None else gr.skip()
+            return (ev.preview if ev.preview is not None else gr.skip()), done, status_line(ev)
 
         def job():
             guide = masks.composite(canvas)
