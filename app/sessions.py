@@ -25,6 +25,8 @@ class Session:
     interpolation_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     inversion_cache: LRUCache = field(default_factory=lambda: LRUCache(4))
     diffedit_cache: LRUCache = field(default_factory=lambda: LRUCache(4))   # DiffEdit's inverted trajectories
+    # Drag: per-image LoRAs and inversions, plus (in one slot, its own LRU) the trajectories of generated images
+    drag_cache: LRUCache = field(default_factory=lambda: LRUCache(8))
     preview: PreviewOptions = field(default_factory=PreviewOptions)
     _out_dir: Path | None = None
 

@@ -18,6 +18,7 @@ from pipelines.stream import PreviewOptions
 from pipelines.studio import Studio
 
 from . import examples
+from .drag_tab import build_drag_tab
 from .editing_tabs import build_editing_tabs
 from .sessions import SessionRegistry
 from .streaming import status_line, stopped, stream, upload_path
@@ -136,6 +137,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             g_send = gr.Button("Send to Invert")
                             g_send_edit = gr.Button("Send to Edit")
                             g_send_ip2p = gr.Button("Send to Instruct")
+                            g_send_drag = gr.Button("Send to Drag", elem_id="gen-send-drag")
 
             # ---------------------------------------------------------------- Interpolate
             with gr.Tab("Interpolate (seeds)", id="interpolate"):
@@ -285,6 +287,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         e_status = gr.Markdown("", elem_id="edit-status")
 
             editing = build_editing_tabs(studio, sessions, stop)
+            dragging = build_drag_tab(studio, sessions, stop)
 
         # -------------------------------------------------------------------- handlers
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, request: gr.Request):
@@ -298,7 +301,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora), strength)
-                yield from studio.generate(p, token, sessions.get(request).preview)
+                session = sessions.get(request)  # the drag cache keeps the trajectory: dragging it skips inversion
+                yield from studio.generate(p, token, session.preview, trajectories=session.drag_cache)
 
             yield from stream(job(), render, stopped(4, 3), cancel=token)
 
@@ -528,6 +532,9 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         g_send_edit.click(send_to_edit, [g_image, g_prompt], [e_input, e_src, tabs], api_visibility="private")
         g_send_ip2p.click(lambda image: (image, gr.Tabs(selected="instruct")), [g_image],
                           [editing.instruct_input, tabs], api_visibility="private")
+        # the PNG as generated (lossless, model size): the drag pipeline recognises it and reuses its trajectory
+        g_send_drag.click(lambda image, prompt: (image, prompt, gr.Tabs(selected="drag")), [g_image, g_prompt],
+                          [dragging.image, dragging.prompt, tabs], api_visibility="private")
         i_send_edit.click(send_to_edit, [i_frame, i_prompt_a], [e_input, e_src, tabs], api_visibility="private")
 
         def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from . import ddim
+from .drag_trajectory import Trajectory, recorded, store_trajectory
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
@@ -50,7 +51,10 @@ def base_metadata(model, lora, strength) -> dict:
     return {"model": model.id, "lora": lora or "none", "lora_strength": strength if lora else 0.0, "sampler": "DDIM (eta 0)"}
 
 
-def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None) -> Job:
+def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
+             trajectories=None) -> Job:
+    """`trajectories`: an optional LRUCache (the drag cache) that keeps this image's latent trajectory, so that
+    dragging it later skips inversion and LoRA (pipelines/drag_trajectory.py)."""
     prompt = check_prompt(p.prompt)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     width, height = check_size(model, p.width, p.height)
@@ -62,8 +66,14 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
     x_T = initial_noise(model, seed, width, height)
     with lora_applied(model, p.lora, strength):
         states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
+        latents = [x_T]
+        if trajectories is not None:
+            states = recorded(states, latents)
         x0 = yield from stream_steps(model, states, "sampling", 0, total, preview)
     image = decode_to_pil(model, x0)
+    if trajectories is not None:
+        store_trajectory(trajectories, model, image, Trajectory(latents, cond, uncond, guidance, steps, prompt, p.lora,
+                                                                strength if p.lora else 0.0))
     meta = {"prompt": prompt, "negative_prompt": p.negative_prompt or "", "task": "generate", "seed": seed,
             "steps": steps, "guidance": guidance, "size": f"{width}x{height}", "eta": 0.0,
             **base_metadata(model, p.lora, strength)}

@@ -13,6 +13,7 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress, run_to_end
 from .generate import GenerateParams, generate
 from .edit import EditParams, text_edit
+from .drag import DragParams, drag
 from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from .instruct import InstructParams, instruct_edit
 from .sdedit import SDEditParams, sdedit
@@ -73,8 +74,8 @@ class Studio:
         return self._exclusive(job, cancel)
 
     # --- operations -------------------------------------------------------------------------------
-    def generate(self, p: GenerateParams, cancel: CancelToken | None = None, preview=None) -> Job:
-        return self._exclusive(lambda m: generate(m, p, cancel, preview), cancel)
+    def generate(self, p: GenerateParams, cancel: CancelToken | None = None, preview=None, trajectories=None) -> Job:
+        return self._exclusive(lambda m: generate(m, p, cancel, preview, trajectories), cancel)
 
     def interpolation_frame(self, p: InterpolationParams, eta: float, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: interpolation_frame(m, p, eta, cache, cancel, preview), cancel)
@@ -98,6 +99,9 @@ class Studio:
 
     def diffedit(self, image, p: DiffEditParams, mask=None, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: diffedit_edit(m, image, p, mask, cache, cancel, preview), cancel)
+
+    def drag(self, image, p: DragParams, mask=None, cache=None, cancel=None, preview=None) -> Job:
+        return self._exclusive(lambda m: drag(m, image, p, mask, cache, cancel, preview), cancel)
 
     def sdedit(self, image, p: SDEditParams, mask=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: sdedit(m, image, p, mask, cancel, preview), cancel)

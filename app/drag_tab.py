@@ -1,0 +1,164 @@
+"""The Drag tab (DragDiffusion): upload, paint the editable region, click handle/target points, watch the
+drag. UI only: the handlers render the pipeline's events (pipelines/drag.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from pipelines.drag import DragParams, check_points, draw_points
+from pipelines.errors import InputError
+from pipelines.inversion import prepare_image
+
+from . import examples, masks
+from .streaming import status_line, stopped, stream, upload_path
+
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+DRAG_HELP = """**1.** Upload an image (or send one from Generate). **2.** Optionally paint the region that may
+change (nothing painted = the whole image). **3.** Click a handle point (red), then its target (blue); repeat
+for more pairs. **4.** Drag. A per-image LoRA is trained first (cached for this image and settings), then the
+image is inverted, the handles are pulled towards their targets (previews show where they are) and the result is
+denoised with the original's self-attention keys and values."""
+
+
+@dataclass
+class DragTab:
+    image: gr.Image
+    prompt: gr.Textbox
+
+
+def _display_scale(source: Image.Image) -> int:
+    return max(1, masks.DISPLAY_SIDE // max(source.size))
+
+
+def points_view(source: Image.Image, points: list) -> Image.Image:
+    """The source enlarged for clicking, with handles (red), targets (blue) and arrows drawn at display scale."""
+    k = _display_scale(source)
+    shown = masks.enlarge_for_display(source)
+    pts = [(x * k + (k - 1) / 2, y * k + (k - 1) / 2) for x, y in points]
+    return draw_points(shown, pts[0::2], pts[1::2])
+
+
+def build_drag_tab(studio, sessions, stop) -> DragTab:
+    def source_of(path) -> Image.Image:
+        return prepare_image(studio.model, upload_path(path, "an image to drag"))
+
+    with gr.Tab("Drag (DragDiffusion)", id="drag"):
+        with gr.Row():
+            with gr.Column():
+                r_image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
+                                   elem_id="drag-input")
+                r_mask = gr.ImageMask(label="Editable region (paint; empty = whole image)", type="numpy",
+                                      format="png", sources=[], elem_id="drag-mask",
+                                      brush=gr.Brush(colors=["#ff28c8"], color_mode="fixed", default_size=24))
+                r_prompt = gr.Textbox(label="Prompt (optional: describing the image)", elem_id="drag-prompt")
+                with gr.Accordion("Drag settings", open=False):
+                    with gr.Row():
+                        r_lora_steps = gr.Slider(0, 300, value=80, step=1, label="LoRA steps (0 = no LoRA)")
+                        r_lora_rank = gr.Slider(1, 64, value=16, step=1, label="LoRA rank")
+                        r_lora_lr = gr.Number(5e-4, label="LoRA learning rate")
+                    with gr.Row():
+                        r_iters = gr.Slider(1, 300, value=80, step=1, label="Drag iterations")
+                        r_latent_lr = gr.Number(0.01, label="Latent learning rate")
+                        r_lambda = gr.Slider(0, 1, value=0.1, step=0.01, label="Mask term lambda")
+                    with gr.Row():
+                        r_strength = gr.Slider(0.1, 1.0, value=0.7, step=0.02, label="Inversion strength (of 50 steps)")
+                        r_block = gr.Slider(0, 3, value=DragParams.feature_block, step=1, label="Feature block (UNet up block)")
+                        r_r1 = gr.Slider(0, 5, value=1, step=1, label="r1 (supervision patch)")
+                        r_r2 = gr.Slider(1, 10, value=3, step=1, label="r2 (tracking radius)")
+                    r_smooth = gr.Checkbox(False, label="Use the Smooth LoRA during the drag (load it in 'Model and LoRA')")
+                with gr.Row():
+                    r_undo = gr.Button("Undo last point", elem_id="drag-undo")
+                    r_clear = gr.Button("Clear points", elem_id="drag-clear")
+                    r_run = gr.Button("Drag", variant="primary", elem_id="drag-run")
+                    r_stop = gr.Button("Stop", variant="stop", elem_id="drag-stop")
+                gr.Markdown(DRAG_HELP)
+                gr.Examples(examples.IMAGES, [r_image, r_prompt])
+            with gr.Column():
+                r_points_img = gr.Image(label="Click: handle (red), then target (blue)", interactive=False,
+                                        format="png", elem_id="drag-points")
+                r_points = gr.JSON([], label="Points (x, y) in model pixels: handle, target, handle, ...",
+                                   elem_id="drag-points-json")
+                r_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
+                                     elem_id="drag-preview")
+                with gr.Row():
+                    r_original = gr.Image(label="Original", format="png", interactive=False, height=256)
+                    r_result = gr.Image(label="Dragged", format="png", type="filepath", interactive=False,
+                                        height=256, elem_id="drag-result")
+                r_status = gr.Markdown("", elem_id="drag-status")
+
+    def on_upload(path):
+        if not path:
+            return None, [], None, ""
+        try:
+            src = source_of(path)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        shown = masks.enlarge_for_display(src)
+        return (np.asarray(shown), [], masks.editor_value(src, None),
+                f"Image ready ({src.width}x{src.height} model pixels): click a handle, then its target.")
+
+    def on_click(path, points, evt: gr.SelectData):
+        if not path:
+            raise gr.Error("Upload an image first.", print_exception=False)
+        src = source_of(path)
+        k = _display_scale(src)
+        x, y = evt.index[0] // k, evt.index[1] // k
+        points = [list(p) for p in (points or [])] + [[int(x), int(y)]]
+        kind = "handle" if len(points) % 2 else "target"
+        return points_view(src, points), points, f"{kind} at ({x}, {y})" + ("" if kind == "target" else
+                                                                           " · now click its target")
+
+    def edit_points(path, points, how):
+        points = list(points or [])
+        points = points[:-1] if how == "undo" else []
+        return (points_view(source_of(path), points) if path else None), points, f"{len(points)} point(s)"
+
+    def run_drag(image, points, mask_value, prompt, lora_steps, lora_rank, lora_lr, iters, latent_lr, lam,
+                 strength, block, r1, r2, smooth, request: gr.Request):
+        session = sessions.get(request)
+        token = session.new_job()
+        painted = masks.painted(mask_value)
+
+        def render(ev, final):
+            if final:
+                r = ev.result
+                t = r.timings
+                cached = [k for k, v in r.cached.items() if v]
+                note = f" · reused: {', '.join(cached)}" if cached else ""
+                region = "" if painted is not None else " · no region painted: the whole image was editable"
+                return (ev.preview, r.source, r.image.image,
+                        f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
+                        f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
+            return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), status_line(ev)
+
+        def job():
+            src = source_of(image)
+            pts = [tuple(p) for p in (points or [])]
+            if len(pts) % 2:
+                raise InputError(f"{len(pts)} points: every handle needs a target (click one more point, or undo).")
+            handles, targets = check_points(pts[0::2], pts[1::2], src.size)
+            p = DragParams(handles, targets, prompt or "", lora_steps=lora_steps, lora_rank=lora_rank,
+                           lora_lr=lora_lr, drag_iterations=iters, latent_lr=latent_lr, mask_weight=lam,
+                           inversion_strength=strength, feature_block=block, r1=r1, r2=r2, smooth_lora=bool(smooth))
+            yield from studio.drag(src, p, painted, session.drag_cache, token, session.preview)
+
+        yield from stream(job(), render, stopped(4, 3), cancel=token)
+
+    r_image.change(on_upload, [r_image], [r_points_img, r_points, r_mask, r_status], api_visibility="private",
+                   queue=False)
+    r_points_img.select(on_click, [r_image, r_points], [r_points_img, r_points, r_status], api_visibility="private",
+                        queue=False)
+    r_undo.click(lambda path, pts: edit_points(path, pts, "undo"), [r_image, r_points],
+                 [r_points_img, r_points, r_status], api_visibility="private", queue=False)
+    r_clear.click(lambda path, pts: edit_points(path, pts, "clear"), [r_image, r_points],
+                  [r_points_img, r_points, r_status], api_visibility="private", queue=False)
+    inputs = [r_image, r_points, r_mask, r_prompt, r_lora_steps, r_lora_rank, r_lora_lr, r_iters, r_latent_lr,
+              r_lambda, r_strength, r_block, r_r1, r_r2, r_smooth]
+    # preprocessed (unlike the other image tabs): the mask editor's value must arrive as arrays; the upload was
+    # already read by the pipeline's own loader when it changed (on_upload), so a bad file never gets this far
+    event = r_run.click(run_drag, inputs, [r_preview, r_original, r_result, r_status], api_name="drag", **GPU)
+    r_stop.click(stop, None, r_status, cancels=[event], api_name="drag_stop", api_visibility="private", queue=False)
+    return DragTab(r_image, r_prompt)

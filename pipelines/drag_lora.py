@@ -1,0 +1,186 @@
+"""DragDiffusion's identity-preserving LoRA: a peft adapter on the UNet's attention projections, trained for a
+few steps on the one image with its prompt, and the bookkeeping that makes every adapter change temporary.
+
+`peft_state_restored` snapshots the UNet's peft state (which adapters exist, which layers are wrapped, their
+enabled flags, active adapters and scales) and every parameter's requires_grad; on exit (normal, error or
+cancel) it deletes adapters added inside, unwraps layers that peft wrapped for them, and puts the rest back, so
+the UNet is the same module tree computing the same outputs. Trained adapters are cached as peft state dicts.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Generator
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .events import CancelToken, Progress
+from .image_io import pil_to_tensor
+
+ADAPTER = "drag_image"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # every attention projection, self and cross (as the reference)
+BATCH = 4                                        # the reference's LoRA batch (copies of the one image)
+WEIGHT_DECAY = 1e-2                              # AdamW, as the reference
+_MISSING = object()
+
+
+def _adapters(unet) -> dict:
+    return dict(getattr(unet, "peft_config", None) or {})
+
+
+def _tuner_layers(unet) -> dict[str, BaseTunerLayer]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+@contextmanager
+def peft_state_restored(unet):
+    """Everything peft- and grad-related on `unet` is as before when the block exits, however it exits."""
+    adapters = set(_adapters(unet))
+    layers = {n: (m.disable_adapters, list(m.active_adapters), dict(getattr(m, "scaling", {})))
+              for n, m in _tuner_layers(unet).items()}
+    grads = {n: p.requires_grad for n, p in unet.named_parameters()}
+    flag = unet.__dict__.get("_hf_peft_config_loaded", _MISSING)
+    try:
+        yield
+    finally:
+        added = [a for a in _adapters(unet) if a not in adapters]
+        if added:
+            with _quiet():
+                unet.delete_adapters(added)
+        for name, layer in _tuner_layers(unet).items():
+            if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+        for name, layer in _tuner_layers(unet).items():
+            disabled, active, scaling = layers[name]
+            layer.set_adapter(active)           # also flips requires_grad: restored below
+            layer.enable_adapters(not disabled)
+            if hasattr(layer, "scaling"):
+                layer.scaling.update(scaling)
+        if not adapters:  # no adapter before: no peft bookkeeping either
+            if "peft_config" in unet.__dict__:
+                del unet.peft_config
+            if flag is _MISSING:
+                unet.__dict__.pop("_hf_peft_config_loaded", None)
+            else:
+                unet._hf_peft_config_loaded = flag
+        for name, p in unet.named_parameters():
+            p.requires_grad_(grads.get(name, False))
+
+
+@contextmanager
+def adapters_active(unet, weights: dict[str, float]):
+    """Switches exactly these adapters on at these weights, frozen (the drag only needs gradients w.r.t. the
+    latent); call inside `peft_state_restored`, which puts flags, scales and grads back."""
+    if not weights:
+        yield
+        return
+    unet.enable_lora()
+    unet.set_adapters(list(weights), [float(w) for w in weights.values()])
+    _freeze_lora(unet)
+    try:
+        yield
+    finally:
+        unet.disable_lora()
+
+
+@contextmanager
+def _quiet():
+    """peft warns that a second adapter joins a loaded one (the Smooth LoRA) and that deleting the active one
+    activates another: both are intended here (the flags are put back by peft_state_restored)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+        yield
+
+
+def _freeze_lora(unet) -> None:
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(False)
+
+
+def add_adapter(unet, rank: int, state_dict: dict | None = None, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Adds the per-image adapter (fp32 weights, so that fp16 UNets train it stably), optionally loading cached
+    weights; returns its parameters. peft draws the initial lora_A from torch's global generator: it is seeded
+    here (and the global state put back), so the same seed trains the same LoRA."""
+    if ADAPTER in _adapters(unet):
+        unet.delete_adapters(ADAPTER)
+    device = next(unet.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _quiet():
+        torch.manual_seed(int(seed))
+        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
+                                    target_modules=TARGETS), ADAPTER)
+    params = [p for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
+    for p in params:
+        p.data = p.data.float()
+    if state_dict is not None:
+        result = set_peft_model_state_dict(unet, state_dict, adapter_name=ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise RuntimeError(f"cached LoRA does not fit the UNet: {unexpected[:3]}")
+    return params
+
+
+def adapter_state(unet) -> dict[str, torch.Tensor]:
+    """The per-image adapter's weights as a CPU state dict (what the cache keeps)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in
+            get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+
+
+def train_lora(model, source, cond: torch.Tensor, others: dict[str, float], steps: int, lr: float, seed: int,
+               cancel: CancelToken | None, offset: int, total: int) -> Generator[Progress, None, list[float]]:
+    """Fine-tunes the (already added) per-image adapter: each step a batch of BATCH posterior samples of the
+    image, noised at random timesteps, with the standard noise-prediction loss (v-prediction models: v).
+    `others` are adapters (e.g. the Smooth LoRA) that stay on, frozen, while it trains. Returns the losses."""
+    unet, vae = model.unet, model.vae
+    names = {ADAPTER: 1.0, **others}
+    unet.enable_lora()
+    unet.set_adapters(list(names), list(names.values()))
+    _freeze_lora(unet)
+    params = [p for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    fp16 = model.device.type == "cuda" and model.dtype == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    noise_sched = DDPMScheduler.from_config(model.scheduler_config)
+    prediction = noise_sched.config.prediction_type
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        x = pil_to_tensor(source).to(model.device, next(vae.parameters()).dtype)
+        post = vae.encode(x).latent_dist
+        mean, std = post.mean.float(), post.std.float()
+    sf = vae.config.scaling_factor
+    batch_cond = cond.expand(BATCH, -1, -1)
+    losses = []
+    try:
+        for step in range(int(steps)):
+            if cancel is not None:
+                cancel.check()
+            # a fresh posterior sample per item: the reference's vae.encode(...).sample(), without re-encoding
+            z = (mean + std * torch.randn((BATCH, *mean.shape[1:]), generator=gen).to(mean.device)) * sf
+            noise = torch.randn(z.shape, generator=gen).to(z.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (BATCH,), generator=gen).to(z.device)
+            z_t = noise_sched.add_noise(z, noise, t)
+            with torch.enable_grad():
+                pred = unet(z_t.to(model.dtype), t, encoder_hidden_states=batch_cond).sample.float()
+                target = noise if prediction == "epsilon" else noise_sched.get_velocity(z, noise, t)
+                loss = F.mse_loss(pred, target)
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            yield Progress("training LoRA", offset + step + 1, total,
+                           message=f"LoRA step {step + 1}/{steps}: loss {losses[-1]:.4f}")
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        unet.disable_lora()
+    return losses
