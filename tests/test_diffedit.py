@@ -342,25 +342,29 @@ def test_recolour_mask_finds_the_object_on_the_embedded_model(embedded):
 
 
 def test_recolour_edit_changes_the_object_and_keeps_the_background(embedded):
+    """Three held-out scenes recoloured to red (measured: cyan, cyan and white objects read red; black reads
+    orange): at least two must read the new colour, and every output is the input, bit-exact, outside the edit."""
     from training import world
     from training.checker import check
     from training.evaluation import held_out_scenes
 
-    caption, scene = held_out_scenes(1, 1)[0]
-    target, new = _recolour(scene, caption)
-    img = world.render(scene)
-    res = run_to_end(diffedit_edit(embedded, img, DiffEditParams(target, caption, steps=20, mask_draws=4)))
-    out = np.asarray(res.edited.image)
-    found = check(out)["objects"]
-    cx, cy = scene.objects[0].centre
-    nearest = min(found, key=lambda o: (o["centre"][0] - cx) ** 2 + (o["centre"][1] - cy) ** 2)
-    assert nearest["colour"] == new
-    lat = latent_mask(res.mask, embedded.vae_factor)
-    grown = np.pad(lat, 1)
-    grown = np.any([grown[1 + dy:1 + dy + lat.shape[0], 1 + dx:1 + dx + lat.shape[1]]
-                    for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
-    ring = np.kron(grown, np.ones((embedded.vae_factor,) * 2, bool))
-    assert ring.mean() < 0.5 and np.array_equal(out[~ring], img[~ring])   # the input, bit-exact, outside
+    recoloured = 0
+    for caption, scene in held_out_scenes(3, 1):
+        target, new = _recolour(scene, caption)
+        img = world.render(scene)
+        res = run_to_end(diffedit_edit(embedded, img, DiffEditParams(target, caption, steps=20, mask_draws=4)))
+        out = np.asarray(res.edited.image)
+        found = check(out)["objects"]
+        cx, cy = scene.objects[0].centre
+        nearest = min(found, key=lambda o: (o["centre"][0] - cx) ** 2 + (o["centre"][1] - cy) ** 2)
+        recoloured += nearest["colour"] == new
+        lat = latent_mask(res.mask, embedded.vae_factor)
+        grown = np.pad(lat, 1)
+        grown = np.any([grown[1 + dy:1 + dy + lat.shape[0], 1 + dx:1 + dx + lat.shape[1]]
+                        for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+        ring = np.kron(grown, np.ones((embedded.vae_factor,) * 2, bool))
+        assert ring.mean() < 0.5 and np.array_equal(out[~ring], img[~ring])   # the input, bit-exact, outside
+    assert recoloured >= 2
 
 
 # ------------------------------------------------------------------------------------------- 8. bad input
