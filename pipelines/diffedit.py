@@ -49,6 +49,7 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
+from .masks import latent_cells, user_mask as as_user_mask
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
@@ -257,48 +258,6 @@ def diffedit_mask(model, image, p: DiffEditParams, cancel: CancelToken | None = 
 # ----------------------------------------------------------------------------------------------- user masks
 
 
-def coerce_mask(mask, size: tuple[int, int]) -> np.ndarray:
-    """A user mask -> bool (H, W) at `size` (width, height), resized with nearest.
-
-    numpy: bool (True = edit), uint8 (> 127), other integers (> 0), floats in [0, 1] (> 0.5); (H, W), or
-    (H, W, 4) (alpha) / (H, W, 1|3) (brightest channel). PIL: the alpha channel if it has one, else luminance
-    (> 127)."""
-    if isinstance(mask, Image.Image):
-        img = mask
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            band = img.convert("RGBA").getchannel("A")
-        else:
-            band = img.convert("L")
-        arr = np.asarray(band.resize(size, Image.NEAREST)) > 127
-        return arr
-    if not isinstance(mask, np.ndarray):
-        raise InputError(f"The mask must be an image or a numpy array, not {type(mask).__name__}.")
-    arr = mask
-    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
-        arr = arr[..., 3] if arr.shape[2] == 4 else arr.max(axis=2)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise InputError(f"The mask array has an unsupported shape {mask.shape}; expected (height, width).")
-    if arr.dtype == np.bool_:
-        b = arr
-    elif arr.dtype == np.uint8:
-        b = arr > 127
-    elif np.issubdtype(arr.dtype, np.integer):
-        b = arr > 0
-    elif np.issubdtype(arr.dtype, np.floating):
-        b = np.nan_to_num(arr, nan=0.0) > 0.5
-    else:
-        raise InputError(f"The mask array has an unsupported data type ({arr.dtype}).")
-    if b.shape != (size[1], size[0]):
-        b = np.asarray(Image.fromarray(b.astype(np.uint8) * 255, "L").resize(size, Image.NEAREST)) > 127
-    return b
-
-
-def latent_mask(mask: np.ndarray, f: int) -> np.ndarray:
-    """Image-resolution bool mask -> latent cells, a cell being edited if any of its pixels is."""
-    h, w = mask.shape[0] // f, mask.shape[1] // f
-    return mask[:h * f, :w * f].reshape(h, f, w, f).any(axis=(1, 3))
-
-
 def _dilate(a: np.ndarray) -> np.ndarray:
     """One-cell (3x3) binary dilation."""
     p = np.pad(a, 1)
@@ -367,7 +326,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
     p = validate_params(model, p)
     source = prepare_image(model, image)
     f = model.vae_factor
-    user_mask = None if mask is None else coerce_mask(mask, source.size)
+    user_mask = None if mask is None else as_user_mask(mask, source.size)
     if user_mask is None:
         _check_prompts_differ(p)
     elif not user_mask.any():
@@ -386,7 +345,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
             raise InputError("The mask is empty, so nothing would change: lower the threshold or paint the region "
                              "to edit.")
     else:
-        lat = latent_mask(user_mask, f)
+        lat = latent_cells(user_mask, f)
     used = _upsample(lat, f)
     cached = False
     if n == 0:

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import ddim
@@ -52,7 +51,7 @@ from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
 from .lora import SMOOTH_NAME
 from .metadata import with_metadata
-from .sdedit import _as_mask_array
+from .masks import latent_cells, user_mask
 from .stream import PreviewOptions, preview_image, stream_steps
 from .text import encode_prompt
 from .validation import check_number, resolve_seed
@@ -146,13 +145,10 @@ def prepare_drag_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.
     when any image pixel of its block is."""
     if mask is None:
         return None
-    m = _as_mask_array(mask)
-    width, height = size
-    if m.shape != (height, width):
-        m = np.asarray(Image.fromarray(m).resize((width, height), Image.NEAREST))
+    m = user_mask(mask, size)
     if not m.any() or m.all():
         return None
-    editable = F.max_pool2d(torch.from_numpy(m.astype(np.float32))[None, None], vae_factor)
+    editable = torch.from_numpy(latent_cells(m, vae_factor).astype(np.float32))[None, None]
     return m, 1.0 - editable
 
 

@@ -31,6 +31,7 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import prepare_image
+from .masks import latent_cells, user_mask
 from .latents import decode_to_pil, encode_image, initial_noise
 from .lora import lora_applied
 from .metadata import with_metadata
@@ -87,25 +88,6 @@ def check_strength(strength) -> float:
     return s
 
 
-def _as_mask_array(mask) -> np.ndarray:
-    """Any mask-like input -> bool (H, W): alpha of RGBA/LA images, otherwise nonzero pixels."""
-    if isinstance(mask, Image.Image):
-        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-            return np.asarray(mask.convert("RGBA"))[..., 3] > 0
-        return np.asarray(mask.convert("L")) > 0
-    try:
-        arr = np.asarray(mask)
-    except Exception:  # noqa: BLE001 - objects numpy cannot read
-        arr = None
-    if arr is None or arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InputError(f"The mask must be an image or an array, got {type(mask).__name__}.")
-    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
-        arr = arr[..., 3] if arr.shape[2] == 4 else arr.any(axis=2) if arr.dtype == bool else np.abs(arr).max(axis=2)
-    if arr.ndim != 2 or arr.size == 0:
-        raise InputError(f"The mask must be a 2-D image, got an array of shape {arr.shape}.")
-    return np.nan_to_num(arr.astype(np.float64)) > 0 if arr.dtype != bool else arr
-
-
 def prepare_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.ndarray, torch.Tensor] | None:
     """A user mask -> (image-resolution bool mask, latent mask (1, 1, h, w) float), or None for global SDEdit.
 
@@ -114,14 +96,10 @@ def prepare_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.ndarr
     image mask is exactly the set of pixels whose latents were regenerated. All True: global SDEdit (None)."""
     if mask is None:
         return None
-    m = _as_mask_array(mask)
-    width, height = size
-    if m.shape != (height, width):
-        m = np.asarray(Image.fromarray(m).resize((width, height), Image.NEAREST))
+    m = user_mask(mask, size)
     if not m.any():
         raise InputError("The mask is empty: paint the region to repaint, or clear the mask to edit the whole image.")
-    t = torch.from_numpy(m.astype(np.float32))[None, None]
-    lat = F.max_pool2d(t, vae_factor)
+    lat = torch.from_numpy(latent_cells(m, vae_factor).astype(np.float32))[None, None]
     if MASK_DILATION:
         lat = F.max_pool2d(lat, 2 * MASK_DILATION + 1, stride=1, padding=MASK_DILATION)
     if bool(lat.min() > 0):

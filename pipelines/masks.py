@@ -1,0 +1,41 @@
+"""User masks, shared by every masked method (DiffEdit, SDEdit, drag): any mask-like input to a bool mask at
+image size, and image masks to latent cells."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+
+def user_mask(mask, size: tuple[int, int]) -> np.ndarray:
+    """A mask -> bool (H, W) at `size` (width, height), resized with nearest. True = painted: the alpha channel of
+    images that have one (RGBA / LA / transparent P), otherwise any nonzero pixel (brightest channel of colour
+    arrays, alpha of (H, W, 4) arrays)."""
+    if isinstance(mask, Image.Image):
+        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            arr = np.asarray(mask.convert("RGBA"))[..., 3] > 0
+        else:
+            arr = np.asarray(mask.convert("L")) > 0
+    else:
+        try:
+            arr = np.asarray(mask)
+        except Exception:  # noqa: BLE001 - objects numpy cannot read
+            arr = None
+        if arr is None or arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError(f"The mask must be an image or an array, got {type(mask).__name__}.")
+        if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+            arr = arr[..., 3] if arr.shape[2] == 4 else arr.any(axis=2) if arr.dtype == bool else np.abs(arr).max(axis=2)
+        if arr.ndim != 2 or arr.size == 0:
+            raise InputError(f"The mask must be a 2-D image, got an array of shape {arr.shape}.")
+        arr = arr if arr.dtype == bool else np.nan_to_num(arr.astype(np.float64)) > 0
+    width, height = size
+    if arr.shape != (height, width):
+        arr = np.asarray(Image.fromarray(arr.astype(np.uint8) * 255, "L").resize((width, height), Image.NEAREST)) > 127
+    return arr
+
+
+def latent_cells(mask: np.ndarray, f: int) -> np.ndarray:
+    """Image-resolution bool mask -> latent cells (h, w): a cell is in when any of its f x f pixels is."""
+    h, w = mask.shape[0] // f, mask.shape[1] // f
+    return mask[:h * f, :w * f].reshape(h, f, w, f).any(axis=(1, 3))
