@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .attention import call_fallback, from_tokens, to_tokens
+
 SD15_UP_BLOCKS = 4      # SD1.5's decoder: up_blocks 0..3; the reference reads up_blocks[2] ("unet_feature_idx 3")
 SD15_SELF_LAYERS = 16   # SD1.5's transformer blocks in forward order: down 0-5, mid 6, up 7-15
 
@@ -94,23 +96,13 @@ class MutualAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
         if encoder_hidden_states is not None or not self.control.active or hidden_states.shape[0] % 2:
-            if temb is not None:
-                kwargs["temb"] = temb
-            return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+            return call_fallback(self.fallback, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 kwargs)
+        hidden_states, residual, shape = to_tokens(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         ref = hidden_states[0::2]  # keys and values come only from the reference items: half the projections
@@ -127,12 +119,7 @@ class MutualAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return from_tokens(attn, out, residual, shape)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .attention import call_fallback, from_tokens, to_tokens
 from .errors import InputError
 
 MODES = ("replace", "refine", "reweight")
@@ -382,24 +383,12 @@ class P2PAttnProcessor:
             n_query = hidden_states.shape[1]
         n_keys = encoder_hidden_states.shape[1] if is_cross else n_query
         if not self.controller.wants(is_cross, n_query, n_keys):
-            if temb is not None:
-                kwargs["temb"] = temb
-            return self.fallback(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **kwargs)
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
+            return call_fallback(self.fallback, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 kwargs)
+        hidden_states, residual, shape = to_tokens(attn, hidden_states, temb)
+        batch_size = hidden_states.shape[0]
+        sequence_length = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
@@ -418,15 +407,7 @@ class P2PAttnProcessor:
         probs = self.controller.edit(probs, is_cross, self.name)
         probs = probs.reshape(batch_size * attn.heads, *probs.shape[2:])
         hidden_states = torch.bmm(probs.to(value.dtype), value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return from_tokens(attn, attn.batch_to_head_dim(hidden_states), residual, shape)
 
 
 @contextmanager
