@@ -191,3 +191,24 @@ def test_sampling_loop_is_the_ddim_core(tiny_model):
     b = ddim.sample_scheduled(lambda x_t, t, k: ddim.guided_eps(m.unet, x_t, t, cond, uncond, 7.5), x, sched, eta=0.0)
     for sa, sb in zip(a, b):
         assert torch.equal(sa.latents, sb.latents)
+
+
+def test_an_instruct_pix2pix_folder_loads_as_the_model(tiny_model, picture, tmp_path):
+    """A folder laid out as timbrooks/instruct-pix2pix (StableDiffusionInstructPix2PixPipeline, 8-channel UNet)
+    loads through the studio's loader: it edits, and text-to-image says why it cannot."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from pipelines.generate import GenerateParams, generate
+    from pipelines.models import load_model
+
+    m = tiny_model
+    StableDiffusionInstructPix2PixPipeline(
+        vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.instruct_unet(),
+        scheduler=m.pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(tmp_path / "ip2p", safe_serialization=True)
+    loaded = run_to_end(load_model(str(tmp_path / "ip2p")))
+    assert loaded.is_instruct and loaded.instruct_unet() is loaded.unet
+    ours = edit(loaded, picture, scheduler="ddim").latents
+    assert torch.allclose(ours, edit(m, picture, scheduler="ddim").latents, atol=1e-5)
+    with pytest.raises(InputError, match="InstructPix2Pix model"):
+        run_to_end(generate(loaded, GenerateParams("a red circle", steps=2)))
