@@ -36,12 +36,12 @@ IMAGE = ROOT / "assets" / "examples" / "blue_triangle_centre.png"
 INSTRUCTION = "make the triangle red"
 
 
-def diffusers_pipe(model, scheduler):
+def diffusers_pipe(model):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.instruct_unet(),
-        scheduler=scheduler or EulerAncestralDiscreteScheduler.from_config(model.scheduler_config),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(model.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     model = run_to_end(load_model(args.model))
     unet = model.instruct_unet()
-    pipe = diffusers_pipe(model, None)
+    pipe = diffusers_pipe(model)
     source = prepare_input(model, IMAGE)
     seed = 1371
     calls = {"n": 0}

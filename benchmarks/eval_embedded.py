@@ -54,8 +54,11 @@ class Row:
 @dataclass
 class Context:
     model: object               # pipelines.models.LoadedModel
-    instruct_unet: object | None
     quick: bool
+
+    @property
+    def instruct_unet(self):
+        return self.model.instruct_unet()  # loaded on first use, then kept by the model
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -456,8 +459,7 @@ def markdown_table(records: list[dict]) -> str:
 def load(model_source: str):
     from pipelines.models import load_model
 
-    model = run_to_end(load_model(model_source))
-    return model, model.instruct_unet()
+    return run_to_end(load_model(model_source))
 
 
 def format_table(rows: list[Row]) -> str:
@@ -483,8 +485,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, instruct = load(args.model)
-    ctx = Context(model, instruct, args.quick)
+    model = load(args.model)
+    ctx = Context(model, args.quick)
     rows: list[Row] = []
     records: list[dict] = []
     names = [g.strip() for g in args.rows.split(",") if g.strip()]

@@ -8,7 +8,7 @@ before every UNet call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -96,6 +96,13 @@ def sample_scheduled(
         if after_step is not None:
             x = after_step(x, start_index + i)
         yield StepState(i, n, int(t), x, out.pred_original_sample)
+
+
+def recorded(states: Iterable[StepState], latents: list) -> Iterator[StepState]:
+    """Passes the states through, appending each step's latent to `latents` (a trajectory kept for later)."""
+    for st in states:
+        latents.append(st.latents.detach())
+        yield st
 
 
 @torch.no_grad()

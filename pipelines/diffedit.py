@@ -49,7 +49,7 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
-from .masks import latent_cells, user_mask as as_user_mask
+from .masks import cells_to_image, grow_cells, latent_cells, user_mask as as_user_mask
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
@@ -178,10 +178,6 @@ def normalise_map(raw: torch.Tensor, mode: str = "diffusers", ratio: float = CLI
     return (raw - lo).clamp(0, scale) / scale
 
 
-def _upsample(a: np.ndarray, f: int) -> np.ndarray:
-    return np.repeat(np.repeat(a, f, axis=0), f, axis=1)
-
-
 def overlay_image(source: Image.Image, mask: np.ndarray) -> Image.Image:
     """The source with the mask tinted."""
     px = np.asarray(source.convert("RGB"), dtype=np.float32)
@@ -225,8 +221,8 @@ def _estimate_mask(model, source: Image.Image, z0: torch.Tensor, p: DiffEditPara
     norm = normalise_map(raw, p.normalisation)
     latent = norm > p.threshold
     f = model.vae_factor
-    heat = _upsample(norm.cpu().numpy().astype(np.float32), f)
-    mask = _upsample(latent.cpu().numpy(), f)
+    heat = cells_to_image(norm.cpu().numpy().astype(np.float32), f)
+    mask = cells_to_image(latent.cpu().numpy(), f)
     fraction = float(mask.mean())
     params = {"task": "diffedit-mask", "prompt": p.target_prompt, "source_prompt": p.source_prompt,
               "threshold": p.threshold, "normalisation": p.normalisation, "mask_strength": p.mask_strength,
@@ -255,19 +251,6 @@ def diffedit_mask(model, image, p: DiffEditParams, cancel: CancelToken | None = 
                    message=f"mask covers {100 * result.params['mask_fraction']:.1f}% of the image")
 
 
-# ----------------------------------------------------------------------------------------------- user masks
-
-
-def _dilate(a: np.ndarray) -> np.ndarray:
-    """One-cell (3x3) binary dilation."""
-    p = np.pad(a, 1)
-    out = np.zeros_like(a)
-    for dy in range(3):
-        for dx in range(3):
-            out |= p[dy:dy + a.shape[0], dx:dx + a.shape[1]]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- the edit
 
 
@@ -285,14 +268,8 @@ def _invert(model, z0: torch.Tensor, n: int, steps: int, cache: LRUCache | None,
         return hit, True
     empty = encode_prompt(model, "")
     levels: list[torch.Tensor] = []
-
-    def record(states):
-        for st in states:
-            levels.append(st.latents)
-            yield st
-
     states = ddim.invert(model.unet, z0, empty, None, 1.0, steps, model.scheduler_config, cancel, end_index=n)
-    yield from stream_steps(model, record(states), "inverting", offset, total, preview)
+    yield from stream_steps(model, ddim.recorded(states, levels), "inverting", offset, total, preview)
     path = InvertedPath(z0, levels)
     if cache is not None:
         cache.put(key, path)
@@ -346,7 +323,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
                              "to edit.")
     else:
         lat = latent_cells(user_mask, f)
-    used = _upsample(lat, f)
+    used = cells_to_image(lat, f)
     cached = False
     if n == 0:
         edited = source.copy() if p.keep_background else decode_to_pil(model, z0)
@@ -359,7 +336,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
         z = yield from stream_steps(model, states, "editing (DiffEdit)", mask_units + n, total, preview)
         edited = decode_to_pil(model, z)
         if p.keep_background and not lat.all():
-            region = _upsample(_dilate(lat), f)[..., None]
+            region = cells_to_image(grow_cells(lat), f)[..., None]
             px = np.where(region, np.asarray(edited.convert("RGB")), np.asarray(source.convert("RGB")))
             edited = Image.fromarray(px)
     meta = {"task": "diffedit", "prompt": p.target_prompt, "negative_prompt": p.source_prompt,

@@ -201,8 +201,6 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
     `mask`: None/empty = the whole image editable, else a bool/uint8 array or PIL image of any size."""
     v = _validate(model, p)
     opts = preview or PreviewOptions()
-    if image is None or (isinstance(image, np.ndarray) and image.size == 0):
-        raise InputError("No image: upload one (or send one from Generate) first.")
     source = prepare_image(model, image)
     handles, targets = check_points(p.handles, p.targets, source.size)
     masks = prepare_drag_mask(mask, source.size, model.vae_factor)

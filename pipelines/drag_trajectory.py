@@ -1,15 +1,14 @@
 """Latent trajectories of images generated in the studio, so that dragging one skips inversion and LoRA (the
 reference's "Editing Generated Image" tab keeps every intermediate latent for the same reason).
 
-`generate(..., trajectories=cache)` records x_T and the latent after every DDIM step, with the embeddings and
-guidance, under the output image's content hash; `drag(..., cache=cache)` finds it for the same pixels. The
+`generate(..., trajectories=cache)` records (ddim.recorded) x_T and the latent after every DDIM step, with the
+embeddings and guidance, under the output image's content hash; `drag(..., cache=cache)` finds it for the same pixels. The
 trajectories share one slot of the caller's cache (their own small LRU), so a burst of generations cannot evict
 the trained LoRAs and inversions that live in the same cache.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -30,13 +29,6 @@ class Trajectory:
     prompt: str
     lora: str | None = None
     lora_strength: float = 0.0
-
-
-def recorded(states: Iterable, latents: list) -> Iterator:
-    """Passes DDIM states through, appending each step's latent to `latents`."""
-    for st in states:
-        latents.append(st.latents.detach())
-        yield st
 
 
 def _key(model, image: Image.Image) -> tuple:

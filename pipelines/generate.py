@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from . import ddim
-from .drag_trajectory import Trajectory, recorded, store_trajectory
+from .drag_trajectory import Trajectory, store_trajectory
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
@@ -66,9 +66,9 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
     x_T = initial_noise(model, seed, width, height)
     with lora_applied(model, p.lora, strength):
         states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
-        latents = [x_T]
         if trajectories is not None:
-            states = recorded(states, latents)
+            latents = [x_T]
+            states = ddim.recorded(states, latents)
         x0 = yield from stream_steps(model, states, "sampling", 0, total, preview)
     image = decode_to_pil(model, x0)
     if trajectories is not None:

@@ -28,8 +28,8 @@ from . import ddim
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult
-from .image_io import load_rgb, pil_to_tensor
-from .latents import decode_to_pil
+from .image_io import load_rgb
+from .latents import decode_to_pil, encode_image
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
@@ -98,14 +98,6 @@ def prepare_input(model, image) -> Image.Image:
     return img if img.size == size else ImageOps.fit(img, size, Image.Resampling.LANCZOS)
 
 
-@torch.no_grad()
-def image_latents(model, image: Image.Image) -> torch.Tensor:
-    """The image condition: VAE posterior mode, not scaled (what IP2P was trained on)."""
-    vae = model.vae
-    x = pil_to_tensor(image).to(model.device, next(vae.parameters()).dtype)
-    return vae.encode(x).latent_dist.mode().to(model.dtype)
-
-
 def make_scheduler(model, name: str, steps: int):
     cls = {"euler_a": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler}[name]
     sched = cls.from_config(model.scheduler_config)
@@ -150,7 +142,7 @@ def instruct_edit(model, image, p: InstructParams, cancel: CancelToken | None = 
         return
     yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}")
     cond, uncond = encode_prompt(model, p.instruction), encode_prompt(model, "")
-    img_lat = image_latents(model, source)
+    img_lat = encode_image(model, source, scaled=False)  # unscaled, as IP2P was trained
     sched = make_scheduler(model, p.scheduler, p.steps)
     gen = torch.Generator("cpu").manual_seed(p.seed)  # CPU noise: the same edit for the same seed on any device
     x = randn_tensor(img_lat.shape, generator=gen, device=model.device, dtype=model.dtype) * sched.init_noise_sigma

@@ -20,12 +20,13 @@ def initial_noise(model, seed: int, width: int, height: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(model, image: Image.Image) -> torch.Tensor:
-    """Posterior mean (deterministic, as inversion methods use), scaled to model space."""
+def encode_image(model, image: Image.Image, scaled: bool = True) -> torch.Tensor:
+    """Posterior mean (deterministic, as inversion methods use), scaled to model space; `scaled=False` gives the
+    raw VAE latent (= the posterior mode), the image condition InstructPix2Pix was trained on."""
     vae = model.vae
     x = pil_to_tensor(image).to(model.device, next(vae.parameters()).dtype)
-    z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-    return z.to(model.dtype)
+    z = vae.encode(x).latent_dist.mean
+    return (z * vae.config.scaling_factor if scaled else z).to(model.dtype)
 
 
 @torch.no_grad()

@@ -39,3 +39,19 @@ def latent_cells(mask: np.ndarray, f: int) -> np.ndarray:
     """Image-resolution bool mask -> latent cells (h, w): a cell is in when any of its f x f pixels is."""
     h, w = mask.shape[0] // f, mask.shape[1] // f
     return mask[:h * f, :w * f].reshape(h, f, w, f).any(axis=(1, 3))
+
+
+def cells_to_image(cells: np.ndarray, f: int) -> np.ndarray:
+    """Latent cells (h, w) -> image resolution (h f, w f), each cell an f x f block (values kept)."""
+    return np.repeat(np.repeat(cells, f, axis=0), f, axis=1)
+
+
+def grow_cells(cells: np.ndarray, r: int = 1) -> np.ndarray:
+    """Bool cells dilated by r cells in every direction (diagonals included): the seam around an edited region."""
+    out = cells.copy()
+    padded = np.pad(cells, r)
+    h, w = cells.shape
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out

@@ -23,7 +23,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import ddim
@@ -31,7 +30,7 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import prepare_image
-from .masks import latent_cells, user_mask
+from .masks import cells_to_image, grow_cells, latent_cells, user_mask
 from .latents import decode_to_pil, encode_image, initial_noise
 from .lora import lora_applied
 from .metadata import with_metadata
@@ -99,13 +98,10 @@ def prepare_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.ndarr
     m = user_mask(mask, size)
     if not m.any():
         raise InputError("The mask is empty: paint the region to repaint, or clear the mask to edit the whole image.")
-    lat = torch.from_numpy(latent_cells(m, vae_factor).astype(np.float32))[None, None]
-    if MASK_DILATION:
-        lat = F.max_pool2d(lat, 2 * MASK_DILATION + 1, stride=1, padding=MASK_DILATION)
-    if bool(lat.min() > 0):
+    cells = grow_cells(latent_cells(m, vae_factor), MASK_DILATION)
+    if cells.all():
         return None
-    full = F.interpolate(lat, scale_factor=vae_factor, mode="nearest")[0, 0].numpy() > 0
-    return full, lat
+    return cells_to_image(cells, vae_factor), torch.from_numpy(cells.astype(np.float32))[None, None]
 
 
 def denoise(unet, z0: torch.Tensor, noise: torch.Tensor, cond, uncond, guidance: float, steps: int,

@@ -14,9 +14,10 @@ from pipelines import ddim
 from pipelines.errors import InputError
 from pipelines.events import Cancelled, CancelToken, run_to_end
 from pipelines.instruct import (
-    RANDOM_IMAGE_GUIDANCE, RANDOM_SEED_MAX, RANDOM_TEXT_GUIDANCE, InstructParams, image_latents, instruct_edit,
+    RANDOM_IMAGE_GUIDANCE, RANDOM_SEED_MAX, RANDOM_TEXT_GUIDANCE, InstructParams, instruct_edit,
     instruct_eps, instruct_size, prepare_input, size_multiple,
 )
+from pipelines.latents import encode_image
 from pipelines.text import encode_prompt
 
 STEPS = 4
@@ -77,7 +78,7 @@ def test_image_guidance_below_one_still_guides(tiny_model, picture):
     m, unet = tiny_model, tiny_model.instruct_unet()
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond, uncond = encode_prompt(m, "make it blue"), encode_prompt(m, "")
-    img = image_latents(m, prepare_input(m, picture))
+    img = encode_image(m, prepare_input(m, picture), scaled=False)
     t = torch.tensor(500)
     with torch.no_grad():
         got = instruct_eps(unet, x, t, cond, uncond, img, 7.5, 0.5)
