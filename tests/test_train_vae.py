@@ -44,6 +44,21 @@ def test_resume_continues_steps_weights_and_optimizer(run):
     assert any(k.endswith(".exp_avg_sq") for k in optimizer)
 
 
+def test_explicit_cpu_device_stops_and_resumes_exactly_like_the_default(run, tmp_path):
+    """--device cpu given explicitly (the default) draws the same numbers in the same order: its stopped and
+    resumed run ends on the default run's weights and Adam state to the bit, and the checkpoint records it."""
+    out = tmp_path / "cpu"
+    with torch.random.fork_rng():
+        main(["--out", str(out), "--steps", "3", "--device", "cpu", *TINY])
+        main(["--out", str(out), "--steps", "5", "--resume", "--device", "cpu", *TINY])
+    for name in ("model", "optimizer"):
+        mine = load_file(out / "checkpoint" / f"{name}.safetensors")
+        default = load_file(run[0] / "checkpoint" / f"{name}.safetensors")
+        assert mine.keys() == default.keys() and all(torch.equal(mine[k], default[k]) for k in mine), name
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (state["step"], state["args"]["device"]) == (5, "cpu")
+
+
 def test_outputs_are_safetensors_and_load_in_diffusers(run):
     from diffusers import AutoencoderKL
 

@@ -3,6 +3,10 @@
 A checkpoint folder holds one `<name>.safetensors` per module state dict, `optimizer.safetensors` (flat
 optimizer state) and `state.json` (step, elapsed time, rng states, args, optimizer hyper-parameters). It is
 written to a side folder and swapped in, so a stop mid-write never leaves a broken checkpoint.
+
+Checkpoints are device-independent: tensors are saved from the CPU, module state dicts load onto the CPU (a
+module's `load_state_dict` copies them onto its own device) and optimizer states follow their parameters onto
+theirs, so a run started with `--device cuda` resumes with `--device cpu` and vice versa.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {f"state.{i}.{k}": v.detach().to("cpu", copy=True).contiguous() if torch.is_tensor(v)
+               else torch.tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -37,7 +41,7 @@ def save(out: Path, modules: dict[str, dict], opt: torch.optim.Optimizer, rng: n
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name, sd in modules.items():
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, partial / f"{name}.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, partial / f"{name}.safetensors")
     opt_tensors, opt_meta = flatten_optimizer(opt)
     save_file(opt_tensors, partial / "optimizer.safetensors")
     full = {**state, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state().tolist(),
@@ -68,5 +72,8 @@ def load(out: Path, opt: torch.optim.Optimizer | None, rng: np.random.Generator)
 
 
 def load_optimizer(out: Path, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Restores the optimizer saved beside `state`. Its tensors load on the CPU; torch's load_state_dict moves
+    each state (AdamW's exp_avg, exp_avg_sq) onto its parameter's device and dtype, and keeps `step` on the
+    CPU as a non-fused, non-capturable AdamW keeps it: so build the optimizer on the already-moved modules."""
     folder = out / "checkpoint" if (out / "checkpoint").is_dir() else out / "checkpoint.old"
     opt.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))

@@ -3,7 +3,8 @@ core, read the images back with `training.checker`, and compare with the ground 
 
 Shared by the trainers (a quick look during training) and `benchmarks/eval_embedded.py` (the full table).
 Everything here takes plain modules (unet, text encoder, tokenizer, vae), so it works on a model being
-trained as well as on a loaded `LoadedModel`.
+trained as well as on a loaded `LoadedModel`, on any device: inputs are made on the CPU and moved to each
+module's device, and images come back to the CPU as numpy.
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ def embed(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def decode(vae, z: torch.Tensor) -> np.ndarray:
     """Latents (scaled as the UNet sees them) -> (B, H, W, 3) uint8."""
-    x = vae.decode(z / vae.config.scaling_factor).sample
+    x = vae.decode(z.to(vae.device) / vae.config.scaling_factor).sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
 def encode(vae, images: np.ndarray, scaled: bool = True) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> latents (posterior mean), times the scaling factor unless scaled=False (the
-    form InstructPix2Pix takes its input image in)."""
+    """(B, H, W, 3) uint8 -> latents (posterior mean, on the VAE's device), times the scaling factor unless
+    scaled=False (the form InstructPix2Pix takes its input image in)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
     return z * vae.config.scaling_factor if scaled else z
@@ -65,8 +66,8 @@ def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds
     out = []
     for i in range(0, len(prompts), chunk):
         p, s = prompts[i:i + chunk], seeds[i:i + chunk]
-        cond = embed(text_encoder, tokenizer, p)
-        uncond = embed(text_encoder, tokenizer, [""] * len(p))
+        cond = embed(text_encoder, tokenizer, p).to(unet.device)
+        uncond = embed(text_encoder, tokenizer, [""] * len(p)).to(unet.device)
         x = noise_for(s, (unet.config.in_channels, size, size), unet.device).to(unet.dtype)
         for state in ddim.sample(unet, x, cond, uncond, guidance, steps, scheduler_config):
             x = state.latents
@@ -124,9 +125,9 @@ def edit_batch(unet, text_encoder, tokenizer, vae, images: np.ndarray, instructi
     out = []
     for i in range(0, len(images), chunk):
         ins, s = instructions[i:i + chunk], seeds[i:i + chunk]
-        image_latents = encode(vae, images[i:i + chunk], scaled=False).to(unet.dtype)
-        cond = embed(text_encoder, tokenizer, ins)
-        uncond = embed(text_encoder, tokenizer, [""] * len(ins))
+        image_latents = encode(vae, images[i:i + chunk], scaled=False).to(unet.device, unet.dtype)
+        cond = embed(text_encoder, tokenizer, ins).to(unet.device)
+        uncond = embed(text_encoder, tokenizer, [""] * len(ins)).to(unet.device)
         x = noise_for(s, image_latents.shape[1:], unet.device).to(unet.dtype)
 
         def eps(x_t, t, _k):

@@ -1,4 +1,4 @@
-"""What every trainer here shares about a run: its set-up (threads, output folder, seeds) and its
+"""What every trainer here shares about a run: its set-up (threads, device, output folder, seeds) and its
 budget-based schedule. A budget (--steps and/or --minutes) is for the WHOLE run, resumed parts included, so
 the learning rate follows the same curve whether or not the run was interrupted."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every: int, eval_every: int
                ) -> argparse.ArgumentParser:
-    """The arguments every trainer takes (output, budget, optimiser basics, seed, resume, cadence, threads);
-    each trainer adds its own and finishes with `parse_run_args`."""
+    """The arguments every trainer takes (output, budget, optimiser basics, seed, resume, cadence, threads,
+    device); each trainer adds its own and finishes with `parse_run_args`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, help="total training wall time (whole run)")
@@ -27,6 +27,9 @@ def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
     p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on (cpu, cuda, cuda:0, ...); data is made on the CPU and moved, "
+                        "random draws stay on the CPU, checkpoints are device-independent")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -36,16 +39,47 @@ def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) 
     args = p.parse_args(argv)
     if args.minutes is None and args.steps is None and not (unless and getattr(args, unless)):
         p.error("give --minutes or --steps")
+    problem = device_problem(args.device)
+    if problem:
+        p.error(problem)
     return args
 
 
+def device_problem(name: str) -> str | None:
+    """Why --device `name` cannot be used here (None if it can): checked before any work starts."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {name}: not a torch device ({e})"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            return (f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False; torch "
+                    f"{torch.__version__}, {build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available here; use --device cpu"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: only cpu, cuda[:N] and mps are supported"
+    return None
+
+
 def start_run(args) -> tuple[Path, np.random.Generator]:
-    """Threads, output folder and seeds from the common arguments; returns (out, numpy generator)."""
+    """Threads, output folder and seeds from the common arguments; returns (out, numpy generator). Every
+    torch draw of the training steps is made on the CPU generator seeded here (and moved to --device), so a
+    run draws the same numbers on any device and resumes from the CPU rng state in its checkpoint."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     return out, np.random.default_rng(args.seed)
+
+
+def cpu_randn(like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn from torch's CPU generator and moved to `like`'s device
+    (on the CPU exactly torch.randn_like(like))."""
+    return torch.randn(like.shape, dtype=like.dtype).to(like.device)
 
 
 def progress_of(args, step: int, elapsed: float) -> float:

@@ -10,6 +10,9 @@ from `training.world.make_edit` on training seeds, all five edit kinds. Conditio
 
 Writes into --out: checkpoint/ (resume), history.jsonl (held-out edit success), unet/ (diffusers folder,
 EMA weights, 8 input channels).
+
+`--device cuda` trains on a GPU (cached latents stay on the CPU; batches, dropout draws, noise and timesteps
+are drawn there as on a CPU run, then moved); checkpoints are device-independent.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ def instruct_unet_from(base_unet):
 
 @torch.no_grad()
 def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bool) -> dict:
-    """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids."""
+    """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids. Encodes on
+    the VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "triplets.safetensors"
     if path.is_file():
         cached = load_file(path)
@@ -90,8 +94,8 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
             scene = world.sample_scene(s)
             edit = world.make_edit(scene, rng)
             before.append(world.render(scene)), after.append(world.render(edit.scene)), texts.append(edit.instruction)
-        sources.append(evaluation.encode(vae, np.stack(before), scaled=False).half())
-        targets.append(evaluation.encode(vae, np.stack(after)).half())
+        sources.append(evaluation.encode(vae, np.stack(before), scaled=False).half().cpu())
+        targets.append(evaluation.encode(vae, np.stack(after)).half().cpu())
         ids.append(tokenizer(texts, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.int())
         done += len(texts)
@@ -123,16 +127,19 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     out, rng = start_run(args)
+    device = torch.device(args.device)
     base = Path(args.base)
-    vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or base / "tokenizer")
     data = build_data(out / "data", vae, tokenizer, args.samples, args.seed, not args.no_progress)
     if args.data_only:
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
     text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)
+    text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
-    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    unet.to(device)  # before the optimizer: its states (and those it resumes) live beside the parameters
+    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
         empty_emb = text_encoder(empty)[0]
 
@@ -151,7 +158,7 @@ def main(argv=None) -> dict:
     ema = copy.deepcopy(unet).requires_grad_(False)
     if args.resume:
         ema.load_state_dict(modules["ema_unet"])
-    alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float()
+    alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
 
     def save():
         checkpoint.save(out, {"unet": unet.state_dict(), "ema_unet": ema.state_dict()}, opt, rng,
@@ -165,10 +172,10 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = group["mult"] * lr_at(args, step, progress_of(args, step, time.time() - start), LR_FLOOR)
         idx = torch.from_numpy(rng.integers(0, len(target), args.batch))
-        z0, image = target[idx].float(), source[idx].float()
+        z0, image = target[idx].float().to(device), source[idx].float().to(device)
         with torch.no_grad():
-            emb = text_encoder(ids_all[idx])[0]
-        u = torch.from_numpy(rng.random(args.batch))
+            emb = text_encoder(ids_all[idx].to(device))[0]
+        u = torch.from_numpy(rng.random(args.batch)).to(device)
         drop_text = u < DROP_TEXT + DROP_BOTH
         drop_image = (u >= DROP_TEXT) & (u < DROP_TEXT + DROP_BOTH + DROP_IMAGE)
         emb[drop_text] = empty_emb

@@ -12,7 +12,8 @@ text leaves out are not asked for. The heads are thrown away: the UNet (`train_u
 InstructPix2Pix (`train_instruct.py --text-encoder`) use the encoder frozen, as SD uses CLIP.
 
 Writes into --out: text_encoder/ and tokenizer/ (transformers folders), heads.safetensors, history.jsonl
-(held-out accuracy per fact), checkpoint/ (resume).
+(held-out accuracy per fact), checkpoint/ (resume). `--device cuda` trains on a GPU (texts and labels are
+made on the CPU, batches moved); checkpoints are device-independent.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ class FactHeads(torch.nn.Module):
 def token_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """True up to and including the first end token (what a causal encoder has seen of the text)."""
     first_eos = (ids == eos).int().argmax(1)
-    return torch.arange(ids.shape[1])[None] <= first_eos[:, None]
+    return torch.arange(ids.shape[1], device=ids.device)[None] <= first_eos[:, None]
 
 
 def fact_losses(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -173,6 +174,7 @@ def fact_losses(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def accuracy(text_encoder, heads, ids, labels, eos: int) -> dict[str, float]:
+    ids, labels = ids.to(text_encoder.device), labels.to(text_encoder.device)
     logits = heads(text_encoder(ids)[0], token_mask(ids, eos))
     out = {}
     for i, (fact, lg) in enumerate(zip(FACTS, logits)):
@@ -185,6 +187,7 @@ def accuracy(text_encoder, heads, ids, labels, eos: int) -> dict[str, float]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, rng = start_run(args)
+    device = torch.device(args.device)
     tokenizer = build_tokenizer(out / "tokenizer")
     count = 600 if args.tiny else args.samples
     texts, labels = build_texts(count, args.seed)
@@ -197,6 +200,7 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_token_id
     text_encoder = text_encoder_for(TINY_TEXT if args.tiny else TEXT_ARCH, len(tokenizer))
     heads = FactHeads(text_encoder.config.hidden_size)
+    text_encoder.to(device), heads.to(device)  # before the optimizer: its states live beside the parameters
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
@@ -217,8 +221,8 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), 0.05)
         idx = torch.from_numpy(rng.integers(0, len(ids), args.batch))
-        batch = ids[idx]
-        loss = fact_losses(heads(text_encoder(batch)[0], token_mask(batch, eos)), labels[idx])
+        batch = ids[idx].to(device)
+        loss = fact_losses(heads(text_encoder(batch)[0], token_mask(batch, eos)), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -241,7 +245,7 @@ def main(argv=None) -> dict:
     text_encoder.eval()
     row = {"step": step, "loss": running, **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    save_file(heads.state_dict(), out / "heads.safetensors")
+    save_file({k: v.cpu() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
     print(json.dumps(row), flush=True)
     return row
 

@@ -11,6 +11,9 @@ Latents come from the frozen VAE encoder once, cached in --out/data (safetensors
 
 Writes into --out: checkpoint/ (resume), history.jsonl (held-out checker accuracy as training goes),
 model/ (a complete diffusers StableDiffusionPipeline folder with the EMA weights).
+
+`--device cuda` trains on a GPU (the cached latents stay on the CPU; each batch, its noise and timesteps are
+drawn there as on a CPU run, then moved); checkpoints are device-independent.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import cpu_randn, lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -128,7 +131,8 @@ def build_models(args, vocab_size: int):
 
 @torch.no_grad()
 def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bool) -> dict:
-    """Caches (latents, token ids) of `count` training-split scenes; reused when already there."""
+    """Caches (latents, token ids) of `count` training-split scenes; reused when already there. Encodes on the
+    VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "latents.safetensors"
     if path.is_file():
         cached = load_file(path)
@@ -143,7 +147,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
         if not chunk:
             break
         images = np.stack([im for im, _, _ in chunk])
-        latents.append(evaluation.encode(vae, images).half())
+        latents.append(evaluation.encode(vae, images).half().cpu())
         ids.append(tokenizer([t for _, t, _ in chunk], padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.int())
         bar.update(len(chunk))
@@ -190,9 +194,10 @@ def draw_timesteps(n: int, total: int, high_share: float) -> torch.Tensor:
 
 
 def noised(z0: torch.Tensor, alphas_cumprod: torch.Tensor, high_t_share: float):
-    """(z_t, t, noise): clean latents noised at drawn timesteps, as DDPM/SD training does."""
-    t = draw_timesteps(len(z0), len(alphas_cumprod), high_t_share)
-    noise = torch.randn_like(z0)
+    """(z_t, t, noise): clean latents noised at drawn timesteps, as DDPM/SD training does. t and the noise are
+    drawn from the CPU generator (in this order) and moved to z0's device."""
+    t = draw_timesteps(len(z0), len(alphas_cumprod), high_t_share).to(z0.device)
+    noise = cpu_randn(z0)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
 
@@ -251,8 +256,9 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     out, rng = start_run(args)
+    device = torch.device(args.device)
 
-    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False).to(device)
     if args.text_encoder:
         from transformers import CLIPTokenizer
 
@@ -274,6 +280,7 @@ def main(argv=None) -> dict:
         from diffusers import UNet2DConditionModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_unet).float().state_dict())
+    unet.to(device), text_encoder.to(device)  # before the optimizer: its states live beside the parameters
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
@@ -294,7 +301,7 @@ def main(argv=None) -> dict:
         _load_grown(ema_unet, modules["ema_unet"])
         if train_text:
             ema_text.load_state_dict(modules["ema_text_encoder"])
-    alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float()
+    alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
 
     def save():
         modules = {"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict()}
@@ -314,8 +321,8 @@ def main(argv=None) -> dict:
         idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
-        loss = diffusion_loss(unet, text_encoder, alphas_cumprod, latents[idx].float(), ids, args.high_t_share,
-                              args.max_weight)
+        loss = diffusion_loss(unet, text_encoder, alphas_cumprod, latents[idx].float().to(device), ids.to(device),
+                              args.high_t_share, args.max_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

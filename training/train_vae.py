@@ -10,6 +10,7 @@ stays exactly as stage 1 left it, so the UNet can train on stage-1 latents while
 
 --steps / --minutes are the budget of the WHOLE run (resumed parts included), so the learning-rate
 schedule is the same whether or not the run was interrupted. Checkpoints are safetensors + JSON only.
+`--device cuda` trains on a GPU (batches are made on the CPU and moved); checkpoints are device-independent.
 
 Writes into --out:
   checkpoint/   model.safetensors, optimizer.safetensors, state.json (step, time, rng states, args)
@@ -36,7 +37,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, data  # noqa: E402
-from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import cpu_randn, lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--photo-fraction", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on image gradients (sharp world edges)")
+    p.add_argument("--anchor-weight", type=float, default=0.0,
+                   help="with --init-from: MSE between the posterior means and the initial encoder's (in scaled "
+                        "latent units), so a fine-tuned encoder keeps the latent space the UNets were trained on")
     p.add_argument("--eval-world", type=int, default=256, help="held-out world images in the final eval")
     p.add_argument("--scale-images", type=int, default=384, help="training images for the scaling factor")
     p.add_argument("--tiny", action="store_true", help="a tiny model and evaluation, for tests")
@@ -88,21 +92,40 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(vae, images: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    out = [vae.decode(vae.encode(images[i:i + chunk]).latent_dist.mean).sample for i in range(0, len(images), chunk)]
+    """Encode + decode (posterior mean) on the VAE's device, chunk by chunk; back on the images' device."""
+    out = [vae.decode(vae.encode(images[i:i + chunk].to(vae.device)).latent_dist.mean).sample.to(images.device)
+           for i in range(0, len(images), chunk)]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate(vae, world_images: torch.Tensor, photo_images: torch.Tensor) -> dict:
+def shape_round_trip(vae, count: int = 64) -> float:
+    """Share of held-out one-object renders whose shape the checker still reads after encode + decode: the
+    ceiling on text-to-image shape accuracy (a blurry VAE turns small squares and stars into blobs)."""
+    from training import evaluation, world
+
+    items = evaluation.held_out_scenes(count, 1)
+    renders = np.stack([world.render(s) for _, s in items])
+    trips = evaluation.decode(vae, evaluation.encode(vae, renders))
+    hits = []
+    for image, (_, scene) in zip(trips, items):
+        found = evaluation.nearest(evaluation.check(image)["objects"], scene.objects[0].centre)
+        hits.append(found is not None and found["shape"] == scene.objects[0].shape)
+    return float(np.mean(hits))
+
+
+@torch.no_grad()
+def evaluate(vae, world_images: torch.Tensor, photo_images: torch.Tensor, shapes: int = 64) -> dict:
     was_training = vae.training
     vae.eval()
     w = psnr_per_image(reconstruct(vae, world_images), world_images)
     p = psnr_per_image(reconstruct(vae, photo_images), photo_images)
+    shape = shape_round_trip(vae, shapes)
     vae.train(was_training)
     return {"world_psnr": round(float(w.mean()), 3), "world_psnr_p10": round(float(w.quantile(0.1)), 3),
             "world_psnr_min": round(float(w.min()), 3), "world_images": len(w),
             "photo_psnr": round(float(p.mean()), 3), "photo_psnr_min": round(float(p.min()), 3),
-            "photo_images": len(p)}
+            "photo_images": len(p), "shape_round_trip": round(shape, 3), "shape_scenes": shapes}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -128,11 +151,18 @@ def load_checkpoint(out: Path, vae, opt, rng: np.random.Generator) -> dict:
 LR_FLOOR = 0.02  # cosine decay to 2% of --lr
 
 
-def loss_fn(vae, x: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(vae, x: torch.Tensor, args, anchor=None) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.set_grad_enabled(not args.freeze_encoder):
         posterior = vae.encode(x).latent_dist
-    y = vae.decode(posterior.sample()).sample
+    # posterior.sample() as diffusers draws it, but always from the CPU generator (then moved): the same
+    # numbers on any device, and a resumed run goes on from the CPU rng state its checkpoint holds
+    y = vae.decode(posterior.mean + posterior.std * cpu_randn(posterior.mean)).sample
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
+    if anchor is not None and args.anchor_weight:
+        with torch.no_grad():
+            old = anchor.encode(x).latent_dist.mean
+        scale = anchor.config.scaling_factor
+        loss = loss + args.anchor_weight * F.mse_loss(posterior.mean * scale, old * scale)
     # SD's LDM weighs KL 1e-6 against a per-pixel SUM of reconstruction error; our terms are per-pixel
     # means, so divide the per-image KL sum by the pixel count to keep SD's (tiny) balance.
     loss = loss + args.kl_weight * posterior.kl().mean() / x[0].numel()
@@ -148,7 +178,7 @@ def scaling_factor(vae, args) -> float:
     rng = np.random.default_rng(args.seed + 12345)  # its own stream: training draws stay the same
     images = data.mixed_batch(rng, args.scale_images, args.photo_fraction)
     vae.eval()
-    z = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    z = torch.cat([vae.encode(images[i:i + 64].to(vae.device)).latent_dist.mean for i in range(0, len(images), 64)])
     return float(1.0 / z.std())
 
 
@@ -165,7 +195,7 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
     partial.rename(final)
     fit_previewer(vae).save(out)
     size = sum(f.stat().st_size for f in final.glob("*.safetensors"))
-    report = {"step": step, "train_minutes": round(elapsed / 60, 2), **evaluate(vae, world_eval, photo_eval),
+    report = {"step": step, "train_minutes": round(elapsed / 60, 2), **evaluate(vae, world_eval, photo_eval, 8 if args.tiny else 128),
               "scaling_factor": float(vae.config.scaling_factor),
               "params": sum(p.numel() for p in vae.parameters()), "safetensors_mb": round(size / 1e6, 2),
               "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in arch_of(args).items()},
@@ -177,6 +207,7 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, rng = start_run(args)
+    device = torch.device(args.device)
     if args.init_from:
         from diffusers import AutoencoderKL
 
@@ -186,9 +217,15 @@ def main(argv=None) -> dict:
                          norm_num_groups=cfg.norm_num_groups)
     else:
         vae = build_vae(arch_of(args))
+    anchor = None
+    if args.anchor_weight and args.init_from and not args.freeze_encoder:
+        from diffusers import AutoencoderKL
+
+        anchor = AutoencoderKL.from_pretrained(args.init_from).eval().requires_grad_(False).to(device)
     if args.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
+    vae.to(device)  # before the optimizer, so its states (and those it resumes) live beside the parameters
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     step, elapsed, running = 0, 0.0, None
     if args.resume:
@@ -205,8 +242,8 @@ def main(argv=None) -> dict:
         progress = progress_of(args, step, time.time() - start)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress, LR_FLOOR)
-        x = data.mixed_batch(rng, args.batch, args.photo_fraction)
-        loss, y = loss_fn(vae, x, args)
+        x = data.mixed_batch(rng, args.batch, args.photo_fraction).to(device)
+        loss, y = loss_fn(vae, x, args, anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
@@ -218,7 +255,7 @@ def main(argv=None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{running:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
         if step % args.eval_every == 0:
             row = {"step": step, "minutes": round((time.time() - start) / 60, 2),
-                   **evaluate(vae, world_eval[:eval_world], photo_eval), "train_psnr_running": round(running, 3)}
+                   **evaluate(vae, world_eval[:eval_world], photo_eval, 8 if args.tiny else 64), "train_psnr_running": round(running, 3)}
             with history.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.write(json.dumps(row))
