@@ -69,6 +69,10 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                         r_r1 = gr.Slider(0, 5, value=1, step=1, label="r1 (supervision patch)")
                         r_r2 = gr.Slider(1, 10, value=3, step=1, label="r2 (tracking radius)")
                     r_smooth = gr.Checkbox(False, label="Use the Smooth LoRA during the drag (load it in 'Model and LoRA')")
+                    r_warm = gr.Checkbox(False, label="Warm start: carry the painted region along the drag first",
+                                         info="The optimisation then only corrects it: far fewer iterations, and "
+                                              "colours hold on long drags and small images. Needs a painted region.",
+                                         elem_id="drag-warm")
                 with gr.Row():
                     r_undo = gr.Button("Undo last point", elem_id="drag-undo")
                     r_clear = gr.Button("Clear points", elem_id="drag-clear")
@@ -117,7 +121,7 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
         return (points_view(source_of(path), points) if path else None), points, f"{len(points)} point(s)"
 
     def run_drag(image, points, mask_value, prompt, lora_steps, lora_rank, lora_lr, iters, latent_lr, lam,
-                 strength, block, r1, r2, smooth, request: gr.Request):
+                 strength, block, r1, r2, smooth, warm, request: gr.Request):
         session = sessions.get(request)
         token = session.new_job()
         painted = masks.painted(mask_value)
@@ -129,6 +133,9 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                 cached = [k for k, v in r.cached.items() if v]
                 note = f" · reused: {', '.join(cached)}" if cached else ""
                 region = "" if painted is not None else " · no region painted: the whole image was editable"
+                if warm:
+                    region += (" · warm start" if r.params.get("warm_start") else
+                               " (so no warm start: paint the region to carry)")
                 return (ev.preview, r.source, r.image.image,
                         f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
                         f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
@@ -142,7 +149,8 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
             handles, targets = check_points(pts[0::2], pts[1::2], src.size)
             p = DragParams(handles, targets, prompt or "", lora_steps=lora_steps, lora_rank=lora_rank,
                            lora_lr=lora_lr, drag_iterations=iters, latent_lr=latent_lr, mask_weight=lam,
-                           inversion_strength=strength, feature_block=block, r1=r1, r2=r2, smooth_lora=bool(smooth))
+                           inversion_strength=strength, feature_block=block, r1=r1, r2=r2, smooth_lora=bool(smooth),
+                           warm_start=bool(warm))
             yield from studio.drag(src, p, painted, session.drag_cache, token, session.preview)
 
         yield from stream(job(), render, stopped(4, 3), cancel=token)
@@ -156,7 +164,7 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
     r_clear.click(lambda path, pts: edit_points(path, pts, "clear"), [r_image, r_points],
                   [r_points_img, r_points, r_status], api_visibility="private", queue=False)
     inputs = [r_image, r_points, r_mask, r_prompt, r_lora_steps, r_lora_rank, r_lora_lr, r_iters, r_latent_lr,
-              r_lambda, r_strength, r_block, r_r1, r_r2, r_smooth]
+              r_lambda, r_strength, r_block, r_r1, r_r2, r_smooth, r_warm]
     # preprocessed (unlike the other image tabs): the mask editor's value must arrive as arrays; the upload was
     # already read by the pipeline's own loader when it changed (on_upload), so a bad file never gets this far
     event = r_run.click(run_drag, inputs, [r_preview, r_original, r_result, r_status], api_name="drag", **GPU)

@@ -98,13 +98,20 @@ def drag_success(model, n: int = 6, start: int = 0, seed: int = 0, tolerance: fl
     "reconstruction_found", "n", "cases": [...], "settings"}. With `baseline`, each scene is first run with no drag
     iteration (same LoRA and inversion, from the cache): whether the checker still finds the object where it was
     bounds what any drag can score on this model."""
+    return drag_success_many(model, {"": overrides}, n, start, seed, tolerance, log, baseline)[""]
+
+
+def drag_success_many(model, configs: dict[str, dict], n: int = 6, start: int = 0, seed: int = 0,
+                      tolerance: float = 0.10, log=None, baseline: bool = False) -> dict[str, dict]:
+    """drag_success for several settings on the same scenes and targets: {name: overrides} -> {name: result}.
+    Each scene's LoRA and inversion are shared by the settings that agree on them (one cache per scene)."""
     from PIL import Image
 
     from training import world
     from training.evaluation import held_out_scenes
 
     rng = np.random.default_rng(seed)
-    cases = []
+    cases: dict[str, list] = {name: [] for name in configs}
     for k, (caption, scene) in enumerate(held_out_scenes(n, 1, start=start)):
         obj, size = scene.objects[0], scene.size
         target = _target_for(obj, size, rng)
@@ -112,52 +119,60 @@ def drag_success(model, n: int = 6, start: int = 0, seed: int = 0, tolerance: fl
             continue
         image = world.render(scene)
         region = _editable(scene, target)
-        p = DragParams([obj.centre], [target], caption, **overrides)
-        cache = LRUCache(4)
-        recon_found = None
-        if baseline:
-            still = run_to_end(drag(model, Image.fromarray(image), replace(p, drag_iterations=0), region, cache))
-            same, _ = _found(np.asarray(still.image.image.convert("RGB")), obj.colour, obj.centre)
-            recon_found = same is not None and math.dist(same["centre"], obj.centre) <= tolerance * size
-        t0 = time.perf_counter()
-        res = run_to_end(drag(model, Image.fromarray(image), p, region, cache))
-        out = np.asarray(res.image.image.convert("RGB"))
-        best, anything = _found(out, obj.colour, target)
-        err = math.dist(best["centre"], target) / size if best is not None else float("inf")
-        err_any = math.dist(anything["centre"], target) / size if anything is not None else float("inf")
-        # how much of the asked displacement the object made (1 = all of it), so that short drags that barely
-        # move the object are not mistaken for good ones
-        d = np.subtract(target, obj.centre)
-        moved = float(np.dot(np.subtract(best["centre"], obj.centre), d) / np.dot(d, d)) if best is not None else 0.0
-        case = {
-            "caption": caption, "handle": [round(c, 1) for c in obj.centre], "target": [round(c, 1) for c in target],
-            "distance": round(math.dist(obj.centre, target) / size, 3),
-            "found": [round(c, 1) for c in best["centre"]] if best is not None else None,
-            "error": round(err, 3), "success": bool(err <= tolerance), "moved": round(moved, 2),
-            "success_any_colour": bool(err_any <= tolerance), "reconstruction_found": recon_found,
-            "psnr_outside": round(psnr_outside(out, image, region), 2),
-            "tracked": [[round(c, 1) for c in h] for h in res.handles], "reached": res.params["reached"],
-            "iterations": res.params["iterations_run"], "seconds": round(time.perf_counter() - t0, 1),
-        }
-        cases.append(case)
-        if log:
-            log(f"  {k + 1}/{n} {caption!r}: error {case['error']:.3f} of the image "
-                f"(any colour {min(err_any, 9):.3f}; round trip finds it: {recon_found}) "
-                f"({'ok' if case['success'] else 'MISS'}), moved {case['moved']:.2f} of the way, "
-                f"PSNR outside {case['psnr_outside']:.1f} dB, "
-                f"{case['iterations']} it, {case['seconds']} s")
-    ok = [c["success"] for c in cases]
-    ps = [c["psnr_outside"] for c in cases]
+        cache = LRUCache(8)
+        for name, overrides in configs.items():
+            p = DragParams([obj.centre], [target], caption, **overrides)
+            recon_found = None
+            if baseline:
+                still = run_to_end(drag(model, Image.fromarray(image), replace(p, drag_iterations=0), region, cache))
+                same, _ = _found(np.asarray(still.image.image.convert("RGB")), obj.colour, obj.centre)
+                recon_found = same is not None and math.dist(same["centre"], obj.centre) <= tolerance * size
+            t0 = time.perf_counter()
+            res = run_to_end(drag(model, Image.fromarray(image), p, region, cache))
+            case = _score(res, image, region, obj, target, size, tolerance, caption)
+            case.update(reconstruction_found=recon_found, seconds=round(time.perf_counter() - t0, 1))
+            cases[name].append(case)
+            if log:
+                log(f"  {k + 1}/{n}{' ' + name if name else ''} {caption!r}: error {case['error']:.3f} of the image "
+                    f"(any colour {min(case['error_any_colour'], 9):.3f}; round trip finds it: {recon_found}) "
+                    f"({'ok' if case['success'] else 'MISS'}), moved {case['moved']:.2f} of the way, "
+                    f"PSNR outside {case['psnr_outside']:.1f} dB, {case['iterations']} it, {case['seconds']} s")
+    return {name: _summary(cases[name], baseline, {**configs[name], "tolerance": tolerance, "seed": seed})
+            for name in configs}
+
+
+def _score(res, image, region, obj, target, size, tolerance, caption) -> dict:
+    out = np.asarray(res.image.image.convert("RGB"))
+    best, anything = _found(out, obj.colour, target)
+    err = math.dist(best["centre"], target) / size if best is not None else float("inf")
+    err_any = math.dist(anything["centre"], target) / size if anything is not None else float("inf")
+    # how much of the asked displacement the object made (1 = all of it), so that short drags that barely
+    # move the object are not mistaken for good ones
+    d = np.subtract(target, obj.centre)
+    moved = float(np.dot(np.subtract(best["centre"], obj.centre), d) / np.dot(d, d)) if best is not None else 0.0
     return {
-        "success": float(np.mean(ok)) if ok else float("nan"),
-        "moved": float(np.mean([c["moved"] for c in cases])) if cases else float("nan"),
-        "success_any_colour": float(np.mean([c["success_any_colour"] for c in cases])) if cases else float("nan"),
+        "caption": caption, "handle": [round(c, 1) for c in obj.centre], "target": [round(c, 1) for c in target],
+        "distance": round(math.dist(obj.centre, target) / size, 3),
+        "found": [round(c, 1) for c in best["centre"]] if best is not None else None,
+        "error": round(err, 3), "error_any_colour": round(err_any, 3), "success": bool(err <= tolerance),
+        "moved": round(moved, 2), "success_any_colour": bool(err_any <= tolerance),
+        "psnr_outside": round(psnr_outside(out, image, region), 2),
+        "tracked": [[round(c, 1) for c in h] for h in res.handles], "reached": res.params["reached"],
+        "iterations": res.params["iterations_run"],
+    }
+
+
+def _summary(cases: list[dict], baseline: bool, settings: dict) -> dict:
+    mean = lambda key: float(np.mean([c[key] for c in cases])) if cases else float("nan")  # noqa: E731
+    return {
+        "success": mean("success"), "moved": mean("moved"), "success_any_colour": mean("success_any_colour"),
         "reconstruction_found": float(np.mean([bool(c["reconstruction_found"]) for c in cases]))
         if cases and baseline else None,
-        "psnr_outside": float(np.mean(ps)) if ps else float("nan"),
+        "psnr_outside": mean("psnr_outside"),
         "success_and_psnr": float(np.mean([c["success"] and c["psnr_outside"] >= 22 for c in cases])) if cases
         else float("nan"),
-        "n": len(cases), "cases": cases, "settings": {**overrides, "tolerance": tolerance, "seed": seed},
+        "iterations": mean("iterations"),
+        "n": len(cases), "cases": cases, "settings": settings,
     }
 
 

@@ -12,6 +12,11 @@
   4. denoise  [original z_t, dragged z_t] are denoised together with mutual self-attention: in the decoder's
               self-attention layers both attend to the original's keys and values (pipelines/drag_unet.py)
 
+Warm start (`warm_start`, off by default as in the reference): before step 3 the painted region's inverted latent is
+carried along the drag (pipelines/drag_warp.py) and the handles start at their targets, so the optimisation only
+corrects the move. On the embedded model's 16x16 latents, where one feature pixel per iteration is slow and
+colours drift on the way, it raised drag success from 0.55 to 0.95 on 20 held-out scenes (benchmarks/bench_drag.py).
+
 Features: the output of `unet.up_blocks[i]` by a forward hook, bilinearly upsampled to 4x the latent size (the
 reference's `sup_res` 256 for SD1.5's 64x64 latents, i.e. half of a 512 image; the full image on the embedded
 model, whose VAE factor is 4). `feature_block` is numbered as on SD1.5 and counted from the decoder's output end:
@@ -43,6 +48,7 @@ from .drag_lora import ADAPTER, adapter_state, adapters_active, add_adapter, pef
 from .drag_points import (REACHED, check_points, distance, draw_points, motion_supervision, reached, to_feature,
                           to_image, track_points)
 from .drag_trajectory import find_trajectory
+from .drag_warp import displacement_field, warp_region
 from .drag_unet import feature_block_index, feature_hook, mutual_self_attention, upsample
 from .errors import InputError
 from .events import CancelToken, Job, Progress
@@ -78,6 +84,7 @@ class DragParams:
     feature_block: int = 2               # SD1.5 numbering from the output end (module docstring)
     r1: int = 1
     r2: int = 3
+    warm_start: bool = False             # carry the painted region's latent along the drag first (drag_warp.py)
     smooth_lora: bool = False
     guidance: float = 1.0
     seed: int = 0                        # LoRA init and training noise; -1 = random
@@ -125,6 +132,7 @@ def _validate(model, p: DragParams) -> dict:
         "seed": resolve_seed(p.seed),
         "prompt": (p.prompt or "").strip(),
         "smooth_lora": bool(p.smooth_lora),
+        "warm_start": bool(p.warm_start),
     }
     if v["lora_steps"] and v["lora_lr"] <= 0:
         raise InputError("The LoRA learning rate must be above 0 (or set LoRA steps to 0 for no LoRA).")
@@ -206,6 +214,9 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
     masks = prepare_drag_mask(mask, source.size, model.vae_factor)
     unet, dev, dtype = model.unet, model.device, model.dtype
     notes = [] if masks is not None else ["no region painted (or all of it): the whole image is editable"]
+    warm = v["warm_start"] and masks is not None
+    if v["warm_start"] and masks is None:
+        notes.append("warm start skipped: it moves the painted region, and none is painted")
 
     smooth = {SMOOTH_NAME: 1.0} if v["smooth_lora"] else {}
     traj = find_trajectory(cache, model, source)
@@ -288,11 +299,15 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
             _sync(dev)
             timings["inversion"] = time.perf_counter() - t0
 
-            # 3. drag: optimise z_t
+            # 3. drag: optimise z_t (from the region carried along the drag, with a warm start)
             t0 = time.perf_counter()
+            z_start = None
+            if warm:
+                field = displacement_field(handles, targets, tuple(z_t.shape[-2:]), 1.0 / model.vae_factor)
+                z_start = warp_region(z_t, field, 1.0 - masks[1])
             z_opt, tracked, run, _ = yield from _optimise(
                 model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, h_feat, t_feat, v, cancel, opts,
-                source.size, handles, targets, done, total)
+                source.size, handles, targets, done, total, z_start)
             done += iters
             _sync(dev)
             timings["drag"] = time.perf_counter() - t0
@@ -325,7 +340,7 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
         "seed": v["seed"], "drag_iterations": iters, "iterations_run": run, "reached": hit,
         "latent_lr": v["latent_lr"], "mask_weight": v["mask_weight"], "masked": masks is not None,
         "feature_block": v["feature_block"], "feature_up_block": block, "supervision_grid": f"{grid[1]}x{grid[0]}",
-        "r1": v["r1"], "r2": v["r2"], "smooth_lora": v["smooth_lora"],
+        "r1": v["r1"], "r2": v["r2"], "smooth_lora": v["smooth_lora"], "warm_start": warm,
         "mutual_attention_step": v["mutual_attention_step"], "mutual_attention_layer": v["mutual_attention_layer"],
         "mutual_attention_layers": len(layers), "size": f"{source.width}x{source.height}", "eta": 0.0,
         **base_metadata(model, traj.lora if traj is not None else None,
@@ -342,15 +357,19 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
 
 
 def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, h_feat, t_feat, v, cancel, opts,
-              size, handles, targets, offset, total):
+              size, handles, targets, offset, total, z_start=None):
     """Motion supervision + point tracking on z_t (fp32 Adam). Returns (latent, tracked feature points,
-    iterations run, last loss); yields one event per iteration with the current handles (image px) as partial."""
+    iterations run, last loss); yields one event per iteration with the current handles (image px) as partial.
+    `z_start` (a warm start): the optimisation starts from it with the handles guessed at their targets and
+    re-found by tracking from the first iteration on; the original features and the mask term's reference
+    still come from z_t."""
     unet, dtype = model.unet, model.dtype
     iters, r1, r2, lam = v["drag_iterations"], v["r1"], v["r2"], v["mask_weight"]
     keep = None if masks is None or lam == 0 else masks[1].to(z_t.device, torch.float32)
-    current = list(h_feat)
-    z = z_t.detach().float().clone()
-    if iters == 0 or reached(current, t_feat):
+    warm = z_start is not None
+    current = list(t_feat) if warm else list(h_feat)
+    z = (z_start if warm else z_t).detach().float().clone()
+    if iters == 0 or (not warm and reached(current, t_feat)):
         return z, current, 0, None
     fp16 = model.device.type == "cuda" and dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -369,7 +388,7 @@ def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, 
                 cancel.check()
             with torch.enable_grad():
                 eps, f1 = feats(z.to(dtype))
-                if it > 0:
+                if it > 0 or warm:
                     current = track_points(f0, f1.detach(), h_feat, current, r2)
                 run = it + 1
                 img_pts = [to_image(h, size, grid) for h in current]

@@ -28,10 +28,10 @@ def mask_value(layer_path=None):
     return {"background": None, "layers": [handle_file(layer_path)] if layer_path else [], "composite": None}
 
 
-def drag(client, points, image=IMAGE, mask=None, prompt=CAPTION, lora_steps=2, iters=3, smooth=False):
+def drag(client, points, image=IMAGE, mask=None, prompt=CAPTION, lora_steps=2, iters=3, smooth=False, warm=False):
     """-> (preview, original, dragged, status)"""
     return client.predict(handle_file(image) if image else None, points, mask or mask_value(), prompt, lora_steps,
-                          4, 5e-4, iters, 0.01, 0.1, 0.7, 1, 1, 3, smooth, api_name="/drag")
+                          4, 5e-4, iters, 0.01, 0.1, 0.7, 1, 1, 3, smooth, warm, api_name="/drag")
 
 
 def test_drag_whole_image(client):
@@ -46,8 +46,17 @@ def test_drag_with_a_painted_region(client, tmp_path):
     path = tmp_path / "region.png"
     Image.fromarray(layer, "RGBA").save(path)
     _, _, dragged, status = drag(client, [[10, 20], [20, 20]], mask=mask_value(str(path)))
-    assert status.startswith("Done") and "whole image" not in status
+    assert status.startswith("Done") and "whole image" not in status and "warm" not in status
     assert dragged
+    # the warm start carries the painted half along: another result from the same (cached) LoRA and inversion
+    _, _, warm, status = drag(client, [[10, 20], [20, 20]], mask=mask_value(str(path)), warm=True)
+    assert status.startswith("Done") and "warm start" in status and "reused: lora, inversion" in status
+    assert not np.array_equal(pixels(warm), pixels(dragged))
+
+
+def test_warm_start_without_a_region_says_why_it_was_skipped(client):
+    _, _, dragged, status = drag(client, [[20, 32], [30, 32]], warm=True)
+    assert status.startswith("Done") and "no warm start" in status and dragged
 
 
 @pytest.mark.parametrize("points, fragment", [

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from pipelines.cache import LRUCache
 from pipelines.drag import DragParams, check_points, drag, draw_points, prepare_drag_mask
 from pipelines.drag_points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
+from pipelines.drag_warp import displacement_field, warp_region
 from pipelines.drag_unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
                                  self_attention_layers)
 from pipelines.errors import InputError
@@ -210,6 +211,44 @@ def test_bad_inputs_fail_before_any_unet_call(model, image):
         with pytest.raises(InputError, match="No image"):
             next(drag(model, None, DragParams([(1, 1)], [(5, 5)])))
     assert not calls
+
+
+def test_warm_start_carries_the_region_along_the_drag():
+    # one pair: the whole field is its vector, in latent pixels (image px x 1/4)
+    field = displacement_field([(10.0, 20.0)], [(18.0, 12.0)], (16, 16), 0.25)
+    assert torch.allclose(field[0], torch.full((16, 16), 2.0)) and torch.allclose(field[1], torch.full((16, 16), -2.0))
+    # two pairs: each dominates near its own target
+    field = displacement_field([(4.0, 4.0), (50.0, 50.0)], [(12.0, 4.0), (50.0, 42.0)], (16, 16), 0.25)
+    assert torch.allclose(field[:, 1, 3], torch.tensor([2.0, 0.0]), atol=0.02)
+    assert torch.allclose(field[:, 10, 12], torch.tensor([0.0, -2.0]), atol=0.02)
+    # a blob in the editable region moves by whole latent pixels exactly; outside the region nothing changes
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    z[:, :, 4:7, 3:6] = 5.0
+    editable = torch.zeros(1, 1, 16, 16)
+    editable[:, :, 2:10, 2:12] = 1
+    out = warp_region(z, displacement_field([(18.0, 22.0)], [(30.0, 22.0)], (16, 16), 0.25), editable)
+    assert torch.allclose(out[:, :, 4:7, 6:9], torch.full((1, 4, 3, 3), 5.0), atol=1e-5)  # arrived 3 px right
+    assert (out[:, :, 4:7, 3:6] != 5.0).all()                                       # and left its old place
+    assert torch.allclose(out[:, :, 4:7, 3:5], z[:, :, 4:7, 0:2], atol=1e-5)          # filled from behind (x - d)
+    assert torch.equal(out * (1 - editable), z * (1 - editable))
+
+
+def test_warm_start_drag_starts_from_the_carried_latent(model, image):
+    mask = np.zeros((64, 64), bool)
+    mask[14:42, 10:52] = True
+    p = DragParams([(22, 28)], [(38, 28)], **{**FAST, "drag_iterations": 1})
+    cache = LRUCache(8)
+    plain = run_to_end(drag(model, image, p, mask, cache))
+    warm = run_to_end(drag(model, image, DragParams(**{**p.__dict__, "warm_start": True}), mask, cache))
+    assert warm.params["warm_start"] is True and plain.params["warm_start"] is False
+    assert warm.cached["lora"] and warm.cached["inversion"]              # same LoRA and inversion underneath
+    assert not np.array_equal(pixels(warm.image.image), pixels(plain.image.image))
+    # tracking starts at the target: one iteration leaves the handle near it, not near where it started
+    (x, y), = warm.handles
+    assert abs(x - 38) <= p.r2 + 1 and abs(y - 28) <= p.r2 + 1
+    # with nothing painted there is no region to carry: skipped, and said so
+    events = list(drag(model, image, DragParams(**{**p.__dict__, "warm_start": True}), None, cache))
+    assert "warm start skipped" in events[0].message and events[-1].result.params["warm_start"] is False
 
 
 # ------------------------------------------------------------------------------------------- whole drags
