@@ -71,7 +71,8 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                     r_smooth = gr.Checkbox(False, label="Use the Smooth LoRA during the drag (load it in 'Model and LoRA')")
                     r_warm = gr.Checkbox(False, label="Warm start: carry the painted region along the drag first",
                                          info="The optimisation then only corrects it: far fewer iterations, and "
-                                              "colours hold on long drags and small images. Needs a painted region.",
+                                              "colours hold on long drags and small images. Needs a painted region. "
+                                              "Try it with LoRA steps 0: the LoRA remembers the old layout.",
                                          elem_id="drag-warm")
                 with gr.Row():
                     r_undo = gr.Button("Undo last point", elem_id="drag-undo")

@@ -374,13 +374,16 @@ def drag_rows(ctx: Context) -> list[Row]:
     """DragDiffusion on held-out one-object scenes: the object's centre dragged 10-25 % of the image away (the
     editable region: around the object and the target). Reference defaults; settings tuned on other held-out
     scenes (start 500) for this 64 px model, whose 16x16 latents give an object 2-4 latent pixels; and those
-    with the warm start (the region's latent carried along the drag first). Same scenes and targets for all."""
+    with the warm start (the region's latent carried along the drag first), with and without the per-image LoRA.
+    Same scenes and targets for all."""
     from bench_drag import drag_success_many
 
     tuned = dict(latent_lr=0.03, inversion_strength=0.5, r1=2, drag_iterations=160)
     configs = {"reference settings": {},
                "tuned: latent lr 0.03, strength 0.5, r1 2, 160 it": tuned,
-               "tuned + warm start": dict(tuned, warm_start=True)}
+               "tuned + warm start": dict(tuned, warm_start=True),
+               # the per-image LoRA remembers the old layout and pulls a carried object back: without it, better
+               "tuned + warm start, no LoRA": dict(tuned, warm_start=True, lora_steps=0)}
     results = drag_success_many(ctx.model, configs, ctx.n(20, 4), start=100)
     rows = []
     for name, res in results.items():

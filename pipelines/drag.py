@@ -15,7 +15,8 @@
 Warm start (`warm_start`, off by default as in the reference): before step 3 the painted region's inverted latent is
 carried along the drag (pipelines/drag_warp.py) and the handles start at their targets, so the optimisation only
 corrects the move. On the embedded model's 16x16 latents, where one feature pixel per iteration is slow and
-colours drift on the way, it raised drag success from 0.55 to 0.95 on 20 held-out scenes (benchmarks/bench_drag.py).
+colours drift on the way, it raised drag success from 0.55 to 0.95 on 20 held-out tuning scenes, and to 1.0 with
+no per-image LoRA (which remembers the old layout and pulls a carried object back); the eval table has the rest.
 
 Features: the output of `unet.up_blocks[i]` by a forward hook, bilinearly upsampled to 4x the latent size (the
 reference's `sup_res` 256 for SD1.5's 64x64 latents, i.e. half of a 512 image; the full image on the embedded
