@@ -199,3 +199,28 @@ def test_checker_agrees_with_the_ground_truth_on_held_out_scenes():
         for attribute in ATTRIBUTES:
             if attribute != "kind":  # the background kind is reported, not required
                 assert table[attribute] >= floor, (name, attribute, table[attribute])
+
+
+def test_a_texture_whose_stripes_fall_differently_on_opposite_borders_is_one_colour():
+    """Generated textures have any phase and often more contrast than the renders: with a dark stripe along one
+    border and a light one along the opposite border, the borders differ like a gradient's ends but name the
+    same colour. The world has no gradient from a colour to itself, so the checker reads one (textured) colour,
+    as the caption says."""
+    from training.checker import BACKGROUND_COLOURS, GRADIENT_JUMP, _nearest
+
+    tried = 0
+    for colour in world.BACKGROUND_COLOURS:
+        base = np.asarray(world.COLOURS[colour], np.float64)
+        dark, light = np.clip(base - 24, 0, 255), np.clip(base + 24, 0, 255)
+        if np.linalg.norm(light - dark) <= GRADIENT_JUMP or {_nearest(dark, BACKGROUND_COLOURS),
+                                                              _nearest(light, BACKGROUND_COLOURS)} != {colour}:
+            continue  # clipped at black/white, or the levels themselves name other colours
+        stripes = (np.arange(64) // 4) % 2 == 1                     # 4 px stripes: dark on the left, light on the right
+        image = np.where(stripes[None, :, None], light, dark).repeat(64, 0).reshape(64, 64, 3).astype(np.uint8)
+        assert check(image)["background"]["colours"] == [colour], colour
+        assert check(np.ascontiguousarray(image.transpose(1, 0, 2)))["background"]["colours"] == [colour], colour
+        tried += 1
+    assert tried >= 4
+    # a real gradient still reads as one, with both of its colours
+    scene = world.sample_scene(3, n_objects=0, background_kind="gradient")
+    assert check(world.render(scene))["background"]["colours"] == list(scene.background.colours)

@@ -49,19 +49,23 @@ def _background(img: np.ndarray) -> tuple[dict, np.ndarray]:
     med = {k: np.median(v, axis=0) for k, v in (("top", top), ("bottom", bottom), ("left", left), ("right", right))}
     across = np.linalg.norm(med["left"] - med["right"])
     down = np.linalg.norm(med["top"] - med["bottom"])
-    if max(across, down) > GRADIENT_JUMP:
+    horizontal = across >= down
+    ends = (med["left"], med["right"]) if horizontal else (med["top"], med["bottom"])
+    colours = [_nearest(e, BACKGROUND_COLOURS) for e in ends]
+    # The world's gradients join two different named colours: borders that differ but name the same colour
+    # are one colour with a texture whose stripes happen to fall differently on opposite borders (a generated
+    # texture's phase is arbitrary): that is read below, as a textured background.
+    if max(across, down) > GRADIENT_JUMP and colours[0] != colours[1]:
         # A linear gradient is constant along one axis: estimate each column (or row) from the two borders
         # that run across it, which is exact for any gradient profile.
-        if across >= down:
+        if horizontal:
             line = np.median(np.concatenate([img[:b], img[-b:]], axis=0), axis=0)     # (w, 3)
             estimate = np.broadcast_to(line[None], img.shape)
-            ends, direction = (med["left"], med["right"]), "horizontal"
         else:
             line = np.median(np.concatenate([img[:, :b], img[:, -b:]], axis=1), axis=1)  # (h, 3)
             estimate = np.broadcast_to(line[:, None], img.shape)
-            ends, direction = (med["top"], med["bottom"]), "vertical"
-        colours = [_nearest(e, BACKGROUND_COLOURS) for e in ends]
-        info = {"kind": "gradient", "colour": colours[0], "colours": colours, "direction": direction,
+        info = {"kind": "gradient", "colour": colours[0], "colours": colours,
+                "direction": "horizontal" if horizontal else "vertical",
                 "rgb": [float(v) for v in ends[0]]}
         return info, estimate
     ring = np.concatenate([top, bottom, left, right])
