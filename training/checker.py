@@ -52,21 +52,24 @@ def _background(img: np.ndarray) -> tuple[dict, np.ndarray]:
     horizontal = across >= down
     ends = (med["left"], med["right"]) if horizontal else (med["top"], med["bottom"])
     colours = [_nearest(e, BACKGROUND_COLOURS) for e in ends]
-    # The world's gradients join two different named colours: borders that differ but name the same colour
-    # are one colour with a texture whose stripes happen to fall differently on opposite borders (a generated
-    # texture's phase is arbitrary): that is read below, as a textured background.
-    if max(across, down) > GRADIENT_JUMP and colours[0] != colours[1]:
+    if max(across, down) > GRADIENT_JUMP:
         # A linear gradient is constant along one axis: estimate each column (or row) from the two borders
-        # that run across it, which is exact for any gradient profile.
+        # that run across it, which is exact for any gradient profile (and for stripes across those borders).
         if horizontal:
             line = np.median(np.concatenate([img[:b], img[-b:]], axis=0), axis=0)     # (w, 3)
             estimate = np.broadcast_to(line[None], img.shape)
         else:
             line = np.median(np.concatenate([img[:, :b], img[:, -b:]], axis=1), axis=1)  # (h, 3)
             estimate = np.broadcast_to(line[:, None], img.shape)
-        info = {"kind": "gradient", "colour": colours[0], "colours": colours,
-                "direction": "horizontal" if horizontal else "vertical",
-                "rgb": [float(v) for v in ends[0]]}
+        if colours[0] != colours[1]:
+            info = {"kind": "gradient", "colour": colours[0], "colours": colours,
+                    "direction": "horizontal" if horizontal else "vertical", "rgb": [float(v) for v in ends[0]]}
+            return info, estimate
+        # The world's gradients join two different named colours: opposite borders that differ but name the
+        # same colour are one colour with stripes that fall differently on them (a generated texture's phase
+        # is arbitrary). The estimate above still models the stripes; the description is one textured colour.
+        info = {"kind": "textured", "colour": colours[0], "colours": colours[:1], "direction": "",
+                "rgb": [float(v) for v in np.median(np.concatenate([top, bottom, left, right]), axis=0)]}
         return info, estimate
     ring = np.concatenate([top, bottom, left, right])
     base = np.median(ring, axis=0)
