@@ -13,7 +13,7 @@ from pipelines.errors import InputError
 from pipelines.inversion import prepare_image
 
 from . import examples, masks
-from .streaming import status_line, stopped, stream, upload_path
+from .streaming import in_progress, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
 DRAG_HELP = """**1.** Upload an image (or send one from Generate). **2.** Optionally paint the region that may
@@ -140,7 +140,7 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                 return (ev.preview, r.source, r.image.image,
                         f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
                         f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
-            return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), status_line(ev)
+            return in_progress(ev, 2)
 
         def job():
             src = source_of(image)

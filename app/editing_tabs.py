@@ -14,7 +14,7 @@ from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, SC
 from pipelines.sdedit import SDEditParams
 
 from . import examples, masks
-from .streaming import status_line, stopped, stream, upload_path
+from .streaming import in_progress, shown_preview, status_line, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # the same queue as every other GPU event
 RANDOM_SEED, FIX_SEED = "Randomize seed", "Fix seed"
@@ -169,7 +169,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                 r = ev.result
                 return (ev.preview, r.edited.image, r.params["seed"], r.params["text_guidance"],
                         r.params["image_guidance"], f"Done · {ev.message}")
-            return (ev.preview if ev.preview is not None else gr.skip()), *[gr.skip()] * 4, status_line(ev)
+            return in_progress(ev, 4)
 
         def job():
             path = upload_path(image, "an image to edit")
@@ -220,7 +220,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                 note = " · inversion reused" if r.cached else ""
                 return (ev.preview, r.edited.image, masks.enlarge_for_display(r.overlay),
                         f"Done with {how}: {100 * float(r.mask.mean()):.0f}% of the image{note}")
-            return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), status_line(ev)
+            return in_progress(ev, 2)
 
         def job():
             yield from studio.diffedit(editor_picture(editor), diffedit_params(*settings), hand_mask,
@@ -239,7 +239,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                 return (ev.preview, gallery, f"Done · {len(r.images)} candidate(s) · {r.params['steps_run']} "
                                              f"steps from t={r.params['start_timestep']}")
             done = [(im.image, f"seed {im.seed}") for im in ev.partial] if ev.partial is not None else gr.skip()
-            return (ev.preview if ev.preview is not None else gr.skip()), done, status_line(ev)
+            return shown_preview(ev), done, status_line(ev)
 
         def job():
             guide = masks.composite(canvas)

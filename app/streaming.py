@@ -19,6 +19,17 @@ def status_line(ev: Progress) -> str:
     return f"{text} · {ev.message}" if ev.message else text
 
 
+def shown_preview(ev: Progress):
+    """The event's preview image, or gr.skip() so the one on screen stays when the event has none."""
+    return ev.preview if ev.preview is not None else gr.skip()
+
+
+def in_progress(ev: Progress, kept: int) -> tuple:
+    """The usual progress update of a handler whose outputs are (preview, `kept` result outputs, status):
+    the preview if any, the results left as they are, the status line."""
+    return (shown_preview(ev), *[gr.skip()] * kept, status_line(ev))
+
+
 def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], stopped: Callable[[], tuple],
            min_interval: float = MIN_INTERVAL, cancel: CancelToken | None = None) -> Iterator[tuple]:
     """Yields render(event, final) for the final event, the first preview, partial results and, at most

@@ -21,7 +21,7 @@ from . import examples
 from .drag_tab import build_drag_tab
 from .editing_tabs import build_editing_tabs
 from .sessions import SessionRegistry
-from .streaming import status_line, stopped, stream, upload_path
+from .streaming import in_progress, shown_preview, status_line, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, across all sessions
 
@@ -297,7 +297,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 if final:
                     r = ev.result
                     return r.image, r.image, r.seed, f"Done · seed {r.seed}"
-                return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), status_line(ev)
+                return in_progress(ev, 2)
 
             def job():
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora), strength)
@@ -316,7 +316,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def render(ev, final):
                 if final:
                     return ev.result.image, f"Frame at eta={float(eta):.2f} · seeds {ev.result.params['seed_a']} → {ev.result.params['seed_b']}"
-                return (ev.preview if ev.preview is not None else gr.skip()), status_line(ev)
+                return in_progress(ev, 0)
 
             def job():
                 p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
@@ -334,7 +334,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                     return (r.frames[-1], r.frames, r.gif_path, r.istd, distance_frame(r.distances),
                             f"{len(r.frames)} frames · ISTD {r.istd:.4f}", r.mp4_path)
                 frames = ev.partial if ev.partial is not None else gr.skip()
-                return ((ev.preview if ev.preview is not None else gr.skip()), frames, gr.skip(), gr.skip(), gr.skip(),
+                return (shown_preview(ev), frames, gr.skip(), gr.skip(), gr.skip(),
                         status_line(ev), gr.skip())
 
             def job():
@@ -385,7 +385,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             else f"Prompt-to-Prompt ({res.params['p2p_mode']})")
                     return (res.edited.image, res.edited.image, res.reconstruction, res.mask,
                             f"Done{note} · {what} · {INVERSION_METHODS[res.params['inversion']]}")
-                return (ev.preview if ev.preview is not None else gr.skip()), gr.skip(), gr.skip(), gr.skip(), status_line(ev)
+                return in_progress(ev, 3)
 
             def job():
                 path = upload_path(image, "an image to edit")
@@ -412,7 +412,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 if final:
                     note = " (inversion reused from cache)" if "from cache" in ev.message else ""
                     return ev.result.image, f"Frame at eta={float(eta):.2f}{note}"
-                return (ev.preview if ev.preview is not None else gr.skip()), status_line(ev)
+                return in_progress(ev, 0)
 
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
@@ -433,7 +433,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             f"{len(r.frames)} frames · ISTD {r.istd:.4f}")
                 # partial: the loss curve while fitting null-text, then the frames rendered so far
                 frames = ev.partial if ev.partial is not None and ev.stage.startswith("frame") else gr.skip()
-                return ((ev.preview if ev.preview is not None else gr.skip()), frames, gr.skip(), gr.skip(), gr.skip(),
+                return (shown_preview(ev), frames, gr.skip(), gr.skip(), gr.skip(),
                         gr.skip(), status_line(ev))
 
             def job():

@@ -18,13 +18,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _pixel_grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ys, xs): each latent pixel's row and column, (h, w) float32."""
+    return torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+
+
 def displacement_field(handles, targets, shape: tuple[int, int], scale: float) -> torch.Tensor:
     """(2, h, w) displacement (dx, dy) in latent pixels at every latent pixel of an (h, w) grid, for image-pixel
     (x, y) points (`scale` = latent pixels per image pixel): a single pair moves everything by its own vector;
     several are blended by inverse squared distance to their targets (where content lands)."""
     h, w = shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = _pixel_grid(h, w)
     moves, weights = [], []
     for (hx, hy), (tx, ty) in zip(handles, targets):
         # image pixel centres -> latent coordinates (pixel centres map to pixel centres)
@@ -39,8 +43,7 @@ def warp_region(z: torch.Tensor, field: torch.Tensor, editable: torch.Tensor) ->
     """z (B, C, h, w) with every editable latent pixel x taken from x - field(x) (bilinear, clamped at the
     border); other pixels unchanged. `editable`: (1, 1, h, w) in {0, 1}."""
     _, _, h, w = z.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = _pixel_grid(h, w)
     src_x, src_y = xs - field[0], ys - field[1]
     grid = torch.stack([2 * src_x / max(w - 1, 1) - 1, 2 * src_y / max(h - 1, 1) - 1], dim=-1)[None]
     grid = grid.expand(z.shape[0], -1, -1, -1).to(z.device, torch.float32)

@@ -49,10 +49,10 @@ def _background(img: np.ndarray) -> tuple[dict, np.ndarray]:
     med = {k: np.median(v, axis=0) for k, v in (("top", top), ("bottom", bottom), ("left", left), ("right", right))}
     across = np.linalg.norm(med["left"] - med["right"])
     down = np.linalg.norm(med["top"] - med["bottom"])
-    horizontal = across >= down
-    ends = (med["left"], med["right"]) if horizontal else (med["top"], med["bottom"])
-    colours = [_nearest(e, BACKGROUND_COLOURS) for e in ends]
     if max(across, down) > GRADIENT_JUMP:
+        horizontal = across >= down
+        ends = (med["left"], med["right"]) if horizontal else (med["top"], med["bottom"])
+        colours = [_nearest(e, BACKGROUND_COLOURS) for e in ends]
         # A linear gradient is constant along one axis: estimate each column (or row) from the two borders
         # that run across it, which is exact for any gradient profile (and for stripes across those borders).
         if horizontal:
