@@ -42,6 +42,16 @@ def tiny_model(_studio_cache):
     return run_to_end(load_model("tiny-random"))
 
 
+@pytest.fixture(scope="module")
+def embedded(_studio_cache):
+    """The committed embedded model (assets/model), one per test module: semantic checks. It is part of the
+    repository, so a missing one fails the tests rather than skipping them."""
+    from pipelines.events import run_to_end
+    from pipelines.models import EMBEDDED_ID, load_model
+
+    return run_to_end(load_model(EMBEDDED_ID))
+
+
 @pytest.fixture(scope="session")
 def studio(tiny_model):
     from pipelines.studio import Studio

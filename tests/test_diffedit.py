@@ -299,15 +299,6 @@ def test_inversion_and_decoding_match_diffusers(tiny_model, diffusers_pipe):
 # ------------------------------------------------------------------------------------------- 7. semantic
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    from pipelines.models import embedded_available, load_model
-
-    if not embedded_available():
-        pytest.skip("the embedded model (assets/model) is not present")
-    return run_to_end(load_model("embedded"))
-
-
 def _recolour(scene, caption):
     from training import world
 

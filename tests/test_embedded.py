@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -19,11 +18,6 @@ from training import evaluation, world
 from training.checker import check
 
 FOLDER = models.EMBEDDED_DIR
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return run_to_end(models.load_model(models.EMBEDDED_ID))
 
 
 def _pixels(image) -> np.ndarray:

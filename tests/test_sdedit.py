@@ -11,9 +11,9 @@ from PIL import Image, ImageDraw
 
 from pipelines import ddim
 from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, drain, run_to_end
+from pipelines.events import CancelToken, Cancelled, run_to_end
 from pipelines.inversion import prepare_image
-from pipelines.latents import decode_to_pil, encode_image, initial_noise
+from pipelines.latents import encode_image, initial_noise
 from pipelines.sdedit import SDEditParams, denoise, prepare_mask, sdedit, strength_schedule
 from pipelines.text import encode_prompt
 from tests.helpers import forward_calls, pixels
@@ -239,15 +239,6 @@ def _stroke_image() -> Image.Image:
     ImageDraw.Draw(img).polygon([(32 + 1.1 * r * np.cos(a), 32 + 0.85 * r * np.sin(a)) for a, r in
                                  zip(angles, radii)], fill=(215, 40, 30))
     return img
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    from pipelines import models
-
-    if not (models.EMBEDDED_DIR / "model_index.json").is_file():
-        pytest.skip("the embedded model (assets/model) is not present")
-    return run_to_end(models.load_model(models.EMBEDDED_ID))
 
 
 def test_embedded_strokes_become_a_clean_circle_and_strength_trades_faithfulness(embedded):
