@@ -181,3 +181,48 @@ def test_unet_on_a_frozen_pretrained_text_encoder_starts_from_the_given_unet(bas
     start = UNet2DConditionModel.from_pretrained(base_run[0] / "model" / "unet").state_dict()
     got = UNet2DConditionModel.from_pretrained(out / "model" / "unet").state_dict()
     assert all(torch.equal(got[k], start[k]) for k in start)
+
+
+def test_object_maps_mark_the_latent_pixels_each_cached_scene_touches(tmp_path):
+    maps = train_unet.build_object_maps(tmp_path, 6, seed=0)
+    assert maps.shape == (6, 16, 16) and set(maps.unique().tolist()) <= {0.0, 1.0}
+    scenes = [s for _, _, s in world.dataset(0, 6, 64, split="train")]  # build_data's scenes for seed 0
+    for m, scene in zip(maps, scenes):
+        for obj in scene.objects:
+            cx, cy = (int(c // 4) for c in obj.centre)
+            assert m[cy, cx] == 1
+        if not scene.objects:
+            assert m.sum() == 0
+        else:  # objects are a small part of the latent: that is why they get extra weight
+            assert 0 < m.float().mean() < 0.6
+    assert torch.equal(train_unet.build_object_maps(tmp_path, 6, seed=0), maps)  # read back from the cache
+
+
+def test_object_weight_moves_the_loss_to_the_weighted_pixels():
+    """Uniform pixel weights give the plain loss; weights on one region give that region's error."""
+    torch.manual_seed(0)
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    z0, ids = torch.randn(2, 4, 8, 8), torch.zeros(2, 3, dtype=torch.long)
+
+    class Unet(torch.nn.Module):  # predicts zero noise except a bias where it is told to be wrong
+        def forward(self, x, t, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    def text(ids):
+        return (torch.zeros(len(ids), 3, 4),)
+
+    def loss(weight):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return train_unet.diffusion_loss(Unet(), text, alphas, z0, ids, pixel_weight=weight)
+
+    plain = loss(None)
+    torch.testing.assert_close(loss(torch.full((2, 8, 8), 3.0)), plain)
+    corner = torch.zeros(2, 8, 8)
+    corner[:, :2, :2] = 1
+    with torch.random.fork_rng():  # the noise the loss draws: with a zero prediction the error is noise^2
+        torch.manual_seed(1)
+        _, _, noise = train_unet.noised(z0, alphas, 0.0)
+    expect = noise[:, :, :2, :2].pow(2).mean()
+    torch.testing.assert_close(loss(corner), expect)
+    assert not torch.allclose(loss(corner), plain)

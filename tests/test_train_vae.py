@@ -143,3 +143,43 @@ def test_stage_two_trains_the_decoder_only(run, tmp_path):
         assert all(torch.equal(b[k], a[k]) for k in b), name
     assert any(not torch.equal(before.decoder.state_dict()[k], v) for k, v in after.decoder.state_dict().items())
     assert after.config.scaling_factor == before.config.scaling_factor
+
+
+def test_worst_pixel_loss_is_the_mean_error_of_the_worst_pixels():
+    from training.train_vae import worst_pixels_l1
+
+    x = torch.zeros(2, 3, 10, 10)
+    y = x.clone()
+    y[0, :, 0, :2] = 0.5  # image 0: two pixels off by 0.5 in each channel (1.5 summed), the rest exact
+    y[1] += 0.1           # image 1: every pixel off by 0.1 (0.3 summed)
+    # worst 2% of 100 pixels = 2 per image
+    assert worst_pixels_l1(y, x, 0.02).item() == pytest.approx((1.5 + 0.3) / 2)
+    # the mean L1 would see image 0's error 50x diluted
+    assert (y[0] - x[0]).abs().sum(0).mean().item() == pytest.approx(0.03)
+
+
+def test_deepened_stage_two_starts_as_the_original_and_keeps_its_latents(run, tmp_path):
+    """--deepen adds one identity ResNet per block: at step 0 the VAE computes exactly what it did; after
+    decoder-only training the latents are still the original encoder's (the UNets stay valid)."""
+    from diffusers import AutoencoderKL
+
+    from training.train_vae import deepened
+
+    stage1 = AutoencoderKL.from_pretrained(run[0] / "vae").eval()
+    deep = deepened(stage1).eval()
+    assert deep.config.layers_per_block == stage1.config.layers_per_block + 1
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = stage1.encode(x).latent_dist.mean
+        assert torch.equal(deep.encode(x).latent_dist.mean, z)
+        assert torch.equal(deep.decode(z).sample, stage1.decode(z).sample)
+    out = tmp_path / "deep"
+    with torch.random.fork_rng():
+        main(["--out", str(out), "--init-from", str(run[0] / "vae"), "--freeze-encoder", "--deepen",
+              "--worst-weight", "1", "--steps", "2", *TINY])
+    after = AutoencoderKL.from_pretrained(out / "vae").eval()
+    assert after.config.layers_per_block == stage1.config.layers_per_block + 1
+    assert after.config.scaling_factor == stage1.config.scaling_factor
+    with torch.no_grad():
+        assert torch.equal(after.encode(x).latent_dist.mean, z)
+        assert not torch.equal(after.decode(z).sample, stage1.decode(z).sample)

@@ -65,9 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", help="start from this diffusers vae folder (its architecture is kept)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the decoder only; latents and scaling factor stay those of --init-from")
+    p.add_argument("--deepen", action="store_true",
+                   help="with --init-from: one more ResNet layer per block, added as an identity (zeroed last "
+                        "conv), so the VAE starts out computing exactly what --init-from did")
     p.add_argument("--photo-fraction", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on image gradients (sharp world edges)")
+    p.add_argument("--worst-weight", type=float, default=0.0,
+                   help="L1 on each image's worst --worst-fraction of pixels: a rounded-off corner is a few "
+                        "pixels of full-contrast error, which the mean losses barely see")
+    p.add_argument("--worst-fraction", type=float, default=0.02)
     p.add_argument("--anchor-weight", type=float, default=0.0,
                    help="with --init-from: MSE between the posterior means and the initial encoder's (in scaled "
                         "latent units), so a fine-tuned encoder keeps the latent space the UNets were trained on")
@@ -75,6 +82,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-images", type=int, default=384, help="training images for the scaling factor")
     p.add_argument("--tiny", action="store_true", help="a tiny model and evaluation, for tests")
     return parse_run_args(p, argv)
+
+
+def deepened(vae):
+    """`vae` with layers_per_block + 1. AutoencoderKL shares that setting between encoder and decoder, so both
+    grow; each new layer is a same-width ResNet block whose last conv is zero, i.e. the identity, so encoder
+    latents (which the UNets were trained on) and decoder outputs are unchanged until training moves them."""
+    cfg = dict(vae.config)
+    arch = dict(block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"] + 1,
+                norm_num_groups=cfg["norm_num_groups"])
+    new = build_vae(arch)
+    new.register_to_config(scaling_factor=cfg["scaling_factor"])
+    missing, unexpected = new.load_state_dict(vae.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    for name in {m.rsplit(".conv2.", 1)[0] for m in missing if ".conv2." in m}:
+        conv = new.get_submodule(name).conv2
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+    return new
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -169,7 +194,16 @@ def loss_fn(vae, x: torch.Tensor, args, anchor=None) -> tuple[torch.Tensor, torc
     if args.edge_weight:
         loss = loss + args.edge_weight * (
             (y.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (y.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+    if args.worst_weight:
+        loss = loss + args.worst_weight * worst_pixels_l1(y, x, args.worst_fraction)
     return loss, y
+
+
+def worst_pixels_l1(y: torch.Tensor, x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean L1 (summed over channels) of the `fraction` worst pixels of each image."""
+    err = (y - x).abs().sum(1).flatten(1)
+    k = max(1, round(fraction * err.shape[1]))
+    return err.topk(k, dim=1).values.mean()
 
 
 @torch.no_grad()
@@ -212,6 +246,8 @@ def main(argv=None) -> dict:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.init_from)
+        if args.deepen:
+            vae = deepened(vae)
         cfg = vae.config
         args.arch = dict(block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
                          norm_num_groups=cfg.norm_num_groups)
