@@ -226,3 +226,18 @@ def test_object_weight_moves_the_loss_to_the_weighted_pixels():
     expect = noise[:, :, :2, :2].pow(2).mean()
     torch.testing.assert_close(loss(corner), expect)
     assert not torch.allclose(loss(corner), plain)
+
+
+def test_instruct_object_maps_cover_every_object_edit_and_follow_the_cache_order(tmp_path):
+    import torch.nn.functional as F
+
+    maps = train_instruct.build_object_maps(tmp_path, 12, seed=0)
+    pairs = list(train_instruct._triplet_stream(12, seed=0))
+    assert maps.shape == (12, 16, 16)
+    for m, (scene, edit) in zip(maps, pairs):
+        changed = torch.from_numpy((world.render(scene) != world.render(edit.scene)).any(-1)).float()
+        changed = F.max_pool2d(changed[None, None], 4)[0, 0] > 0
+        if edit.kind != "background":  # the edit itself is on objects: all of it is weighted
+            assert bool(m[changed].all()), edit.kind
+        else:  # the objects that must survive a background change are weighted, not the background
+            assert 0 < m.float().mean() < 0.6 and not bool(m[changed].all())

@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
-from training.train_unet import LR_FLOOR, SCHEDULER, ema_update, noised, weighted_mean  # noqa: E402
+from training.train_unet import (  # noqa: E402
+    LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, weighted_mean)
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
 
@@ -46,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", help="vae folder for the latents (default: the base's)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the base's)")
     p.add_argument("--text-encoder", help="text encoder folder (default: the base's); frozen either way")
-    p.add_argument("--init-unet", help="UNet folder to start from (default: the base's unet/)")
+    p.add_argument("--init-unet", help="UNet folder to start from (default: the base's unet/); a 4-channel one "
+                   "gets the zeroed image inputs, an 8-channel one (an InstructPix2Pix UNet) is continued as it is")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="extra loss weight on the latent pixels objects touch in the input or the output (and a "
+                        "1-pixel ring): edits cover a few percent of each latent, so getting them right barely "
+                        "moves the plain loss")
     p.add_argument("--input-lr-mult", type=float, default=10.0,
                    help="learning-rate multiple for conv_in, whose image half starts at zero (see below)")
     p.add_argument("--data-only", action="store_true",
@@ -60,9 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def instruct_unet_from(base_unet):
-    """The base UNet with 8 input channels; the 4 new ones start at zero weight."""
+    """The base UNet with 8 input channels; the 4 new ones start at zero weight. (An 8-channel UNet is returned
+    as it is.)"""
     from diffusers import UNet2DConditionModel
 
+    if base_unet.config.in_channels == 8:
+        return base_unet
     config = dict(base_unet.config)
     config["in_channels"] = 8
     unet = UNet2DConditionModel.from_config(config)
@@ -83,16 +92,14 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
         if len(cached["target"]) == count:
             return cached
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed + 777)
+    stream = _triplet_stream(count, seed)
     sources, targets, ids = [], [], []
     bar = tqdm(total=count, desc="encoding edit triplets", disable=not progress)
     done = 0
     while done < count:
         before, after, texts = [], [], []
         while len(texts) < min(64, count - done):
-            s = int(rng.integers(0, world.HELD_OUT_SEED - 1000))
-            scene = world.sample_scene(s)
-            edit = world.make_edit(scene, rng)
+            scene, edit = next(stream)
             before.append(world.render(scene)), after.append(world.render(edit.scene)), texts.append(edit.instruction)
         sources.append(evaluation.encode(vae, np.stack(before), scaled=False).half().cpu())
         targets.append(evaluation.encode(vae, np.stack(after)).half().cpu())
@@ -105,6 +112,22 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
             "ids": torch.cat(ids).contiguous()}
     save_file(data, path)
     return data
+
+
+def _triplet_stream(count: int, seed: int):
+    """(input scene, Edit) of the cached triplets, in cache order: build_data and build_object_maps share it."""
+    rng = np.random.default_rng(seed + 777)
+    for _ in range(count):
+        scene = world.sample_scene(int(rng.integers(0, world.HELD_OUT_SEED - 1000)))
+        yield scene, world.make_edit(scene, rng)
+
+
+def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16) -> torch.Tensor:
+    """(count, latent_size, latent_size): the latent pixels the objects of each cached triplet's input or output
+    touch (train_unet.object_map), in cache order. That covers every recolour, reshape, add and remove, and
+    for a background edit the objects that must come through unchanged."""
+    return cached_maps(folder / "object_maps.safetensors", count, lambda: (
+        object_map([scene, edit.scene], latent_size) for scene, edit in _triplet_stream(count, seed)))
 
 
 def quick_eval(args, unet, text_encoder, tokenizer, vae, kinds=("recolour", "background")) -> dict:
@@ -135,6 +158,8 @@ def main(argv=None) -> dict:
     if args.data_only:
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
+    object_maps = build_object_maps(out / "data", args.samples, args.seed, target.shape[-1]) \
+        if args.object_weight else None
     text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)
     text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
@@ -183,8 +208,13 @@ def main(argv=None) -> dict:
         # Same weighting as the base model: the input image must steer the layout at high noise, where the
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
-        per_sample = (unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample - noise).pow(2)
-        loss = weighted_mean(per_sample.mean(dim=(1, 2, 3)), alphas_cumprod[t], args.max_weight)
+        err = (unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=1)
+        if object_maps is None:
+            per_sample = err.mean(dim=(1, 2))
+        else:
+            weight = (1 + args.object_weight * object_maps[idx].float()).to(device)
+            per_sample = (weight * err).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+        loss = weighted_mean(per_sample, alphas_cumprod[t], args.max_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

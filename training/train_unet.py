@@ -161,25 +161,33 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     return data
 
 
-@torch.no_grad()
-def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16) -> torch.Tensor:
-    """(count, latent_size, latent_size) float16 in {0, 1}: the latent pixels each cached scene's objects touch,
-    grown by one latent pixel. The same scenes, in the same order, as build_data caches; cached beside them."""
-    path = folder / "object_maps.safetensors"
+def object_map(scenes, latent_size: int = 16) -> torch.Tensor:
+    """(latent_size, latent_size) float16 in {0, 1}: the latent pixels any object of the given scenes touches,
+    grown by one latent pixel (an object's edge and the background just outside it both carry its shape)."""
+    cover = np.zeros((64, 64), np.float32)
+    for scene in scenes:
+        for obj in scene.objects:
+            cover += world.object_coverage(obj, scene.size)
+    touched = torch.nn.functional.max_pool2d(torch.from_numpy(cover)[None, None], 64 // latent_size) > 0
+    return torch.nn.functional.max_pool2d(touched.float(), 3, stride=1, padding=1)[0, 0].half()
+
+
+def cached_maps(path: Path, count: int, make) -> torch.Tensor:
+    """`make()`'s stacked maps, cached as safetensors at `path` (rebuilt if the count differs)."""
     if path.is_file():
         cached = load_file(path)["maps"]
         if len(cached) == count:
             return cached
-    maps = []
-    for _, _, scene in world.dataset(seed * count, count, 64, split="train"):
-        cover = sum((world.object_coverage(o, 64) for o in scene.objects), np.zeros((64, 64), np.float32))
-        maps.append(torch.from_numpy(cover)[None, None])
-    touched = torch.nn.functional.max_pool2d(torch.cat(maps), 64 // latent_size) > 0
-    grown = torch.nn.functional.max_pool2d(touched.float(), 3, stride=1, padding=1)
-    maps = grown[:, 0].half().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
+    maps = torch.stack(list(make())).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"maps": maps}, path)
     return maps
+
+
+def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16) -> torch.Tensor:
+    """(count, latent_size, latent_size): object_map of each scene build_data caches, in the same order."""
+    return cached_maps(folder / "object_maps.safetensors", count, lambda: (
+        object_map([scene], latent_size) for _, _, scene in world.dataset(seed * count, count, 64, split="train")))
 
 
 # --------------------------------------------------------------------------------------------- training
