@@ -183,3 +183,29 @@ def test_deepened_stage_two_starts_as_the_original_and_keeps_its_latents(run, tm
     with torch.no_grad():
         assert torch.equal(after.encode(x).latent_dist.mean, z)
         assert not torch.equal(after.decode(z).sample, stage1.decode(z).sample)
+
+
+def test_refined_latents_pair_unet_outputs_with_renders_and_train_the_decoder(tiny_model, tmp_path):
+    """refined_latents.py: N (latent, render) pairs from training scenes; the latent is what the UNet made
+    from the noised encoding, not the encoding itself. train_vae --refined decodes them beside the batch."""
+    from diffusers import AutoencoderKL
+
+    from training import evaluation, refined_latents
+
+    file = tmp_path / "refined.safetensors"
+    refined_latents.main(["--model", str(tiny_model.folder), "--out", str(file), "--count", "3", "--batch", "2",
+                          "--steps", "4", "--threads", "1", "--no-progress", "--seed-base", "10"])
+    pairs = load_file(file)
+    renders = np.stack([im for im, _, _ in world.dataset(10, 3, 64, split="train")])
+    assert np.array_equal(pairs["images"].numpy(), renders)
+    vae = AutoencoderKL.from_pretrained(tiny_model.folder / "vae").eval()
+    encoded = evaluation.encode(vae, renders)
+    assert pairs["latents"].shape == encoded.shape
+    assert not torch.allclose(pairs["latents"].float(), encoded, atol=1e-2)
+    out = tmp_path / "dec"
+    with torch.random.fork_rng():
+        main(["--out", str(out), "--init-from", str(tiny_model.folder / "vae"), "--freeze-encoder",
+              "--refined", str(file), "--refined-share", "0.5", "--steps", "2", *TINY])
+    after = AutoencoderKL.from_pretrained(out / "vae")
+    assert torch.equal(after.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert not torch.equal(after.decoder.conv_out.weight, vae.decoder.conv_out.weight)

@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepen", action="store_true",
                    help="with --init-from: one more ResNet layer per block, added as an identity (zeroed last "
                         "conv), so the VAE starts out computing exactly what --init-from did")
+    p.add_argument("--refined", help="a refined_latents.py file: (UNet-made latent, render) pairs the decoder also "
+                   "learns from (with --freeze-encoder), so it decodes what sampling produces, not only "
+                   "encoder latents")
+    p.add_argument("--refined-share", type=float, default=0.25, help="refined pairs per batch, as a share of --batch")
     p.add_argument("--photo-fraction", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on image gradients (sharp world edges)")
@@ -176,12 +180,17 @@ def load_checkpoint(out: Path, vae, opt, rng: np.random.Generator) -> dict:
 LR_FLOOR = 0.02  # cosine decay to 2% of --lr
 
 
-def loss_fn(vae, x: torch.Tensor, args, anchor=None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refined`, optional: (unscaled latents, their target images) decoded beside the batch; its images join
+    the reconstruction terms (the KL and anchor terms are about the encoder and leave them out)."""
     with torch.set_grad_enabled(not args.freeze_encoder):
         posterior = vae.encode(x).latent_dist
     # posterior.sample() as diffusers draws it, but always from the CPU generator (then moved): the same
     # numbers on any device, and a resumed run goes on from the CPU rng state its checkpoint holds
-    y = vae.decode(posterior.mean + posterior.std * cpu_randn(posterior.mean)).sample
+    z = posterior.mean + posterior.std * cpu_randn(posterior.mean)
+    if refined is not None:
+        z, x = torch.cat([z, refined[0]]), torch.cat([x, refined[1]])
+    y = vae.decode(z).sample
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
     if anchor is not None and args.anchor_weight:
         with torch.no_grad():
@@ -196,7 +205,7 @@ def loss_fn(vae, x: torch.Tensor, args, anchor=None) -> tuple[torch.Tensor, torc
             (y.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (y.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
     if args.worst_weight:
         loss = loss + args.worst_weight * worst_pixels_l1(y, x, args.worst_fraction)
-    return loss, y
+    return loss, y[:len(posterior.mean)]
 
 
 def worst_pixels_l1(y: torch.Tensor, x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -269,6 +278,15 @@ def main(argv=None) -> dict:
         step, elapsed, running = int(state["step"]), float(state["elapsed_s"]), state.get("running_psnr")
     eval_world = 32 if args.tiny else 64  # a quick look during training; the final eval uses --eval-world
     world_eval, photo_eval = data.world_eval_set(args.eval_world), data.photo_eval_set()
+    refined = None
+    if args.refined:
+        if not args.freeze_encoder:
+            raise SystemExit("--refined needs --freeze-encoder: its latents belong to the current encoder")
+        from safetensors.torch import load_file
+
+        refined = load_file(args.refined)
+        refined = (refined["latents"].float() / vae.config.scaling_factor, data.to_tensor(refined["images"].numpy()))
+    n_refined = round(args.batch * args.refined_share) if refined else 0
     vae.train()
 
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
@@ -278,8 +296,12 @@ def main(argv=None) -> dict:
         progress = progress_of(args, step, time.time() - start)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress, LR_FLOOR)
-        x = data.mixed_batch(rng, args.batch, args.photo_fraction).to(device)
-        loss, y = loss_fn(vae, x, args, anchor)
+        x = data.mixed_batch(rng, args.batch - n_refined, args.photo_fraction).to(device)
+        extra = None
+        if n_refined:
+            pick = torch.from_numpy(rng.integers(0, len(refined[0]), n_refined))
+            extra = (refined[0][pick].to(device), refined[1][pick].to(device))
+        loss, y = loss_fn(vae, x, args, anchor, extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
