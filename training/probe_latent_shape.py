@@ -1,10 +1,15 @@
 """Is an object's shape still in the VAE's latent? A small CNN probe on the 8x8 latent window around the object.
 
     python training/probe_latent_shape.py --vae assets/model/vae      # ~4 min on one CPU thread
+    python training/probe_latent_shape.py --generated 100             # + latents the UNet generates (~3 min more)
 
 Trains on one-object training-split scenes, reports shape accuracy on held-out ones, overall and per size. If
 the probe reads the shape where decode(encode(render)) loses it (`train_vae.shape_round_trip`), the decoder is
 what blurs corners away, and a better decoder on the same (frozen) encoder fixes it without retraining the UNets.
+
+--generated N: the same probe on the latents the model's UNet generates for N held-out one-object prompts (50
+DDIM steps, guidance 7.5; window at the object the checker finds, else at the caption's centre), beside the
+checker's shape read on their decoded images: how much of text-to-image's shape error is the decoder's.
 """
 from __future__ import annotations
 
@@ -31,13 +36,8 @@ def windows(vae, scenes: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(latent windows (N, 4, 8, 8), shape labels, sizes) of one-object scenes."""
     images = np.stack([world.render(s) for s in scenes])
     z = torch.cat([evaluation.encode(vae, images[i:i + 256]) for i in range(0, len(images), 256)])
-    half, factor = WINDOW // 2, len(images[0]) // z.shape[-1]
-    z = F.pad(z, (half,) * 4)
-    out = []
-    for zi, s in zip(z, scenes):
-        cx, cy = s.objects[0].centre
-        lx, ly = (round((c + 0.5) / factor - 0.5) + half for c in (cx, cy))
-        out.append(zi[:, ly - half:ly + half, lx - half:lx + half])
+    factor = len(images[0]) // z.shape[-1]
+    out = [window_at(zi, s.objects[0].centre, factor) for zi, s in zip(z, scenes)]
     labels = torch.tensor([world.SHAPES.index(s.objects[0].shape) for s in scenes])
     return torch.stack(out), labels, [s.objects[0].size for s in scenes]
 
@@ -49,6 +49,8 @@ def main(argv=None) -> dict:
     p.add_argument("--test", type=int, default=800)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--generated", type=int, default=0, help="also probe this many generated latents")
+    p.add_argument("--model", default=str(ROOT / "assets" / "model"), help="for --generated: unet, text encoder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,8 +74,46 @@ def main(argv=None) -> dict:
     small = torch.tensor([s == "small" for s in sizes])
     report = {"vae": args.vae, "accuracy": float(hit.mean()), "small": float(hit[small].mean()),
               "large": float(hit[~small].mean()), "test": len(hit), "train": len(x)}
+    if args.generated:
+        report |= probe_generated(net, vae, Path(args.model), args.generated)
     print(json.dumps(report))
     return report
+
+
+def window_at(z: torch.Tensor, centre, factor: int) -> torch.Tensor:
+    """The WINDOW x WINDOW latent window of one (4, h, w) latent around an image-pixel centre (zero padded)."""
+    half = WINDOW // 2
+    lx, ly = (round((c + 0.5) / factor - 0.5) + half for c in centre)
+    return F.pad(z, (half,) * 4)[:, ly - half:ly + half, lx - half:lx + half]
+
+
+@torch.no_grad()
+def probe_generated(net, vae, model: Path, count: int) -> dict:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines import ddim
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    items = evaluation.held_out_scenes(count, 1)
+    prompts = [t for t, _ in items]
+    cond, uncond = evaluation.embed(text_encoder, tokenizer, prompts), evaluation.embed(text_encoder, tokenizer, [""] * count)
+    z = evaluation.noise_for(range(count), (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
+    for state in ddim.sample(unet, z, cond, uncond, 7.5, 50, scheduler_config):
+        z = state.latents
+    images = evaluation.decode(vae, z)
+    probe_hits, checker_hits = [], []
+    for zi, image, (_, scene) in zip(z, images, items):
+        obj = scene.objects[0]
+        found = evaluation.nearest(evaluation.check(image)["objects"], obj.centre)
+        window = window_at(zi, found["centre"] if found else obj.centre, len(image) // zi.shape[-1])
+        probe_hits.append(world.SHAPES[int(net(window[None]).argmax())] == obj.shape)
+        checker_hits.append(found is not None and found["shape"] == obj.shape)
+    return {"generated": count, "generated_probe": float(np.mean(probe_hits)),
+            "generated_checker": float(np.mean(checker_hits))}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 from training.train_unet import (  # noqa: E402
-    LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, weighted_mean)
+    LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
 
@@ -208,12 +208,9 @@ def main(argv=None) -> dict:
         # Same weighting as the base model: the input image must steer the layout at high noise, where the
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
-        err = (unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=1)
-        if object_maps is None:
-            per_sample = err.mean(dim=(1, 2))
-        else:
-            weight = (1 + args.object_weight * object_maps[idx].float()).to(device)
-            per_sample = (weight * err).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+        weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
+        per_sample = pixel_mean((unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample - noise).pow(2),
+                                weight)
         loss = weighted_mean(per_sample, alphas_cumprod[t], args.max_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

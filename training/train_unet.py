@@ -247,12 +247,16 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: fl
     `pixel_weight` (B, h, w), optional: each sample's error is a weighted mean over its latent pixels."""
     zt, t, noise = noised(z0, alphas_cumprod, high_t_share)
     emb = text_encoder(ids)[0]
-    err = (unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2).mean(dim=1)
-    if pixel_weight is None:
-        per_sample = err.mean(dim=(1, 2))
-    else:
-        per_sample = (pixel_weight * err).sum(dim=(1, 2)) / pixel_weight.sum(dim=(1, 2))
+    per_sample = pixel_mean((unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2), pixel_weight)
     return weighted_mean(per_sample, alphas_cumprod[t], max_weight)
+
+
+def pixel_mean(sq_err: torch.Tensor, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of (B, C, h, w) squared errors, weighted over the latent pixels by (B, h, w) if given."""
+    err = sq_err.mean(dim=1)
+    if pixel_weight is None:
+        return err.mean(dim=(1, 2))
+    return (pixel_weight * err).sum(dim=(1, 2)) / pixel_weight.sum(dim=(1, 2))
 
 
 def weighted_mean(per_sample: torch.Tensor, alpha_bar: torch.Tensor, max_weight: float) -> torch.Tensor:
