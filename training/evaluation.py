@@ -60,19 +60,31 @@ def noise_for(seeds, shape, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds, guidance: float = 7.5,
-                   steps: int = 50, scheduler_config=None, chunk: int = 32) -> np.ndarray:
+def denoise(unet, text_encoder, tokenizer, prompts: list[str], x: torch.Tensor, guidance: float, steps: int,
+            scheduler_config, start_index: int = 0) -> torch.Tensor:
+    """DDIM with classifier-free guidance from x (the latent at timesteps[start_index]) to the clean latents."""
+    cond = embed(text_encoder, tokenizer, prompts).to(unet.device)
+    uncond = embed(text_encoder, tokenizer, [""] * len(prompts)).to(unet.device)
+    for state in ddim.sample(unet, x, cond, uncond, guidance, steps, scheduler_config, start_index=start_index):
+        x = state.latents
+    return x
+
+
+@torch.no_grad()
+def generate_latents(unet, text_encoder, tokenizer, prompts: list[str], seeds, guidance: float = 7.5,
+                     steps: int = 50, scheduler_config=None, chunk: int = 32) -> torch.Tensor:
     size = unet.config.sample_size  # latent side (16 for the world's 64 px images)
     out = []
     for i in range(0, len(prompts), chunk):
-        p, s = prompts[i:i + chunk], seeds[i:i + chunk]
-        cond = embed(text_encoder, tokenizer, p).to(unet.device)
-        uncond = embed(text_encoder, tokenizer, [""] * len(p)).to(unet.device)
-        x = noise_for(s, (unet.config.in_channels, size, size), unet.device).to(unet.dtype)
-        for state in ddim.sample(unet, x, cond, uncond, guidance, steps, scheduler_config):
-            x = state.latents
-        out.append(decode(vae, x))
-    return np.concatenate(out)
+        x = noise_for(seeds[i:i + chunk], (unet.config.in_channels, size, size), unet.device).to(unet.dtype)
+        out.append(denoise(unet, text_encoder, tokenizer, prompts[i:i + chunk], x, guidance, steps, scheduler_config))
+    return torch.cat(out)
+
+
+def generate_batch(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds, guidance: float = 7.5,
+                   steps: int = 50, scheduler_config=None, chunk: int = 32) -> np.ndarray:
+    z = generate_latents(unet, text_encoder, tokenizer, prompts, seeds, guidance, steps, scheduler_config, chunk)
+    return np.concatenate([decode(vae, z[i:i + chunk]) for i in range(0, len(z), chunk)])
 
 
 def nearest(found: list[dict], centre) -> dict | None:

@@ -88,22 +88,14 @@ def window_at(z: torch.Tensor, centre, factor: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_generated(net, vae, model: Path, count: int) -> dict:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def probe_generated(net, vae, model_folder: Path, count: int) -> dict:
+    from pipelines.events import run_to_end
+    from pipelines.models import load_model
 
-    from pipelines import ddim
-
-    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    m = run_to_end(load_model(str(model_folder)))
     items = evaluation.held_out_scenes(count, 1)
-    prompts = [t for t, _ in items]
-    cond, uncond = evaluation.embed(text_encoder, tokenizer, prompts), evaluation.embed(text_encoder, tokenizer, [""] * count)
-    z = evaluation.noise_for(range(count), (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
-    for state in ddim.sample(unet, z, cond, uncond, 7.5, 50, scheduler_config):
-        z = state.latents
+    z = evaluation.generate_latents(m.unet, m.text_encoder, m.tokenizer, [t for t, _ in items], range(count),
+                                    7.5, 50, m.scheduler_config)
     images = evaluation.decode(vae, z)
     probe_hits, checker_hits = [], []
     for zi, image, (_, scene) in zip(z, images, items):

@@ -49,33 +49,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def refine(unet, text_encoder, tokenizer, vae, scheduler_config, images: np.ndarray, captions: list[str],
-           start_index: int, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+def refine(model, images: np.ndarray, captions: list[str], start_index: int, steps: int, guidance: float,
+           generator: torch.Generator) -> torch.Tensor:
     """Encode, noise to timesteps[start_index], denoise with the captions: (B, 4, h, w) scaled latents."""
-    z0 = evaluation.encode(vae, images).to(unet.device)
-    sched = ddim.make_scheduler(scheduler_config, steps)
-    t = sched.timesteps[start_index]
+    z0 = evaluation.encode(model.vae, images).to(model.unet.device)
+    sched = ddim.make_scheduler(model.scheduler_config, steps)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
-    x = sched.add_noise(z0, noise, t.reshape(1))
-    cond = evaluation.embed(text_encoder, tokenizer, captions)
-    uncond = evaluation.embed(text_encoder, tokenizer, [""] * len(captions))
-    for state in ddim.sample(unet, x, cond, uncond, guidance, steps, scheduler_config, start_index=start_index):
-        x = state.latents
-    return x
+    x = sched.add_noise(z0, noise, sched.timesteps[start_index].reshape(1))
+    return evaluation.denoise(model.unet, model.text_encoder, model.tokenizer, captions, x, guidance, steps,
+                              model.scheduler_config, start_index)
 
 
 def main(argv=None) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from pipelines.events import run_to_end
+    from pipelines.models import load_model
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = Path(args.model)
-    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
-    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    model = run_to_end(load_model(args.model))  # the studio's loader: any SD-format folder of this world
     generator = torch.Generator().manual_seed(args.seed_base)
     rng = np.random.default_rng(args.seed_base)
     items = world.dataset(args.seed_base, args.count, 64, split="train")
@@ -86,8 +77,8 @@ def main(argv=None) -> dict:
         ims = np.stack([im for im, _, _ in chunk])
         strength = rng.uniform(*args.strength)
         start = min(args.steps - 1, int(round(args.steps * (1 - strength))))
-        latents.append(refine(unet, text_encoder, tokenizer, vae, scheduler_config, ims, [t for _, t, _ in chunk],
-                              start, args.steps, args.guidance, generator).half().cpu())
+        latents.append(refine(model, ims, [t for _, t, _ in chunk], start, args.steps, args.guidance,
+                              generator).half().cpu())
         images.append(torch.from_numpy(ims))
         done += len(chunk)
         bar.update(len(chunk))
