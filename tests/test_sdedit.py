@@ -242,13 +242,15 @@ def _stroke_image() -> Image.Image:
 
 
 def test_embedded_strokes_become_a_clean_circle_and_strength_trades_faithfulness(embedded):
-    """Realism: the crude blob reads as a star to the checker; SDEdit turns it into a clean red circle in the
-    centre. Faithfulness: the distance to the strokes (RMS over 3 seeds) grows with the strength (measured:
-    about 33 / 45 / 51 at 0.3 / 0.6 / 0.9, 20-step schedule)."""
-    from training.checker import check
+    """Realism: the crude blob is far from any world shape (its best template match, the circle, overlaps it
+    0.79; a rendered circle scores 0.94+); SDEdit turns it into a clean red circle in the centre (circle overlap
+    0.91-0.95 over 3 seeds at strength 0.6). Faithfulness: the distance to the strokes (RMS over 3 seeds) grows
+    with the strength (measured: about 33 / 45 / 51 at 0.3 / 0.6 / 0.9, 20-step schedule)."""
+    from training.checker import check, shape_scores
 
     strokes = _stroke_image()
-    assert [(o["colour"], o["shape"]) for o in check(np.asarray(strokes))["objects"]] == [("red", "star")]
+    (blob,) = check(np.asarray(strokes))["objects"]
+    assert blob["colour"] == "red" and max(shape_scores(blob["mask"]).values()) < 0.8
     prompt = "a large red circle in the centre on a white background"
     ref = pixels(strokes).astype(float)
     dist = {}
@@ -261,4 +263,5 @@ def test_embedded_strokes_become_a_clean_circle_and_strength_trades_faithfulness
                 assert found["background"]["colour"] == "white"
                 assert [(o["colour"], o["shape"], o["cell"]) for o in found["objects"]] == [
                     ("red", "circle", "centre")], found["objects"]
+                assert shape_scores(found["objects"][0]["mask"])["circle"] >= 0.88
     assert dist[0.3] < dist[0.6] < dist[0.9], dist
