@@ -344,8 +344,10 @@ def stroke_painting(scene: world.Scene, seed: int) -> np.ndarray:
 def sdedit_rows(ctx: Context) -> list[Row]:
     """SDEdit from crude stroke paintings of held-out one-object scenes (plain backgrounds), caption as prompt:
     faithfulness = RMS distance to the strokes (lower = more faithful), realism = the checker finds exactly one
-    clean object with the caption's colour and shape, on the caption's background."""
+    clean object with the caption's colour and shape (overlapping that shape's template as well as a render
+    does), on the caption's background."""
     from pipelines.sdedit import SDEditParams, sdedit
+    from training.checker import CLEAN_OVERLAP, shape_scores
 
     items = [(t, s) for t, s in evaluation.held_out_scenes(ctx.n(60, 20), 1, start=60_000)
              if s.background.kind == "solid"][:ctx.n(16, 6)]
@@ -361,11 +363,12 @@ def sdedit_rows(ctx: Context) -> list[Row]:
             obj = scene.objects[0]
             clean.append(len(seen["objects"]) == 1 and seen["objects"][0]["colour"] == obj.colour
                          and seen["objects"][0]["shape"] == obj.shape
+                         and shape_scores(seen["objects"][0]["mask"])[obj.shape] >= CLEAN_OVERLAP
                          and seen["background"]["colours"] == list(scene.background.colours))
         rows.append(Row("SDEdit (strokes)", f"t0 {strength:g}: distance to strokes", float(np.mean(dist)), "", "0-255",
                         len(items), "RMS, lower = more faithful"))
         rows.append(Row("SDEdit (strokes)", f"t0 {strength:g}: clean object (realism)", float(np.mean(clean)), "", "",
-                        len(items), "checker: one object, caption's colour and shape, right background"))
+                        len(items), "checker: one clean object, caption's colour and shape, right background"))
     return rows
 
 

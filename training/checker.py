@@ -20,6 +20,9 @@ GRADIENT_JUMP = 60.0       # opposite borders this far apart in colour: a gradie
 TEXTURE_RESIDUAL = 12.0    # mean colour distance of border pixels from their median above this: textured
 FOREGROUND = 50.0          # colour distance from the background estimate that marks an object pixel
 MIN_AREA = 0.004           # components smaller than this fraction of the image are specks, not objects
+# A template overlap (`shape_scores`) this high is as clean as a render: 64 px renders score 0.89-1 on their own
+# shape, crude painted blobs and the model's rounded-off shapes 0.7-0.85.
+CLEAN_OVERLAP = 0.85
 # Size threshold on the enclosing radius: halfway (geometrically) between the world's two sizes.
 SIZE_SPLIT = math.sqrt(SIZES["small"] * SIZES["large"])
 
