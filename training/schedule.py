@@ -4,6 +4,7 @@ the learning rate follows the same curve whether or not the run was interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -96,3 +97,21 @@ def lr_at(args, step: int, progress: float, floor: float) -> float:
     """Linear warm-up over --warmup steps, then cosine decay to `floor` x --lr at the end of the budget."""
     warm = min(1.0, (step + 1) / max(1, args.warmup))
     return args.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def log_row(out: Path, row: dict, bar) -> None:
+    """One line of held-out measurements: appended to out/history.jsonl and shown above the progress bar."""
+    with (Path(out) / "history.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.write(json.dumps(row))
+
+
+def load_cache(path: Path, key: str, count: int) -> dict | None:
+    """A cached safetensors dict whose `key` holds `count` items, or None (missing, or made for another count)."""
+    from safetensors.torch import load_file
+
+    if Path(path).is_file():
+        cached = load_file(path)
+        if len(cached[key]) == count:
+            return cached
+    return None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import (  # noqa: E402
+    load_cache, log_row, lr_at, parse_run_args, progress_of, run_parser, start_run)
 from training.train_unet import (  # noqa: E402
     LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
 
@@ -87,10 +88,9 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids. Encodes on
     the VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "triplets.safetensors"
-    if path.is_file():
-        cached = load_file(path)
-        if len(cached["target"]) == count:
-            return cached
+    cached = load_cache(path, "target", count)
+    if cached is not None:
+        return cached
     folder.mkdir(parents=True, exist_ok=True)
     stream = _triplet_stream(count, seed)
     sources, targets, ids = [], [], []
@@ -224,9 +224,7 @@ def main(argv=None) -> dict:
         if step % args.eval_every == 0:
             row = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(running, 4),
                    **quick_eval(args, ema, text_encoder, tokenizer, vae)}
-            with (out / "history.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.write(json.dumps(row))
+            log_row(out, row, bar)
         if step % args.checkpoint_every == 0:
             save()
     bar.close()

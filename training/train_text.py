@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, world  # noqa: E402
-from training.schedule import lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import log_row, lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100
@@ -235,9 +235,7 @@ def main(argv=None) -> dict:
             text_encoder.eval()
             row = {"step": step, "loss": round(running, 4), **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
             text_encoder.train()
-            with (out / "history.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.write(json.dumps(row))
+            log_row(out, row, bar)
         if step % args.checkpoint_every == 0:
             save()
     bar.close()

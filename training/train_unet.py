@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, evaluation, world  # noqa: E402
-from training.schedule import cpu_randn, lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import (  # noqa: E402
+    cpu_randn, load_cache, log_row, lr_at, parse_run_args, progress_of, run_parser, start_run)
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -138,10 +139,9 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     """Caches (latents, token ids) of `count` training-split scenes; reused when already there. Encodes on the
     VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "latents.safetensors"
-    if path.is_file():
-        cached = load_file(path)
-        if len(cached["latents"]) == count:
-            return cached
+    cached = load_cache(path, "latents", count)
+    if cached is not None:
+        return cached
     folder.mkdir(parents=True, exist_ok=True)
     latents, ids = [], []
     items = world.dataset(seed * count, count, 64, split="train")
@@ -174,10 +174,9 @@ def object_map(scenes, latent_size: int = 16) -> torch.Tensor:
 
 def cached_maps(path: Path, count: int, make) -> torch.Tensor:
     """`make()`'s stacked maps, cached as safetensors at `path` (rebuilt if the count differs)."""
-    if path.is_file():
-        cached = load_file(path)["maps"]
-        if len(cached) == count:
-            return cached
+    cached = load_cache(path, "maps", count)
+    if cached is not None:
+        return cached["maps"]
     maps = torch.stack(list(make())).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"maps": maps}, path)
@@ -357,7 +356,6 @@ def main(argv=None) -> dict:
     unet.train(), text_encoder.train(train_text)
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     start = time.time() - elapsed
-    history = out / "history.jsonl"
     running = None
     while progress_of(args, step, time.time() - start) < 1.0:
         progress = progress_of(args, step, time.time() - start)
@@ -384,9 +382,7 @@ def main(argv=None) -> dict:
         if step % args.eval_every == 0:
             row = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(running, 4),
                    **quick_eval(args, ema_unet, ema_text, tokenizer, vae)}
-            with history.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.write(json.dumps(row))
+            log_row(out, row, bar)
         if step % args.checkpoint_every == 0:
             save()
     bar.close()
