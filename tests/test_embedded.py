@@ -98,11 +98,12 @@ def test_generations_show_the_prompted_colour_and_place(embedded):
 
 
 def test_the_vae_keeps_shapes_through_a_round_trip(embedded):
-    """The decoder keeps corners: squares, triangles and stars come back as themselves (measured on 128
-    held-out scenes: 0.89 after the corner-weighted decoder stage; the decoder before it: 0.68)."""
+    """The decoder keeps corners: squares, triangles and stars come back as themselves (read by the template
+    checker on 128 / 32 held-out scenes: 0.97 / 0.97 after the corner-weighted decoder stages; the decoder before
+    them: 0.80 / 0.72)."""
     from training.train_vae import shape_round_trip
 
-    assert shape_round_trip(embedded.vae, 32) >= 0.75
+    assert shape_round_trip(embedded.vae, 32) >= 0.85
 
 
 def test_inversion_round_trip_at_guidance_1(embedded):

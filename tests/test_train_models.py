@@ -241,3 +241,22 @@ def test_instruct_object_maps_cover_every_object_edit_and_follow_the_cache_order
             assert bool(m[changed].all()), edit.kind
         else:  # the objects that must survive a background change are weighted, not the background
             assert 0 < m.float().mean() < 0.6 and not bool(m[changed].all())
+
+
+def test_oversample_draws_the_named_shapes_more_often(tiny_model, tmp_path):
+    """--oversample star=3,small-square=2: a scene with a star is drawn 3x as often as one without a named
+    object; bad names are refused; a short run with it trains and exports."""
+    import numpy as np
+
+    scenes = [scene for _, _, scene in world.dataset(0, 400, 64, split="train")]
+    p = train_unet.draw_weights(scenes, train_unet.parse_factors("star=3,small-square=2"))
+    factor = np.array([3.0 if any(o.shape == "star" for o in s.objects) else
+                       2.0 if any((o.shape, o.size) == ("square", "small") for o in s.objects) else 1.0
+                       for s in scenes])
+    assert {2.0, 3.0, 1.0} <= set(factor) and np.allclose(p, factor / factor.sum())
+    for bad in ("hexagon=2", "huge-star=2", "star"):
+        with pytest.raises(ValueError):
+            train_unet.parse_factors(bad)
+    report = train_unet.main(["--out", str(tmp_path), "--vae", str(tiny_model.folder / "vae"), "--steps", "1",
+                              "--oversample", "star=3", *TINY])
+    assert report["step"] == 1

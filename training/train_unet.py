@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra loss weight on the latent pixels an object touches (and a 1-pixel ring around "
                         "them): objects are a few percent of each latent, so shape detail barely moves the "
                         "plain loss; 0: every latent pixel counts the same")
+    p.add_argument("--oversample", default="",
+                   help="draw scenes with these objects more often, e.g. 'star=3,small-square=2' (a shape, or "
+                        "size-shape; a scene counts at the largest factor among its objects): the shapes the "
+                        "model gets wrong most are rare within the uniform draw")
     p.add_argument("--text-encoder", help="a pre-trained text encoder run (train_text.py --out): its text_encoder/ "
                    "and tokenizer/ are used frozen, as SD uses CLIP (default: train one jointly from scratch)")
     p.add_argument("--init-unet", help="diffusers unet folder to start from (same architecture; default: random)")
@@ -187,6 +191,27 @@ def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16
     """(count, latent_size, latent_size): object_map of each scene build_data caches, in the same order."""
     return cached_maps(folder / "object_maps.safetensors", count, lambda: (
         object_map([scene], latent_size) for _, _, scene in world.dataset(seed * count, count, 64, split="train")))
+
+
+def parse_factors(text: str) -> dict[str, float]:
+    """'star=3,small-square=2' -> {'star': 3.0, 'small-square': 2.0}; names must be world shapes, optionally
+    prefixed by a world size."""
+    factors = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        size, _, shape = name.rpartition("-")
+        if shape not in world.SHAPES or (size and size not in world.SIZES) or not value:
+            raise ValueError(f"--oversample: {part!r} is not shape=factor or size-shape=factor "
+                             f"(shapes {', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)})")
+        factors[name] = float(value)
+    return factors
+
+
+def draw_weights(scenes, factors: dict[str, float]) -> np.ndarray:
+    """Per-scene draw probability: the largest factor that names one of its objects (1 if none), normalised."""
+    weights = np.array([max([1.0] + [factors.get(key, 1.0) for obj in scene.objects
+                                     for key in (obj.shape, f"{obj.size}-{obj.shape}")]) for scene in scenes])
+    return weights / weights.sum()
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -313,6 +338,9 @@ def main(argv=None) -> dict:
     object_maps = build_object_maps(out / "data", args.samples, args.seed, latents.shape[-1]) \
         if args.object_weight else None
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    factors = parse_factors(args.oversample)
+    draw_p = draw_weights((scene for _, _, scene in world.dataset(args.seed * args.samples, args.samples, 64,
+                                                                  split="train")), factors) if factors else None
 
     text_encoder, unet = build_models(args, len(tokenizer))
     train_text = not args.text_encoder
@@ -361,7 +389,8 @@ def main(argv=None) -> dict:
         progress = progress_of(args, step, time.time() - start)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress, LR_FLOOR)
-        idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
+        idx = torch.from_numpy(rng.integers(0, len(latents), args.batch) if draw_p is None else
+                               rng.choice(len(latents), args.batch, p=draw_p))
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
         weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
