@@ -190,7 +190,12 @@ def cached_maps(path: Path, count: int, make) -> torch.Tensor:
 def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16) -> torch.Tensor:
     """(count, latent_size, latent_size): object_map of each scene build_data caches, in the same order."""
     return cached_maps(folder / "object_maps.safetensors", count, lambda: (
-        object_map([scene], latent_size) for _, _, scene in world.dataset(seed * count, count, 64, split="train")))
+        object_map([scene], latent_size) for _, scene in training_scenes(count, seed)))
+
+
+def training_scenes(count: int, seed: int):
+    """The (caption, scene) pairs build_data caches, in its order, without rendering them."""
+    return world.captioned_scenes(seed * count, count, 64, split="train")
 
 
 def parse_factors(text: str) -> dict[str, float]:
@@ -339,8 +344,8 @@ def main(argv=None) -> dict:
         if args.object_weight else None
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     factors = parse_factors(args.oversample)
-    draw_p = draw_weights((scene for _, _, scene in world.dataset(args.seed * args.samples, args.samples, 64,
-                                                                  split="train")), factors) if factors else None
+    draw_p = draw_weights((scene for _, scene in training_scenes(args.samples, args.seed)), factors) \
+        if factors else None
 
     text_encoder, unet = build_models(args, len(tokenizer))
     train_text = not args.text_encoder

@@ -406,9 +406,10 @@ def caption(scene: Scene, rng_or_seed) -> str:
     return _pick(rng, (f"{things} on {_a(bg)}", f"{things}, {bg}", f"{_a(bg)} with {things}"))
 
 
-def dataset(seed: int, count: int, size: int = 64, split: str | None = None
-            ) -> Iterator[tuple[np.ndarray, str, Scene]]:
-    """(image, caption, scene) for seeds seed, seed+1, ...; each item depends only on its own seed.
+def captioned_scenes(seed: int, count: int, size: int = 64, split: str | None = None
+                     ) -> Iterator[tuple[str, Scene]]:
+    """(caption, scene) for seeds seed, seed+1, ...: `dataset`'s items without rendering them (for callers that
+    need only the ground truth). Each item depends only on its own seed.
 
     The split is that of `seed` unless given; the range may not cross HELD_OUT_SEED. In the training split,
     items whose caption is a held-out prompt are skipped (the next seed is used), so exactly `count` come out.
@@ -427,6 +428,13 @@ def dataset(seed: int, count: int, size: int = 64, split: str | None = None
         if split == "train" and is_held_out_prompt(text):
             continue
         produced += 1
+        yield text, scene
+
+
+def dataset(seed: int, count: int, size: int = 64, split: str | None = None
+            ) -> Iterator[tuple[np.ndarray, str, Scene]]:
+    """(image, caption, scene): `captioned_scenes` with each scene rendered."""
+    for text, scene in captioned_scenes(seed, count, size, split):
         yield render(scene), text, scene
 
 
