@@ -260,3 +260,21 @@ def test_oversample_draws_the_named_shapes_more_often(tiny_model, tmp_path):
     report = train_unet.main(["--out", str(tmp_path), "--vae", str(tiny_model.folder / "vae"), "--steps", "1",
                               "--oversample", "star=3", *TINY])
     assert report["step"] == 1
+
+
+def test_condition_dropout_and_untold_instruction_keeping_the_input():
+    """One draw per sample picks: instruction dropped (image kept), both dropped, image dropped, or none. With
+    --untold-keeps only the first kind learns the input itself (scaled like targets); the rest keep the edit."""
+    b = 4
+    u = torch.tensor([0.02, 0.12, 0.17, 0.9])  # drop_text 0.1: text only / both / image only / nothing
+    z0, image = torch.randn(b, 4, 2, 2), torch.randn(b, 4, 2, 2)
+    emb, empty = torch.randn(b, 3, 5), torch.zeros(3, 5)
+    originals = [t.clone() for t in (z0, emb, image)]
+    for keeps in (False, True):
+        z, e, im = train_instruct.apply_dropout(u, z0, emb, image, empty, 0.1, keeps, scaling_factor=0.5)
+        assert [bool((e[i] == 0).all()) for i in range(b)] == [True, True, False, False]
+        assert [bool((im[i] == 0).all()) for i in range(b)] == [False, True, True, False]
+        torch.testing.assert_close(z[0], image[0] * 0.5 if keeps else z0[0])
+        torch.testing.assert_close(z[1:], z0[1:])
+    for before, after in zip(originals, (z0, emb, image)):  # the cached batch is not written into
+        assert torch.equal(before, after)

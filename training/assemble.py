@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from pipelines.previews import fit_previewer
+    from training import checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="train_unet.py's model/ folder")
@@ -43,33 +44,32 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     base, out = Path(args.base), Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(base, partial, ignore=shutil.ignore_patterns("unet", "vae", "unet_instruct"))
     vae = AutoencoderKL.from_pretrained(args.vae or base / "vae")
     base_vae = AutoencoderKL.from_pretrained(base / "vae")
     for k, v in base_vae.encoder.state_dict().items():  # latents must be the ones the UNet learned
         if not torch.equal(v, vae.encoder.state_dict()[k]):
             raise SystemExit(f"--vae has a different encoder ({k}); the UNet would see other latents")
     vae.register_to_config(scaling_factor=base_vae.config.scaling_factor)
-    vae.save_pretrained(partial / "vae", safe_serialization=True)
-    fit_previewer(vae).save(partial)
-    UNet2DConditionModel.from_pretrained(base / "unet").to(torch.float16).save_pretrained(
-        partial / "unet", safe_serialization=True)
-    if args.instruct:
-        UNet2DConditionModel.from_pretrained(args.instruct).to(torch.float16).save_pretrained(
-            partial / "unet_instruct", safe_serialization=True)
-    info = json.loads((partial / "studio_model.json").read_text())
-    info["components"] = {"unet_instruct": bool(args.instruct), "weights_dtype": "float16 UNets, float32 others"}
-    info["training"] = {}
-    for f in args.info:
-        info["training"][Path(f).stem] = json.loads(Path(f).read_text())
-    (partial / "studio_model.json").write_text(json.dumps(info, indent=1))
-    size = folder_mb(partial)
-    if size > BUDGET_MB:
-        raise SystemExit(f"{size:.1f} MB of safetensors is over the {BUDGET_MB:g} MB budget")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    with checkpoint.swapped_in(out) as partial:
+        shutil.copytree(base, partial, ignore=shutil.ignore_patterns("unet", "vae", "unet_instruct"),
+                        dirs_exist_ok=True)
+        vae.save_pretrained(partial / "vae", safe_serialization=True)
+        fit_previewer(vae).save(partial)
+        UNet2DConditionModel.from_pretrained(base / "unet").to(torch.float16).save_pretrained(
+            partial / "unet", safe_serialization=True)
+        if args.instruct:
+            UNet2DConditionModel.from_pretrained(args.instruct).to(torch.float16).save_pretrained(
+                partial / "unet_instruct", safe_serialization=True)
+        info = json.loads((partial / "studio_model.json").read_text())
+        info["components"] = {"unet_instruct": bool(args.instruct),
+                              "weights_dtype": "float16 UNets, float32 others"}
+        info["training"] = {}
+        for f in args.info:
+            info["training"][Path(f).stem] = json.loads(Path(f).read_text())
+        (partial / "studio_model.json").write_text(json.dumps(info, indent=1))
+        size = folder_mb(partial)
+        if size > BUDGET_MB:
+            raise SystemExit(f"{size:.1f} MB of safetensors is over the {BUDGET_MB:g} MB budget")
     report = {"out": str(out), "safetensors_mb": round(size, 2)}
     print(json.dumps(report))
     return report

@@ -12,11 +12,25 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def swapped_in(final: Path):
+    """Yields an empty side folder to write an export into; when the block ends without error it replaces
+    `final`, so a stop mid-write never leaves a half-written model folder (on error the side folder stays)."""
+    final = Path(final)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
 
 
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -106,6 +106,24 @@ def log_row(out: Path, row: dict, bar) -> None:
     bar.write(json.dumps(row))
 
 
+def smoothed(running: float | None, value: float, keep: float = 0.98) -> float:
+    """Exponential moving average for the progress bar (the first value starts it)."""
+    return value if running is None else keep * running + (1 - keep) * value
+
+
+def after_step(args, out: Path, bar, step: int, start: float, look, save, **shown) -> None:
+    """The bookkeeping every trainer does after an optimiser step: the progress bar (with `shown`), a held-out
+    row every --eval-every steps (`look()` measures it), a checkpoint (`save()`) every --checkpoint-every."""
+    import time
+
+    bar.update(1)
+    bar.set_postfix(**shown)
+    if step % args.eval_every == 0:
+        log_row(out, {"step": step, "minutes": round((time.time() - start) / 60, 2), **look()}, bar)
+    if step % args.checkpoint_every == 0:
+        save()
+
+
 def load_cache(path: Path, key: str, count: int) -> dict | None:
     """A cached safetensors dict whose `key` holds `count` items, or None (missing, or made for another count)."""
     from safetensors.torch import load_file

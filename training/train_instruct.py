@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    load_cache, log_row, lr_at, parse_run_args, progress_of, run_parser, start_run)
+    after_step, load_cache, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 from training.train_unet import (  # noqa: E402
     LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
 
@@ -63,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-weight", type=float, default=5.0, help="1/SNR loss weight clip, as in train_unet.py")
     p.add_argument("--high-t-share", type=float, default=0.5, help="as in train_unet.py")
     p.add_argument("--eval-edits", type=int, default=12, help="held-out edits per kind in the quick look")
+    p.add_argument("--untold-keeps", action="store_true",
+                   help="a sample whose instruction is dropped (input image kept) learns the input itself: an "
+                        "empty instruction means 'no edit', so text guidance pushes only where the edit is")
+    p.add_argument("--drop-text", type=float, default=DROP_TEXT,
+                   help="share of samples with the instruction dropped and the image kept")
     return parse_run_args(p, argv, unless="data_only")
 
 
@@ -84,6 +88,24 @@ def instruct_unet_from(base_unet):
 
 
 @torch.no_grad()
+def apply_dropout(u: torch.Tensor, z0, emb, image, empty_emb, drop_text: float = DROP_TEXT,
+                  untold_keeps: bool = False, scaling_factor: float = 1.0):
+    """Condition dropout from one uniform draw per sample: [0, drop_text) drops the instruction, the next
+    DROP_BOTH both, the next DROP_IMAGE the image. With `untold_keeps` the instruction-only drops take the input
+    (scaled like the targets) as their target. Plain IP2P keeps the edited target there, so the untold
+    prediction is the mean of all edits the input could get, and sT amplifies the gap between that mean and
+    the asked edit everywhere, kept objects included (they came out recoloured and blurred)."""
+    only_text = u < drop_text
+    no_text = u < drop_text + DROP_BOTH
+    no_image = (u >= drop_text) & (u < drop_text + DROP_BOTH + DROP_IMAGE)
+    z0, emb, image = z0.clone(), emb.clone(), image.clone()
+    if untold_keeps:
+        z0[only_text] = image[only_text] * scaling_factor
+    emb[no_text] = empty_emb
+    image[no_image] = 0
+    return z0, emb, image
+
+
 def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bool) -> dict:
     """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids. Encodes on
     the VAE's device; the cache (file and returned tensors) is on the CPU."""
@@ -201,10 +223,8 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             emb = text_encoder(ids_all[idx].to(device))[0]
         u = torch.from_numpy(rng.random(args.batch)).to(device)
-        drop_text = u < DROP_TEXT + DROP_BOTH
-        drop_image = (u >= DROP_TEXT) & (u < DROP_TEXT + DROP_BOTH + DROP_IMAGE)
-        emb[drop_text] = empty_emb
-        image[drop_image] = 0
+        z0, emb, image = apply_dropout(u, z0, emb, image, empty_emb, args.drop_text, args.untold_keeps,
+                                       vae.config.scaling_factor)
         # Same weighting as the base model: the input image must steer the layout at high noise, where the
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
@@ -218,22 +238,14 @@ def main(argv=None) -> dict:
         opt.step()
         step += 1
         ema_update(ema, unet, min(args.ema, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if step % args.eval_every == 0:
-            row = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(running, 4),
-                   **quick_eval(args, ema, text_encoder, tokenizer, vae)}
-            log_row(out, row, bar)
-        if step % args.checkpoint_every == 0:
-            save()
+        running = smoothed(running, loss.item())
+        after_step(args, out, bar, step, start, save=save, loss=f"{running:.4f}", look=lambda: {
+            "loss": round(running, 4), **quick_eval(args, ema, text_encoder, tokenizer, vae)})
     bar.close()
     save()
-    partial, final = out / "unet.partial", out / "unet"
-    shutil.rmtree(partial, ignore_errors=True)
-    ema.save_pretrained(partial, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    final = out / "unet"
+    with checkpoint.swapped_in(final) as partial:
+        ema.save_pretrained(partial, safe_serialization=True)
     report = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": running, "unet": str(final)}
     print(json.dumps(report), flush=True)
     return report

@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import checkpoint, world  # noqa: E402
-from training.schedule import log_row, lr_at, parse_run_args, progress_of, run_parser, start_run  # noqa: E402
+from training.schedule import (  # noqa: E402
+    after_step, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100
@@ -213,6 +214,12 @@ def main(argv=None) -> dict:
         checkpoint.save(out, {"text_encoder": text_encoder.state_dict(), "heads": heads.state_dict()}, opt, rng,
                         {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
 
+    def look():
+        text_encoder.eval()
+        row = {"loss": round(running, 4), **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
+        text_encoder.train()
+        return row
+
     text_encoder.train()
     start = time.time() - elapsed
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
@@ -228,16 +235,8 @@ def main(argv=None) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if step % args.eval_every == 0:
-            text_encoder.eval()
-            row = {"step": step, "loss": round(running, 4), **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
-            text_encoder.train()
-            log_row(out, row, bar)
-        if step % args.checkpoint_every == 0:
-            save()
+        running = smoothed(running, loss.item())
+        after_step(args, out, bar, step, start, look, save, loss=f"{running:.4f}")
     bar.close()
     save()
     text_encoder.eval()

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    cpu_randn, load_cache, log_row, lr_at, parse_run_args, progress_of, run_parser, start_run)
+    after_step, cpu_randn, load_cache, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -303,14 +302,11 @@ def export(out: Path, args, unet, text_encoder, tokenizer, vae_folder: str) -> P
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    partial, final = out / "model.partial", out / "model"
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial, safe_serialization=True)
-    fit_previewer(vae).save(partial)
-    (partial / "studio_model.json").write_text(json.dumps({"label": LABEL, "random_weights": False}))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    return final
+    with checkpoint.swapped_in(out / "model") as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        fit_previewer(vae).save(partial)
+        (partial / "studio_model.json").write_text(json.dumps({"label": LABEL, "random_weights": False}))
+    return out / "model"
 
 
 def quick_eval(args, unet, text_encoder, tokenizer, vae) -> dict:
@@ -410,15 +406,10 @@ def main(argv=None) -> dict:
         ema_update(ema_unet, unet, decay)
         if train_text:
             ema_update(ema_text, text_encoder, decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-        if step % args.eval_every == 0:
-            row = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(running, 4),
-                   **quick_eval(args, ema_unet, ema_text, tokenizer, vae)}
-            log_row(out, row, bar)
-        if step % args.checkpoint_every == 0:
-            save()
+        running = smoothed(running, loss.item())
+        after_step(args, out, bar, step, start, save=save, loss=f"{running:.4f}",
+                   lr=f"{opt.param_groups[0]['lr']:.1e}", look=lambda: {
+                       "loss": round(running, 4), **quick_eval(args, ema_unet, ema_text, tokenizer, vae)})
     bar.close()
     save()
     folder = export(out, args, ema_unet, ema_text, tokenizer, args.vae)

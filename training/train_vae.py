@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
 
 from training import checkpoint, data  # noqa: E402
 from training.schedule import (  # noqa: E402
-    cpu_randn, log_row, lr_at, parse_run_args, progress_of, run_parser, start_run)
+    after_step, cpu_randn, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.
@@ -232,11 +231,9 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
     vae.eval()
     if not args.freeze_encoder:  # a frozen encoder keeps its latents, so the factor must not move either
         vae.register_to_config(scaling_factor=scaling_factor(vae, args))
-    partial, final = out / "vae.partial", out / "vae"
-    shutil.rmtree(partial, ignore_errors=True)
-    vae.save_pretrained(partial, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    final = out / "vae"
+    with checkpoint.swapped_in(final) as partial:
+        vae.save_pretrained(partial, safe_serialization=True)
     fit_previewer(vae).save(out)
     size = sum(f.stat().st_size for f in final.glob("*.safetensors"))
     report = {"step": step, "train_minutes": round(elapsed / 60, 2), **evaluate(vae, world_eval, photo_eval, 8 if args.tiny else 128),
@@ -308,15 +305,12 @@ def main(argv=None) -> dict:
         opt.step()
         step += 1
         batch_psnr = float(psnr_per_image(y.detach(), x).mean())
-        running = batch_psnr if running is None else 0.95 * running + 0.05 * batch_psnr
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{running:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-        if step % args.eval_every == 0:
-            row = {"step": step, "minutes": round((time.time() - start) / 60, 2),
-                   **evaluate(vae, world_eval[:eval_world], photo_eval, 8 if args.tiny else 64), "train_psnr_running": round(running, 3)}
-            log_row(out, row, bar)
-        if step % args.checkpoint_every == 0:
-            save_checkpoint(out, vae, opt, step, time.time() - start, rng, args, running)
+        running = smoothed(running, batch_psnr, keep=0.95)
+        after_step(args, out, bar, step, start, look=lambda: {
+            **evaluate(vae, world_eval[:eval_world], photo_eval, 8 if args.tiny else 64),
+            "train_psnr_running": round(running, 3)},
+            save=lambda: save_checkpoint(out, vae, opt, step, time.time() - start, rng, args, running),
+            loss=f"{loss.item():.4f}", psnr=f"{running:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
     bar.close()
     elapsed = time.time() - start
     save_checkpoint(out, vae, opt, step, elapsed, rng, args, running)
