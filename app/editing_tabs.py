@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines.diffedit import DiffEditParams
 from pipelines.errors import InputError
-from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, SCHEDULERS, InstructParams
+from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 from pipelines.sdedit import SDEditParams
 
 from . import examples, masks
@@ -40,6 +40,7 @@ models often need 0.5-0.8). *Keep unpainted regions* repaints only the strokes (
 class EditingTabs:
     instruct_input: gr.Image
     instruct_text: gr.Textbox
+    instruct_guidance: list  # [sT slider, sI slider]: a model switch sets them to its recommended scales
 
 
 def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
@@ -66,10 +67,13 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                     n_seed = gr.Number(1371, label="Seed", precision=0, elem_id="ip2p-seed")
                 with gr.Row():
                     n_cfg_mode = gr.Radio([FIX_CFG, RANDOM_CFG], value=FIX_CFG, label="CFG mode",
-                                          info="Randomize: sT from 6-9, sI from 1.2-1.8")
-                    n_text_g = gr.Slider(0, 20, value=DEFAULT_TEXT_GUIDANCE, step=0.05, label="Text guidance sT",
+                                          info="Randomize: within 20% of the model's recommended sT and sI "
+                                               "(6-9 and 1.2-1.8 for SD-sized IP2P weights)")
+                    text_g, image_g = recommended_guidance(studio.model)
+                    n_text_g = gr.Slider(0, 20, value=text_g, step=0.05, label="Text guidance sT",
+                                         info="Starts at the loaded model's recommended value",
                                          elem_id="ip2p-text-guidance")
-                    n_image_g = gr.Slider(0, 5, value=DEFAULT_IMAGE_GUIDANCE, step=0.05, label="Image guidance sI",
+                    n_image_g = gr.Slider(0, 5, value=image_g, step=0.05, label="Image guidance sI",
                                           elem_id="ip2p-image-guidance")
                 with gr.Row():
                     n_run = gr.Button("Edit", variant="primary", elem_id="ip2p-run")
@@ -276,4 +280,4 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
     s_event = s_run.click(run_sdedit, s_inputs, [s_preview, s_gallery, s_status], api_name="sdedit", **GPU)
     s_stop.click(stop, None, s_status, cancels=[s_event], api_name="sdedit_stop", api_visibility="private",
                  queue=False)
-    return EditingTabs(n_input, n_text)
+    return EditingTabs(n_input, n_text, [n_text_g, n_image_g])

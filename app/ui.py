@@ -9,6 +9,7 @@ from pipelines.edit import EditParams
 from pipelines.errors import InputError
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import InterpolationParams
+from pipelines.instruct import recommended_guidance
 from pipelines.inversion import METHODS as INVERSION_METHODS, InversionParams
 from pipelines.p2p import MODES as P2P_MODES, P2PSettings
 from pipelines.lora import SMOOTH_LORA_REPO
@@ -451,13 +452,14 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def sizes(m):
                 if m is None:
-                    return [gr.skip()] * 4
+                    return [gr.skip()] * 6
                 # One dict per slider: Gradio pops "value" from an update dict while postprocessing it, so a
                 # shared dict ([upd] * 4) would set the value of the first slider only.
                 return [gr.update(minimum=m.size_multiple, maximum=max(1024, m.resolution), step=m.size_multiple,
-                                  value=m.resolution) for _ in range(4)]
+                                  value=m.resolution) for _ in range(4)] + \
+                    [gr.update(value=v) for v in recommended_guidance(m)]
 
-            yield from stream(studio.switch_model(source), render, lambda: (gr.skip(), "Stopped.", *[gr.skip()] * 4))
+            yield from stream(studio.switch_model(source), render, lambda: (gr.skip(), "Stopped.", *[gr.skip()] * 6))
 
         def run_load_lora(source):
             def render(ev, final):
@@ -516,7 +518,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         e_method.change(edit_method_changed, [e_method], [e_r, e_p2p], api_visibility="private", queue=False)
 
-        model_btn.click(run_load_model, [model_dd], [status_md, load_status, g_w, g_h, i_w, i_h],
+        model_btn.click(run_load_model, [model_dd], [status_md, load_status, g_w, g_h, i_w, i_h,
+                                                     *editing.instruct_guidance],
                         api_name="load_model", **GPU)
         lora_btn.click(run_load_lora, [lora_src], [status_md, load_status], api_name="load_lora", **GPU)
 

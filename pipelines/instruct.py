@@ -38,22 +38,22 @@ from .validation import check_number, resolve_seed
 DEFAULT_TEXT_GUIDANCE = 7.5   # sT, the IP2P paper's default
 DEFAULT_IMAGE_GUIDANCE = 1.5  # sI
 SCHEDULERS = {"euler_a": "Euler ancestral (reference)", "ddim": "DDIM (eta 0, deterministic)"}
-# The reference app's "Randomize" ranges.
 RANDOM_SEED_MAX = 100_000
-RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
-RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
+# "Randomize" draws within +-20% of the model's recommended scales: the reference app's 6-9 and 1.2-1.8
+# around the paper's 7.5 / 1.5.
+RANDOM_SPREAD = 0.2
 
 
 @dataclass
 class InstructParams:
     instruction: str
-    text_guidance: float = DEFAULT_TEXT_GUIDANCE
-    image_guidance: float = DEFAULT_IMAGE_GUIDANCE
+    text_guidance: float | None = None   # None: the model's recommended scale (recommended_guidance)
+    image_guidance: float | None = None
     steps: int = 50
     seed: int = -1
     scheduler: str = "euler_a"
     randomize_seed: bool = False   # draw the seed from 0..100000, as the reference app
-    randomize_cfg: bool = False    # draw sT from U(6, 9) and sI from U(1.2, 1.8), rounded to 2 decimals
+    randomize_cfg: bool = False    # draw sT and sI within RANDOM_SPREAD of the recommended, 2 decimals
 
 
 @dataclass
@@ -62,6 +62,23 @@ class InstructResult:
     source: Image.Image    # the input as the model saw it (resized and centre-cropped)
     params: dict
     latents: torch.Tensor | None = None   # the final latent (None when the input was returned unchanged)
+
+
+def recommended_guidance(model) -> tuple[float, float]:
+    """(sT, sI) the model's folder recommends in studio_model.json ("instruct_guidance": {"text", "image"}), else
+    the paper's 7.5 / 1.5. A small model trained on one world can want other scales than SD-sized weights."""
+    rec = model.info.get("instruct_guidance") if getattr(model, "info", None) else None
+    if isinstance(rec, dict):
+        try:
+            return float(rec["text"]), float(rec["image"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return DEFAULT_TEXT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
+
+
+def random_ranges(text_guidance: float, image_guidance: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The "Randomize" CFG ranges around recommended scales."""
+    return tuple((v * (1 - RANDOM_SPREAD), v * (1 + RANDOM_SPREAD)) for v in (text_guidance, image_guidance))
 
 
 def instruct_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, image_latents: torch.Tensor,
@@ -105,18 +122,20 @@ def make_scheduler(model, name: str, steps: int):
     return sched
 
 
-def check_params(p: InstructParams) -> InstructParams:
-    """Range checks before any image is read; randomisation (as the reference app) happens here, so the
-    values actually used are returned and shown."""
+def check_params(p: InstructParams, recommended: tuple[float, float] = (DEFAULT_TEXT_GUIDANCE,
+                                                                        DEFAULT_IMAGE_GUIDANCE)) -> InstructParams:
+    """Range checks before any image is read; unset scales take the `recommended` (sT, sI); randomisation (as
+    the reference app, around the recommended) happens here, so the values actually used are returned."""
     scheduler = (p.scheduler or "euler_a").strip().lower()
     if scheduler not in SCHEDULERS:
         raise InputError(f"Unknown scheduler {p.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
     steps = check_number(p.steps, "Steps", 1, 500, integer=True)
-    text_g = check_number(p.text_guidance, "Text guidance sT", 0, 50)
-    image_g = check_number(p.image_guidance, "Image guidance sI", 0, 20)
+    text_g = check_number(recommended[0] if p.text_guidance is None else p.text_guidance, "Text guidance sT", 0, 50)
+    image_g = check_number(recommended[1] if p.image_guidance is None else p.image_guidance, "Image guidance sI",
+                           0, 20)
     if p.randomize_cfg:
-        text_g = round(random.uniform(*RANDOM_TEXT_GUIDANCE), 2)
-        image_g = round(random.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
+        text_range, image_range = random_ranges(*recommended)
+        text_g, image_g = round(random.uniform(*text_range), 2), round(random.uniform(*image_range), 2)
     seed = random.randint(0, RANDOM_SEED_MAX) if p.randomize_seed else resolve_seed(p.seed)
     return InstructParams((p.instruction or "").strip(), text_g, image_g, steps, seed, scheduler, False, False)
 
@@ -129,7 +148,7 @@ def instruct_edit(model, image, p: InstructParams, cancel: CancelToken | None = 
     if unet is None:
         raise InputError(f"{model.label} has no InstructPix2Pix UNet: load the embedded model, or "
                          "timbrooks/instruct-pix2pix, in the Model panel.")
-    p = check_params(p)
+    p = check_params(p, recommended_guidance(model))
     source = prepare_input(model, image)
     total = p.steps + 1
     meta = {"task": "instruct", "instruction": p.instruction, "seed": p.seed, "steps": p.steps,

@@ -44,6 +44,7 @@ class LoadedModel:
     random_weights: bool = False
     folder: Path | None = None
     loras: dict = field(default_factory=dict)  # adapter name -> source
+    info: dict = field(default_factory=dict)  # the folder's studio_model.json (label, recommended settings)
     _instruct: object = field(default=None, repr=False)  # the InstructPix2Pix UNet, loaded on first use
 
     @property
@@ -150,11 +151,13 @@ def resolve_source(source: str) -> tuple[str, str | Path, str | None]:
     return source, source, None
 
 
-def _read_label(folder: Path | None, fallback: str) -> tuple[str, bool]:
+def _read_info(folder: Path | None) -> dict:
+    """The studio's notes on a model folder (studio_model.json: label, random_weights, recommended settings);
+    empty for folders without one, e.g. Hub checkouts."""
     if folder is not None and (folder / "studio_model.json").is_file():
         info = json.loads((folder / "studio_model.json").read_text())
-        return info.get("label", fallback), bool(info.get("random_weights", False))
-    return fallback, False
+        return info if isinstance(info, dict) else {}
+    return {}
 
 
 def load_model(source: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Iterator[Progress]:
@@ -186,10 +189,10 @@ def load_model(source: str, device: torch.device | None = None, dtype: torch.dty
     folder = Path(where) if isinstance(where, Path) else _hub_snapshot_folder(pipe)
     yield Progress("preview factors", 2, total, message="Preparing latent previews")
     previewer = previewer_for(pipe.vae, folder)
-    label_text, random_weights = _read_label(folder, label or model_id)
+    info = _read_info(folder)
     model = LoadedModel(
-        id=model_id, label=label or label_text, pipe=pipe, previewer=previewer, device=device, dtype=dtype,
-        random_weights=random_weights, folder=folder,
+        id=model_id, label=label or info.get("label", model_id), pipe=pipe, previewer=previewer, device=device,
+        dtype=dtype, random_weights=bool(info.get("random_weights", False)), folder=folder, info=info,
     )
     yield Progress("loaded", total, total, result=model, message=f"Loaded {model.display_name}")
 

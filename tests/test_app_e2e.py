@@ -298,7 +298,8 @@ def _other_tiny_model(folder):
 
     shutil.copytree(ensure_tiny_model(), folder)
     info = json.loads((folder / "studio_model.json").read_text())
-    (folder / "studio_model.json").write_text(json.dumps({**info, "label": "other tiny e2e model"}))
+    (folder / "studio_model.json").write_text(json.dumps({**info, "label": "other tiny e2e model",
+                                                          "instruct_guidance": {"text": 3.5, "image": 2.25}}))
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 24}))
     return folder
@@ -308,8 +309,10 @@ def test_load_model_shows_the_new_model(client, studio, tmp_path):
     before = studio.model
     folder = _other_tiny_model(tmp_path / "other-tiny")
     try:
-        model_md, load_md, *sizes = client.predict(str(folder), api_name="/load_model")
+        model_md, load_md, *sizes, text_g, image_g = client.predict(str(folder), api_name="/load_model")
         assert "Loaded" in load_md and "other tiny e2e model" in load_md
+        # the InstructPix2Pix sliders move to the scales the model's folder recommends
+        assert (text_g.get("value"), image_g.get("value")) == (3.5, 2.25)
         assert "other tiny e2e model" in model_md  # the new model, not the one it replaces
         # all four size sliders (Generate and Interpolate, width and height) get the new model's range
         # and native size (gr.update dicts through the API), each its own value, not just the first
@@ -322,10 +325,11 @@ def test_load_model_shows_the_new_model(client, studio, tmp_path):
 def test_load_model_tiny_random_becomes_active(client, studio, baseline):
     before = studio.model
     try:
-        model_md, load_md, *sizes = client.predict("tiny-random", api_name="/load_model")
+        model_md, load_md, *sizes, text_g, image_g = client.predict("tiny-random", api_name="/load_model")
         assert "Loaded" in load_md
         assert "tiny SD-architecture model" in model_md
         assert [s.get("value") for s in sizes] == [64, 64, 64, 64], sizes
+        assert (text_g.get("value"), image_g.get("value")) == (7.5, 1.5)  # no recommendation: the paper's
         assert studio.model is not None and studio.model is not before, "the loaded model is not active"
         assert studio.model.id == "tiny-random"
         # the same weights from the same folder: the freshly loaded model draws the same picture

@@ -14,7 +14,7 @@ from pipelines import ddim
 from pipelines.errors import InputError
 from pipelines.events import Cancelled, CancelToken, run_to_end
 from pipelines.instruct import (
-    RANDOM_IMAGE_GUIDANCE, RANDOM_SEED_MAX, RANDOM_TEXT_GUIDANCE, InstructParams, instruct_edit,
+    RANDOM_SEED_MAX, InstructParams, instruct_edit,
     instruct_eps, instruct_size, prepare_input, size_multiple,
 )
 from pipelines.latents import encode_image
@@ -113,11 +113,27 @@ def test_randomize_seed_and_cfg(tiny_model, picture):
     for _ in range(3):
         r = edit(tiny_model, picture, randomize_seed=True, randomize_cfg=True, steps=1)
         assert 0 <= r.params["seed"] <= RANDOM_SEED_MAX
-        assert RANDOM_TEXT_GUIDANCE[0] <= r.params["text_guidance"] <= RANDOM_TEXT_GUIDANCE[1]
-        assert RANDOM_IMAGE_GUIDANCE[0] <= r.params["image_guidance"] <= RANDOM_IMAGE_GUIDANCE[1]
+        assert 6.0 <= r.params["text_guidance"] <= 9.0 and 1.2 <= r.params["image_guidance"] <= 1.8  # reference
         assert round(r.params["text_guidance"], 2) == r.params["text_guidance"]
     fixed = edit(tiny_model, picture, seed=7, text_guidance=6.5, image_guidance=1.1, steps=1)
     assert (fixed.params["seed"], fixed.params["text_guidance"], fixed.params["image_guidance"]) == (7, 6.5, 1.1)
+
+
+def test_unset_scales_follow_the_model_recommendation(tiny_model, picture, monkeypatch):
+    """studio_model.json's instruct_guidance fills unset sT / sI and centres Randomize; an explicit value wins;
+    a folder without (or with a broken) recommendation gets the paper's 7.5 / 1.5."""
+    plain = edit(tiny_model, picture, steps=1)
+    assert (plain.params["text_guidance"], plain.params["image_guidance"]) == (7.5, 1.5)
+    monkeypatch.setattr(tiny_model, "info", {"instruct_guidance": {"text": 3.0, "image": 2.5}})
+    r = edit(tiny_model, picture, steps=1)
+    assert (r.params["text_guidance"], r.params["image_guidance"]) == (3.0, 2.5)
+    assert not torch.equal(r.latents, plain.latents)
+    assert edit(tiny_model, picture, steps=1, text_guidance=6.0).params["text_guidance"] == 6.0
+    for _ in range(5):
+        g = edit(tiny_model, picture, steps=1, randomize_cfg=True).params
+        assert 2.4 <= g["text_guidance"] <= 3.6 and 2.0 <= g["image_guidance"] <= 3.0
+    monkeypatch.setattr(tiny_model, "info", {"instruct_guidance": {"text": "lots"}})
+    assert edit(tiny_model, picture, steps=1).params["text_guidance"] == 7.5
 
 
 def test_empty_instruction_returns_the_input(tiny_model, picture):

@@ -93,8 +93,14 @@ def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_pa
     triplets = load_file(out / "data" / "triplets.safetensors")
     assert triplets["source"].shape == triplets["target"].shape == (16, 4, 16, 16)
     folder = tmp_path / "model"
-    assembled = assemble.main(["--base", str(base), "--instruct", str(out / "unet"), "--out", str(folder)])
+    assembled = assemble.main(["--base", str(base), "--instruct", str(out / "unet"), "--out", str(folder),
+                               "--instruct-guidance", "3,2.5"])
     assert assembled["safetensors_mb"] <= assemble.BUDGET_MB
+    from pipelines.events import run_to_end
+    from pipelines.instruct import recommended_guidance
+    from pipelines.models import load_model
+
+    assert recommended_guidance(run_to_end(load_model(str(folder)))) == (3.0, 2.5)  # what the studio reads
     unet = UNet2DConditionModel.from_pretrained(folder / "unet_instruct")
     assert unet.config.in_channels == 8
     stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -262,19 +268,26 @@ def test_oversample_draws_the_named_shapes_more_often(tiny_model, tmp_path):
     assert report["step"] == 1
 
 
-def test_condition_dropout_and_untold_instruction_keeping_the_input():
-    """One draw per sample picks: instruction dropped (image kept), both dropped, image dropped, or none. With
-    --untold-keeps only the first kind learns the input itself (scaled like targets); the rest keep the edit."""
-    b = 4
-    u = torch.tensor([0.02, 0.12, 0.17, 0.9])  # drop_text 0.1: text only / both / image only / nothing
-    z0, image = torch.randn(b, 4, 2, 2), torch.randn(b, 4, 2, 2)
-    emb, empty = torch.randn(b, 3, 5), torch.zeros(3, 5)
-    originals = [t.clone() for t in (z0, emb, image)]
-    for keeps in (False, True):
-        z, e, im = train_instruct.apply_dropout(u, z0, emb, image, empty, 0.1, keeps, scaling_factor=0.5)
-        assert [bool((e[i] == 0).all()) for i in range(b)] == [True, True, False, False]
-        assert [bool((im[i] == 0).all()) for i in range(b)] == [False, True, True, False]
-        torch.testing.assert_close(z[0], image[0] * 0.5 if keeps else z0[0])
-        torch.testing.assert_close(z[1:], z0[1:])
-    for before, after in zip(originals, (z0, emb, image)):  # the cached batch is not written into
-        assert torch.equal(before, after)
+def test_condition_dropout_and_edit_kind_oversampling():
+    """One draw per sample picks: instruction dropped, both dropped, image dropped, or none; the cached batch
+    is not written into. --oversample background=2 doubles the draw probability of background triplets."""
+    import numpy as np
+
+    u = torch.tensor([0.02, 0.07, 0.12, 0.9])  # text only / both / image only / nothing
+    emb, image, empty = torch.randn(4, 3, 5), torch.randn(4, 4, 2, 2), torch.zeros(3, 5)
+    originals = emb.clone(), image.clone()
+    e, im = train_instruct.apply_dropout(u, emb, image, empty)
+    assert [bool((e[i] == 0).all()) for i in range(4)] == [True, True, False, False]
+    assert [bool((im[i] == 0).all()) for i in range(4)] == [False, True, True, False]
+    torch.testing.assert_close(e[2:], emb[2:])
+    torch.testing.assert_close(im[3], image[3])
+    assert torch.equal(originals[0], emb) and torch.equal(originals[1], image)
+
+    kinds = [edit.kind for _, edit in train_instruct._triplet_stream(200, seed=0)]
+    p = train_instruct.kind_weights(kinds, "background=2")
+    factor = np.array([2.0 if k == "background" else 1.0 for k in kinds])
+    assert "background" in kinds and np.allclose(p, factor / factor.sum())
+    assert train_instruct.kind_weights(kinds, "") is None
+    for bad in ("sky=2", "background"):
+        with pytest.raises(ValueError):
+            train_instruct.kind_weights(kinds, bad)

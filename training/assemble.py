@@ -40,6 +40,9 @@ def main(argv=None) -> dict:
     p.add_argument("--vae", help="a vae folder with the same encoder (train_vae.py stage 2); default: the base's")
     p.add_argument("--instruct", help="train_instruct.py's unet/ folder")
     p.add_argument("--out", default=str(ROOT / "assets" / "model"))
+    p.add_argument("--instruct-guidance", metavar="TEXT,IMAGE",
+                   help="the InstructPix2Pix scales (sT,sI) this model recommends; the studio's sliders and the "
+                        "eval start there (default: none recorded, so the paper's 7.5,1.5)")
     p.add_argument("--info", action="append", default=[], help="extra JSON files to record (eval reports)")
     args = p.parse_args(argv)
 
@@ -64,6 +67,10 @@ def main(argv=None) -> dict:
         info["components"] = {"unet_instruct": bool(args.instruct),
                               "weights_dtype": "float16 UNets, float32 others"}
         info["training"] = {}
+        info.pop("instruct_guidance", None)
+        if args.instruct_guidance:
+            text_g, image_g = (float(v) for v in args.instruct_guidance.split(","))
+            info["instruct_guidance"] = {"text": text_g, "image": image_g}
         for f in args.info:
             info["training"][Path(f).stem] = json.loads(Path(f).read_text())
         (partial / "studio_model.json").write_text(json.dumps(info, indent=1))

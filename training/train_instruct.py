@@ -62,11 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-weight", type=float, default=5.0, help="1/SNR loss weight clip, as in train_unet.py")
     p.add_argument("--high-t-share", type=float, default=0.5, help="as in train_unet.py")
     p.add_argument("--eval-edits", type=int, default=12, help="held-out edits per kind in the quick look")
-    p.add_argument("--untold-keeps", action="store_true",
-                   help="a sample whose instruction is dropped (input image kept) learns the input itself: an "
-                        "empty instruction means 'no edit', so text guidance pushes only where the edit is")
-    p.add_argument("--drop-text", type=float, default=DROP_TEXT,
-                   help="share of samples with the instruction dropped and the image kept")
+    p.add_argument("--oversample", default="",
+                   help="draw these edit kinds more often, e.g. 'background=2,add=2' (kinds: "
+                        + ", ".join(world.EDIT_KINDS) + ")")
     return parse_run_args(p, argv, unless="data_only")
 
 
@@ -88,22 +86,29 @@ def instruct_unet_from(base_unet):
 
 
 @torch.no_grad()
-def apply_dropout(u: torch.Tensor, z0, emb, image, empty_emb, drop_text: float = DROP_TEXT,
-                  untold_keeps: bool = False, scaling_factor: float = 1.0):
-    """Condition dropout from one uniform draw per sample: [0, drop_text) drops the instruction, the next
-    DROP_BOTH both, the next DROP_IMAGE the image. With `untold_keeps` the instruction-only drops take the input
-    (scaled like the targets) as their target. Plain IP2P keeps the edited target there, so the untold
-    prediction is the mean of all edits the input could get, and sT amplifies the gap between that mean and
-    the asked edit everywhere, kept objects included (they came out recoloured and blurred)."""
-    only_text = u < drop_text
-    no_text = u < drop_text + DROP_BOTH
-    no_image = (u >= drop_text) & (u < drop_text + DROP_BOTH + DROP_IMAGE)
-    z0, emb, image = z0.clone(), emb.clone(), image.clone()
-    if untold_keeps:
-        z0[only_text] = image[only_text] * scaling_factor
+def apply_dropout(u: torch.Tensor, emb: torch.Tensor, image: torch.Tensor, empty_emb: torch.Tensor):
+    """Condition dropout from one uniform draw per sample: [0, DROP_TEXT) drops the instruction, the next
+    DROP_BOTH both, the next DROP_IMAGE the input image (zeroed latent). Returns new tensors."""
+    no_text = u < DROP_TEXT + DROP_BOTH
+    no_image = (u >= DROP_TEXT) & (u < DROP_TEXT + DROP_BOTH + DROP_IMAGE)
+    emb, image = emb.clone(), image.clone()
     emb[no_text] = empty_emb
     image[no_image] = 0
-    return z0, emb, image
+    return emb, image
+
+
+def kind_weights(kinds: list[str], text: str) -> np.ndarray | None:
+    """Per-triplet draw probability from 'kind=factor,...' (None when empty: uniform draws)."""
+    if not text:
+        return None
+    factors = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in world.EDIT_KINDS or not value:
+            raise ValueError(f"--oversample: {part!r} is not kind=factor (kinds {', '.join(world.EDIT_KINDS)})")
+        factors[name] = float(value)
+    weights = np.array([factors.get(k, 1.0) for k in kinds])
+    return weights / weights.sum()
 
 
 def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bool) -> dict:
@@ -182,6 +187,7 @@ def main(argv=None) -> dict:
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
     object_maps = build_object_maps(out / "data", args.samples, args.seed, target.shape[-1]) \
         if args.object_weight else None
+    draw_p = kind_weights([edit.kind for _, edit in _triplet_stream(args.samples, args.seed)], args.oversample)
     text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)
     text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
@@ -218,13 +224,13 @@ def main(argv=None) -> dict:
     while progress_of(args, step, time.time() - start) < 1.0:
         for group in opt.param_groups:
             group["lr"] = group["mult"] * lr_at(args, step, progress_of(args, step, time.time() - start), LR_FLOOR)
-        idx = torch.from_numpy(rng.integers(0, len(target), args.batch))
+        idx = torch.from_numpy(rng.integers(0, len(target), args.batch) if draw_p is None else
+                               rng.choice(len(target), args.batch, p=draw_p))
         z0, image = target[idx].float().to(device), source[idx].float().to(device)
         with torch.no_grad():
             emb = text_encoder(ids_all[idx].to(device))[0]
         u = torch.from_numpy(rng.random(args.batch)).to(device)
-        z0, emb, image = apply_dropout(u, z0, emb, image, empty_emb, args.drop_text, args.untold_keeps,
-                                       vae.config.scaling_factor)
+        emb, image = apply_dropout(u, emb, image, empty_emb)
         # Same weighting as the base model: the input image must steer the layout at high noise, where the
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
