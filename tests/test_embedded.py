@@ -130,10 +130,15 @@ def test_null_text_inversion_fixes_the_guidance_7_5_drift(embedded):
 
 
 def test_instruct_unet_changes_the_background(embedded):
-    """Background edits succeed (97.5% of 40 held-out edits); the objects are only partly kept during a
-    background edit (16 dB on them), so only the background is checked."""
+    """At the model's recommended scales (what the studio's sliders start at) a background edit turns the
+    background and carries the object through, still read as the same colour and shape (eval: 40 held-out
+    background edits, success 1.0, 24.4 dB on the kept objects, 21.1 dB at the paper's 7.5 / 1.5 before)."""
     from diffusers import UNet2DConditionModel
 
+    from pipelines.instruct import recommended_guidance
+
+    text_g, image_g = recommended_guidance(embedded)
+    assert (text_g, image_g) != (7.5, 1.5)  # the folder records its own
     unet = UNet2DConditionModel.from_pretrained(FOLDER / "unet_instruct", dtype=torch.float32).eval()
     seed = world.HELD_OUT_SEED + 60_000
     while True:  # a held-out one-object scene whose background can turn blue
@@ -143,9 +148,12 @@ def test_instruct_unet_changes_the_background(embedded):
         seed += 1
     before = world.render(scene)
     out = evaluation.edit_batch(unet, embedded.text_encoder, embedded.tokenizer, embedded.vae, before[None],
-                                ["make the background blue"], [0], steps=25,
+                                ["make the background blue"], [0], text_g, image_g, steps=25,
                                 scheduler_config=embedded.scheduler_config)[0]
-    assert check(out)["background"]["colours"] == ["blue"]
+    seen = check(out)
+    assert seen["background"]["colours"] == ["blue"]
+    (obj,) = scene.objects
+    assert [(o["colour"], o["shape"]) for o in seen["objects"]] == [(obj.colour, obj.shape)]
 
 
 def test_examples_show_what_their_captions_say():
