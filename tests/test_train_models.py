@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import train_instruct, train_unet, world
+from training import schedule, train_instruct, train_unet, world
 
 TINY = ["--tiny", "--threads", "1", "--batch", "4", "--samples", "48", "--checkpoint-every", "2",
         "--eval-every", "1000", "--no-progress"]
@@ -202,6 +202,12 @@ def test_object_maps_mark_the_latent_pixels_each_cached_scene_touches(tmp_path):
         else:  # objects are a small part of the latent: that is why they get extra weight
             assert 0 < m.float().mean() < 0.6
     assert torch.equal(train_unet.build_object_maps(tmp_path, 6, seed=0), maps)  # read back from the cache
+    # Another seed means other scenes: the cache must not be handed back for them (it is rebuilt and replaced).
+    other = train_unet.build_object_maps(tmp_path, 6, seed=1)
+    expect = torch.stack([train_unet.object_map([s]) for _, s in train_unet.training_scenes(6, seed=1)])
+    assert torch.equal(other, expect) and not torch.equal(other, maps)
+    assert schedule.load_cache(tmp_path / "object_maps.safetensors", "maps", 6, seed=0) is None
+    assert schedule.load_cache(tmp_path / "object_maps.safetensors", "maps", 6, seed=1) is not None
 
 
 def test_object_weight_moves_the_loss_to_the_weighted_pixels():
@@ -288,6 +294,6 @@ def test_condition_dropout_and_edit_kind_oversampling():
     factor = np.array([2.0 if k == "background" else 1.0 for k in kinds])
     assert "background" in kinds and np.allclose(p, factor / factor.sum())
     assert train_instruct.kind_weights(kinds, "") is None
-    for bad in ("sky=2", "background"):
+    for bad in ("sky=2", "background", "background=x", "background=0"):
         with pytest.raises(ValueError):
             train_instruct.kind_weights(kinds, bad)

@@ -124,12 +124,42 @@ def after_step(args, out: Path, bar, step: int, start: float, look, save, **show
         save()
 
 
-def load_cache(path: Path, key: str, count: int) -> dict | None:
-    """A cached safetensors dict whose `key` holds `count` items, or None (missing, or made for another count)."""
+def load_cache(path: Path, key: str, count: int, seed: int) -> dict | None:
+    """A cached safetensors dict whose `key` holds `count` items made with `seed`, or None (missing, or made for
+    another count or seed: the objects maps and draw weights are recomputed from the seed, so a cache from another
+    seed would pair them with the wrong samples)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if Path(path).is_file():
-        cached = load_file(path)
-        if len(cached[key]) == count:
-            return cached
-    return None
+    if not Path(path).is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        made_with = (f.metadata() or {}).get("seed")
+    if made_with != str(seed):
+        return None
+    cached = load_file(path)
+    return cached if len(cached[key]) == count else None
+
+
+def save_cache(path: Path, tensors: dict, seed: int) -> None:
+    """Writes a cache load_cache accepts for `seed`."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"seed": str(seed)})
+
+
+def parse_factors(text: str, allowed, what: str) -> dict[str, float]:
+    """'a=3,b=2' -> {'a': 3.0, 'b': 2.0} for --oversample; `allowed(name)` says whether a name is valid and `what`
+    describes valid parts in the error."""
+    factors = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = None
+        if not allowed(name) or factor is None or factor <= 0:
+            raise ValueError(f"--oversample: {part!r} is not {what}")
+        factors[name] = factor
+    return factors

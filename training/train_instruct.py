@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +33,8 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, load_cache, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_step, load_cache, lr_at, parse_factors, parse_run_args, progress_of, run_parser, save_cache, smoothed,
+    start_run)
 from training.train_unet import (  # noqa: E402
     LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
 
@@ -99,14 +99,10 @@ def apply_dropout(u: torch.Tensor, emb: torch.Tensor, image: torch.Tensor, empty
 
 def kind_weights(kinds: list[str], text: str) -> np.ndarray | None:
     """Per-triplet draw probability from 'kind=factor,...' (None when empty: uniform draws)."""
-    if not text:
+    factors = parse_factors(text, world.EDIT_KINDS.__contains__,
+                            f"kind=factor (kinds {', '.join(world.EDIT_KINDS)})")
+    if not factors:
         return None
-    factors = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name not in world.EDIT_KINDS or not value:
-            raise ValueError(f"--oversample: {part!r} is not kind=factor (kinds {', '.join(world.EDIT_KINDS)})")
-        factors[name] = float(value)
     weights = np.array([factors.get(k, 1.0) for k in kinds])
     return weights / weights.sum()
 
@@ -115,7 +111,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     """Caches scaled edited latents, unscaled input latents (IP2P's input form) and instruction ids. Encodes on
     the VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "triplets.safetensors"
-    cached = load_cache(path, "target", count)
+    cached = load_cache(path, "target", count, seed)
     if cached is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +133,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     bar.close()
     data = {"source": torch.cat(sources).contiguous(), "target": torch.cat(targets).contiguous(),
             "ids": torch.cat(ids).contiguous()}
-    save_file(data, path)
+    save_cache(path, data, seed)
     return data
 
 
@@ -153,7 +149,7 @@ def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16
     """(count, latent_size, latent_size): the latent pixels the objects of each cached triplet's input or output
     touch (train_unet.object_map), in cache order. That covers every recolour, reshape, add and remove, and
     for a background edit the objects that must come through unchanged."""
-    return cached_maps(folder / "object_maps.safetensors", count, lambda: (
+    return cached_maps(folder / "object_maps.safetensors", count, seed, lambda: (
         object_map([scene, edit.scene], latent_size) for scene, edit in _triplet_stream(count, seed)))
 
 

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from training import checkpoint, evaluation, world  # noqa: E402
+from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, cpu_randn, load_cache, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_step, cpu_randn, load_cache, lr_at, parse_run_args, progress_of, run_parser, save_cache, smoothed,
+    start_run)
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -142,7 +142,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     """Caches (latents, token ids) of `count` training-split scenes; reused when already there. Encodes on the
     VAE's device; the cache (file and returned tensors) is on the CPU."""
     path = folder / "latents.safetensors"
-    cached = load_cache(path, "latents", count)
+    cached = load_cache(path, "latents", count, seed)
     if cached is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
         bar.update(len(chunk))
     bar.close()
     data = {"latents": torch.cat(latents).contiguous(), "ids": torch.cat(ids).contiguous()}
-    save_file(data, path)
+    save_cache(path, data, seed)
     return data
 
 
@@ -175,20 +175,19 @@ def object_map(scenes, latent_size: int = 16) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(touched.float(), 3, stride=1, padding=1)[0, 0].half()
 
 
-def cached_maps(path: Path, count: int, make) -> torch.Tensor:
-    """`make()`'s stacked maps, cached as safetensors at `path` (rebuilt if the count differs)."""
-    cached = load_cache(path, "maps", count)
+def cached_maps(path: Path, count: int, seed: int, make) -> torch.Tensor:
+    """`make()`'s stacked maps, cached as safetensors at `path` (rebuilt if the count or seed differs)."""
+    cached = load_cache(path, "maps", count, seed)
     if cached is not None:
         return cached["maps"]
     maps = torch.stack(list(make())).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"maps": maps}, path)
+    save_cache(path, {"maps": maps}, seed)
     return maps
 
 
 def build_object_maps(folder: Path, count: int, seed: int, latent_size: int = 16) -> torch.Tensor:
     """(count, latent_size, latent_size): object_map of each scene build_data caches, in the same order."""
-    return cached_maps(folder / "object_maps.safetensors", count, lambda: (
+    return cached_maps(folder / "object_maps.safetensors", count, seed, lambda: (
         object_map([scene], latent_size) for _, scene in training_scenes(count, seed)))
 
 
@@ -200,15 +199,11 @@ def training_scenes(count: int, seed: int):
 def parse_factors(text: str) -> dict[str, float]:
     """'star=3,small-square=2' -> {'star': 3.0, 'small-square': 2.0}; names must be world shapes, optionally
     prefixed by a world size."""
-    factors = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
+    def shape_key(name):
         size, _, shape = name.rpartition("-")
-        if shape not in world.SHAPES or (size and size not in world.SIZES) or not value:
-            raise ValueError(f"--oversample: {part!r} is not shape=factor or size-shape=factor "
-                             f"(shapes {', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)})")
-        factors[name] = float(value)
-    return factors
+        return shape in world.SHAPES and (not size or size in world.SIZES)
+    return schedule.parse_factors(text, shape_key, f"shape=factor or size-shape=factor (shapes "
+                                  f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)})")
 
 
 def draw_weights(scenes, factors: dict[str, float]) -> np.ndarray:
