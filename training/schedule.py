@@ -126,18 +126,16 @@ def after_step(args, out: Path, bar, step: int, start: float, look, save, **show
 
 def load_cache(path: Path, key: str, count: int, seed: int) -> dict | None:
     """A cached safetensors dict whose `key` holds `count` items made with `seed`, or None (missing, or made for
-    another count or seed: the objects maps and draw weights are recomputed from the seed, so a cache from another
+    another count or seed: the object maps and draw weights are recomputed from the seed, so a cache from another
     seed would pair them with the wrong samples)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not Path(path).is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        made_with = (f.metadata() or {}).get("seed")
-    if made_with != str(seed):
-        return None
-    cached = load_file(path)
+    with safe_open(str(path), "pt") as f:  # one read: the seed from the header, then the tensors if it matches
+        if (f.metadata() or {}).get("seed") != str(seed):
+            return None
+        cached = {name: f.get_tensor(name) for name in f.keys()}
     return cached if len(cached[key]) == count else None
 
 

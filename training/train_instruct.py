@@ -114,7 +114,6 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     cached = load_cache(path, "target", count, seed)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     stream = _triplet_stream(count, seed)
     sources, targets, ids = [], [], []
     bar = tqdm(total=count, desc="encoding edit triplets", disable=not progress)

@@ -145,7 +145,6 @@ def build_data(folder: Path, vae, tokenizer, count: int, seed: int, progress: bo
     cached = load_cache(path, "latents", count, seed)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     latents, ids = [], []
     items = world.dataset(seed * count, count, 64, split="train")
     bar = tqdm(total=count, desc="encoding world scenes", disable=not progress)
