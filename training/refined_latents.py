@@ -44,8 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device for the UNet and VAE (float32 on any device; the "
+                   "noise is still drawn on the CPU, so a CUDA run refines the same scenes from the same noise)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from training.schedule import device_problem
+
+    problem = device_problem(args.device)
+    if problem:
+        p.error(problem)
+    return args
 
 
 @torch.no_grad()
@@ -66,7 +74,8 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = run_to_end(load_model(args.model))  # the studio's loader: any SD-format folder of this world
+    # the studio's loader (any SD-format folder of this world), in float32 so CPU and GPU runs agree closely
+    model = run_to_end(load_model(args.model, torch.device(args.device), torch.float32))
     generator = torch.Generator().manual_seed(args.seed_base)
     rng = np.random.default_rng(args.seed_base)
     items = world.dataset(args.seed_base, args.count, 64, split="train")

@@ -1,0 +1,62 @@
+"""training/recipe.py: every stage of the embedded-model recipe, run on tiny networks for one or a few steps,
+finds what the stage before it wrote and ends in a folder the studio loads; a second run skips finished stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import recipe
+
+
+def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "recipe"
+    argv = ["--out", str(out), "--tiny", "--scale", "0.0005", "--threads", "1"]
+    with torch.random.fork_rng():
+        report = recipe.main(argv)
+    assert list(report["timings"]) == [s.name for s in recipe.STAGES]
+    assert all(seconds > 0 for seconds in report["timings"].values())
+    for stage in recipe.STAGES:
+        record = json.loads((out / stage.name / "recipe_done.json").read_text())
+        if stage.steps:  # every trainer ran its scaled budget, and at least one step
+            state = json.loads((out / stage.name / "checkpoint" / "state.json").read_text())
+            assert state["step"] == max(1, round(stage.steps * 0.0005)) and record["resumed"] is False
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from pipelines.events import run_to_end
+    from pipelines.instruct import recommended_guidance
+    from pipelines.models import load_model
+
+    model = run_to_end(load_model(str(out / "model")))
+    assert recommended_guidance(model) == (3.0, 2.0)
+    assert UNet2DConditionModel.from_pretrained(out / "model" / "unet_instruct").config.in_channels == 8
+    # the assembled VAE is the last decoder stage's, on the first stage's encoder
+    final_vae = load_file(out / "vae_refined" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(model.vae.decoder.conv_out.weight.float().cpu(), final_vae["decoder.conv_out.weight"].float())
+    first_vae = load_file(out / "vae" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(model.vae.encoder.conv_in.weight.float().cpu(), first_vae["encoder.conv_in.weight"].float())
+
+    capsys.readouterr()
+    stamp = (out / "model" / "unet_instruct" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    again = recipe.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == len(recipe.STAGES) and again["timings"] == report["timings"]
+    assert (out / "model" / "unet_instruct" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_dry_run_prints_every_stage_with_its_step_budget_and_device(capsys):
+    recipe.main(["--out", "/nonexistent/recipe", "--device", "cuda", "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(recipe.STAGES)
+    for line, stage in zip(lines, recipe.STAGES):
+        assert line.startswith(f"python training/{stage.module}.py")
+        if stage.steps:
+            assert f"--steps {stage.steps}" in line and "--device cuda" in line
+            assert f"--out /nonexistent/recipe/{stage.name}" in line
+    assert not Path("/nonexistent/recipe").exists()
+    with pytest.raises(SystemExit):  # a misspelt stage is refused before anything runs
+        recipe.main(["--out", "/nonexistent/recipe", "--only", "vae,unet_hardd"])
