@@ -53,7 +53,7 @@ _TINY_VAE = ("--tiny", "--batch", "4", "--eval-world", "16", *_QUIET)
 _DECODER = ("--freeze-encoder", "--photo-fraction", "0.1", "--edge-weight", "1")
 _OBJECTS = ("--object-weight", "4", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup", "50", "--samples", "8000")
 _BACKGROUND = ("--object-weight", "6", "--oversample", "background=3", "--input-lr-mult", "3", "--lr", "1e-4",
-               "--warmup", "50", "--samples", "8000")
+               "--warmup", "50")
 _UNET_OBJECTS = ("--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--object-weight", "4",
                  "--high-t-share", "0.25", "--lr", "1e-4", "--warmup", "50")
 
@@ -75,11 +75,16 @@ STAGES = (
     Stage("instruct_objects2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                   "{out}/instruct_objects/unet", *_OBJECTS), 3485, _TINY_INSTRUCT),
     Stage("instruct_background", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                    "{out}/instruct_objects2/unet", *_BACKGROUND), 2526,
+                                                    "{out}/instruct_objects2/unet", *_BACKGROUND, "--samples", "8000"),
+          2526,
           _TINY_INSTRUCT),
     Stage("instruct_background2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                     "{out}/instruct_background/unet", *_BACKGROUND), 3169,
-          _TINY_INSTRUCT),
+                                                     "{out}/instruct_background/unet", *_BACKGROUND, "--samples", "8000"),
+          3169, _TINY_INSTRUCT),
+    # new triplets (another seed, twice as many): the 8000 above had been seen ~30 times each
+    Stage("instruct_fresh", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
+                                               "{out}/instruct_background2/unet", *_BACKGROUND, "--samples", "16000",
+                                               "--seed", "1"), 3588, _TINY_INSTRUCT),
     Stage("refined", "refined_latents", ("--model", "{out}/unet_objects/model", "--out",
                                          "{out}/refined/refined.safetensors", "--count", "1024"),
           tiny=("--count", "4", "--batch", "4", "--steps", "2")),
@@ -87,7 +92,7 @@ STAGES = (
                                        "--refined", "{out}/refined/refined.safetensors", "--refined-share", "0.25",
                                        "--lr", "1e-4", "--warmup", "20"), 930, _TINY_VAE),
     Stage("assemble", "assemble", ("--base", "{out}/unet_hard/model", "--vae", "{out}/vae_refined/vae",
-                                   "--instruct", "{out}/instruct_background2/unet", "--instruct-guidance", "3,2",
+                                   "--instruct", "{out}/instruct_fresh/unet", "--instruct-guidance", "3,2",
                                    "--out", "{out}/model")),
 )
 
