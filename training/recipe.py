@@ -1,16 +1,17 @@
 """The whole embedded-model recipe as one command: every stage of `training/README.md`, in order, each with the
 optimiser-step budget the committed weights received, then the assembled folder.
 
-    python training/recipe.py --out training/runs/recipe                  # CPU: about 14 hours in one process
+    python training/recipe.py --out training/runs/recipe                  # CPU: about 18 hours in one process
     python training/recipe.py --out training/runs/recipe --device cuda    # the GPU budget is 20 minutes
     python training/recipe.py --out /tmp/r --dry-run                      # print the stages' commands
 
 Budgets are in steps, not minutes, so a GPU run does the same optimisation as the CPU recipe (the trainers draw
 every random number on the CPU, so it also draws the same batches). Each finished stage leaves
 `recipe_done.json` (its wall time) in its folder and is skipped when the command is run again; an interrupted
-stage resumes from its checkpoint (then its record says `resumed` and counts only the last part). `recipe_timings.json` in --out sums the wall time per stage, which is the
-number the issue's budget is about. `--scale 0.01 --tiny` runs every stage on tiny networks and data (the test
-does), to check that each stage finds what the one before it wrote.
+stage resumes from its checkpoint (then its record says `resumed` and counts only the last part).
+`recipe_timings.json` in --out sums the wall time per stage, which is the number the issue's budget is about.
+`--scale 0.01 --tiny` runs every stage on tiny networks and data (the test does), to check that each stage finds
+what the one before it wrote.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from training.schedule import refuse_bad_device  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,10 @@ STAGES = (
                                                   "{out}/instruct_objects/unet", *_OBJECTS), 3485, _TINY_INSTRUCT),
     Stage("instruct_background", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                     "{out}/instruct_objects2/unet", *_BACKGROUND, "--samples", "8000"),
-          2526,
-          _TINY_INSTRUCT),
+          2526, _TINY_INSTRUCT),
     Stage("instruct_background2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                     "{out}/instruct_background/unet", *_BACKGROUND, "--samples", "8000"),
-          3169, _TINY_INSTRUCT),
+                                                     "{out}/instruct_background/unet", *_BACKGROUND,
+                                                     "--samples", "8000"), 3169, _TINY_INSTRUCT),
     # new triplets (another seed, twice as many): the 8000 above had been seen ~30 times each
     Stage("instruct_fresh", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                "{out}/instruct_background2/unet", *_BACKGROUND, "--samples", "16000",
@@ -107,25 +109,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated stage names to run (default: all, in order)")
     p.add_argument("--dry-run", action="store_true", help="print each stage's command and exit")
     args = p.parse_args(argv)
-    names = {s.name for s in STAGES}
-    unknown = [n for n in filter(None, args.only.split(",")) if n not in names]
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in args.only if n not in {s.name for s in STAGES}]
     if unknown:
         p.error(f"--only: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(s.name for s in STAGES)}")
     if args.scale <= 0:
         p.error("--scale must be positive")
     if not args.dry_run:
-        from training.schedule import device_problem
-
-        problem = device_problem(args.device)
-        if problem:
-            p.error(problem)
+        refuse_bad_device(p, args.device)
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    chosen = [s for s in STAGES if not args.only or s.name in args.only.split(",")]
+    chosen = [s for s in STAGES if not args.only or s.name in args.only]
     timings_path = out / "recipe_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for stage in chosen:

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 from pipelines import ddim  # noqa: E402
 from training import evaluation, world  # noqa: E402
+from training.schedule import refuse_bad_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,11 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "noise is still drawn on the CPU, so a CUDA run refines the same scenes from the same noise)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from training.schedule import device_problem
-
-    problem = device_problem(args.device)
-    if problem:
-        p.error(problem)
+    refuse_bad_device(p, args.device)
     return args
 
 

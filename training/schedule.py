@@ -40,10 +40,15 @@ def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) 
     args = p.parse_args(argv)
     if args.minutes is None and args.steps is None and not (unless and getattr(args, unless)):
         p.error("give --minutes or --steps")
-    problem = device_problem(args.device)
+    refuse_bad_device(p, args.device)
+    return args
+
+
+def refuse_bad_device(p: argparse.ArgumentParser, name: str) -> None:
+    """Exits through the parser's usage error when --device `name` cannot be used here."""
+    problem = device_problem(name)
     if problem:
         p.error(problem)
-    return args
 
 
 def device_problem(name: str) -> str | None:
