@@ -1,7 +1,7 @@
 """The whole embedded-model recipe as one command: every stage of `training/README.md`, in order, each with the
 optimiser-step budget the committed weights received, then the assembled folder.
 
-    python training/recipe.py --out training/runs/recipe                  # CPU: about 18 hours in one process
+    python training/recipe.py --out training/runs/recipe                  # CPU: about 19.5 hours in one process
     python training/recipe.py --out training/runs/recipe --device cuda    # the GPU budget is 20 minutes
     python training/recipe.py --out /tmp/r --dry-run                      # print the stages' commands
 
@@ -87,6 +87,11 @@ STAGES = (
     Stage("instruct_fresh", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                "{out}/instruct_background2/unet", *_BACKGROUND, "--samples", "16000",
                                                "--seed", "1"), 3588, _TINY_INSTRUCT),
+    # and more new triplets, background edits 5x, objects weighted 10: the kept objects' colour still drifted
+    Stage("instruct_fresh2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
+                                                "{out}/instruct_fresh/unet", "--object-weight", "10", "--oversample",
+                                                "background=5", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup",
+                                                "50", "--samples", "16000", "--seed", "2"), 3485, _TINY_INSTRUCT),
     Stage("refined", "refined_latents", ("--model", "{out}/unet_objects/model", "--out",
                                          "{out}/refined/refined.safetensors", "--count", "1024"),
           tiny=("--count", "4", "--batch", "4", "--steps", "2")),
@@ -94,7 +99,7 @@ STAGES = (
                                        "--refined", "{out}/refined/refined.safetensors", "--refined-share", "0.25",
                                        "--lr", "1e-4", "--warmup", "20"), 930, _TINY_VAE),
     Stage("assemble", "assemble", ("--base", "{out}/unet_hard/model", "--vae", "{out}/vae_refined/vae",
-                                   "--instruct", "{out}/instruct_fresh/unet", "--instruct-guidance", "3,2",
+                                   "--instruct", "{out}/instruct_fresh2/unet", "--instruct-guidance", "3,2",
                                    "--out", "{out}/model")),
 )
 
