@@ -55,8 +55,14 @@ _TINY_INSTRUCT = ("--samples", "16", "--batch", "4", "--eval-edits", "1", *_QUIE
 _TINY_VAE = ("--tiny", "--batch", "4", "--eval-world", "16", *_QUIET)
 _DECODER = ("--freeze-encoder", "--photo-fraction", "0.1", "--edge-weight", "1")
 _OBJECTS = ("--object-weight", "4", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup", "50", "--samples", "8000")
-_BACKGROUND = ("--object-weight", "6", "--oversample", "background=3", "--input-lr-mult", "3", "--lr", "1e-4",
-               "--warmup", "50")
+
+
+def _background(object_weight: int, times: int) -> tuple[str, ...]:
+    """IP2P continuation that draws background edits `times` as often and weights the objects' latent pixels."""
+    return ("--object-weight", str(object_weight), "--oversample", f"background={times}", "--input-lr-mult", "3",
+            "--lr", "1e-4", "--warmup", "50")
+
+
 _UNET_OBJECTS = ("--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--object-weight", "4",
                  "--high-t-share", "0.25", "--lr", "1e-4", "--warmup", "50")
 
@@ -78,20 +84,19 @@ STAGES = (
     Stage("instruct_objects2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                   "{out}/instruct_objects/unet", *_OBJECTS), 3485, _TINY_INSTRUCT),
     Stage("instruct_background", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                    "{out}/instruct_objects2/unet", *_BACKGROUND, "--samples", "8000"),
+                                                    "{out}/instruct_objects2/unet", *_background(6, 3), "--samples", "8000"),
           2526, _TINY_INSTRUCT),
     Stage("instruct_background2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                     "{out}/instruct_background/unet", *_BACKGROUND,
+                                                     "{out}/instruct_background/unet", *_background(6, 3),
                                                      "--samples", "8000"), 3169, _TINY_INSTRUCT),
     # new triplets (another seed, twice as many): the 8000 above had been seen ~30 times each
     Stage("instruct_fresh", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                               "{out}/instruct_background2/unet", *_BACKGROUND, "--samples", "16000",
+                                               "{out}/instruct_background2/unet", *_background(6, 3), "--samples", "16000",
                                                "--seed", "1"), 3588, _TINY_INSTRUCT),
     # and more new triplets, background edits 5x, objects weighted 10: the kept objects' colour still drifted
     Stage("instruct_fresh2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
-                                                "{out}/instruct_fresh/unet", "--object-weight", "10", "--oversample",
-                                                "background=5", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup",
-                                                "50", "--samples", "16000", "--seed", "2"), 3485, _TINY_INSTRUCT),
+                                                "{out}/instruct_fresh/unet", *_background(10, 5), "--samples",
+                                                "16000", "--seed", "2"), 3485, _TINY_INSTRUCT),
     Stage("refined", "refined_latents", ("--model", "{out}/unet_objects/model", "--out",
                                          "{out}/refined/refined.safetensors", "--count", "1024"),
           tiny=("--count", "4", "--batch", "4", "--steps", "2")),
