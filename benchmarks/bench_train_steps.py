@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""What one optimiser step of each embedded-model trainer costs here, and what that predicts for the recipe.
+
+    python benchmarks/bench_train_steps.py                   # CPU, 2 threads (as training/recipe.py runs)
+    python benchmarks/bench_train_steps.py --device cuda     # a GPU: the recipe's 20-minute budget, before a run
+    python benchmarks/bench_train_steps.py --threads 1 --steps 3
+
+Each stage of `training/recipe.py` is parsed with its own trainer's argument parser (so its batch size and
+whether it freezes the VAE encoder are the recipe's), and the networks are built from `assets/model`'s configs
+with random weights: VAE on 64x64 images, text encoder on 77-token captions, UNet and InstructPix2Pix UNet on
+16x16 latents with the frozen text encoder's states. Each distinct (network, batch, frozen encoder) is timed for
+--steps steps after two warm-up steps, in float32 and under bfloat16 autocast, in this one process; the FLOPs of
+one step come from torch's FlopCounterMode. The prediction is each stage's step budget times its float32 step
+time: it leaves out latent caching (about 40 CPU-minutes in all), quick looks, checkpoints and the
+refined-latents stage, so a real run takes longer.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from training import recipe  # noqa: E402
+
+MODEL = ROOT / "assets" / "model"
+LATENT = 16  # 64x64 world images, VAE factor 4
+CPU_BUDGET_MIN, GPU_BUDGET_MIN = 180, 20  # issue 3's budgets for the whole recipe
+
+
+def stage_args(stage: recipe.Stage, device: str, threads: int) -> argparse.Namespace:
+    """The stage's arguments as its trainer parses them (batch size, --freeze-encoder, ...)."""
+    argv = stage.argv(Path("/nonexistent/recipe"), 1.0, device, threads, tiny=False, resume=False)
+    return importlib.import_module(f"training.{stage.module}").parse_args(argv)
+
+
+def step_fn(kind: str, batch: int, freeze_encoder: bool, device: torch.device):
+    """(network, step): one training step of `kind` ('vae', 'text', 'unet', 'instruct') on random data."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig.from_pretrained(MODEL / "text_encoder")
+    gen = torch.Generator().manual_seed(0)
+    if kind == "vae":
+        net = AutoencoderKL.from_config(AutoencoderKL.load_config(MODEL / "vae")).to(device).train()
+        x = (torch.rand(batch, 3, 64, 64, generator=gen) * 2 - 1).to(device)
+
+        def loss_of():
+            with torch.set_grad_enabled(not freeze_encoder):
+                z = net.encode(x).latent_dist.sample()
+            y = net.decode(z).sample
+            return (y - x).abs().mean() + F.mse_loss(y, x)
+    elif kind == "text":
+        net = CLIPTextModel(text_config).to(device).train()
+        ids = torch.randint(0, text_config.vocab_size, (batch, 77), generator=gen).to(device)
+
+        def loss_of():
+            return net(ids)[0].pow(2).mean()
+    else:
+        folder = MODEL / ("unet_instruct" if kind == "instruct" else "unet")
+        net = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder)).to(device).train()
+        encoder = CLIPTextModel(text_config).to(device).eval().requires_grad_(False)
+        ids = torch.randint(0, text_config.vocab_size, (batch, 77), generator=gen).to(device)
+        x = torch.randn(batch, net.config.in_channels, LATENT, LATENT, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+
+        def loss_of():
+            with torch.no_grad():
+                states = encoder(ids)[0]
+            return (net(x, t, encoder_hidden_states=states).sample - x[:, :4]).pow(2).mean()
+
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(bf16: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of()
+        opt.zero_grad(set_to_none=True)
+        loss.float().backward()
+        opt.step()
+    return net, step
+
+
+def seconds_per_step(step, bf16: bool, steps: int, device: torch.device) -> float:
+    for _ in range(2):
+        step(bf16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(bf16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def flops_per_step(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(False)
+    return float(counter.get_total_flops())
+
+
+def network_of(stage: recipe.Stage) -> str:
+    return {"train_vae": "vae", "train_text": "text", "train_unet": "unet", "train_instruct": "instruct"}[stage.module]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (training/recipe.py's default is 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per network and precision")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    stages = [s for s in recipe.STAGES if s.steps and s.module != "refined_latents"]
+    keys = {}
+    for stage in stages:
+        a = stage_args(stage, args.device, args.threads)
+        keys[stage.name] = (network_of(stage), a.batch, bool(getattr(a, "freeze_encoder", False)))
+
+    measured = {}
+    print(f"{'network':<9} {'batch':>5} {'frozen enc':>10} {'fp32 s/step':>11} {'bf16 s/step':>11} "
+          f"{'fp32/bf16':>9} {'GFLOP/step':>10} {'GFLOP/s':>8}")
+    for key in dict.fromkeys(keys.values()):
+        _, step = step_fn(*key, device)
+        fp32 = seconds_per_step(step, False, args.steps, device)
+        bf16 = seconds_per_step(step, True, args.steps, device)
+        gflop = flops_per_step(step) / 1e9
+        measured[key] = {"fp32_s": fp32, "bf16_s": bf16, "gflop": gflop}
+        print(f"{key[0]:<9} {key[1]:>5} {str(key[2]):>10} {fp32:>11.3f} {bf16:>11.3f} {fp32 / bf16:>9.2f} "
+              f"{gflop:>10.1f} {gflop / fp32:>8.1f}")
+
+    minutes = {s.name: s.steps * measured[keys[s.name]]["fp32_s"] / 60 for s in stages}
+    total = sum(minutes.values())
+    budget = GPU_BUDGET_MIN if device.type == "cuda" else CPU_BUDGET_MIN
+    print()
+    for s in stages:
+        print(f"{s.name:<22} {s.steps:>6} steps  {minutes[s.name]:>7.1f} min")
+    print(f"{'optimiser steps only':<22} {sum(s.steps for s in stages):>6} steps  {total:>7.1f} min "
+          f"= {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} threads)")
+    report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "total_minutes": total,
+              "budget_minutes": budget,
+              "networks": [{"network": k[0], "batch": k[1], "frozen_encoder": k[2], **v} for k, v in measured.items()]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
