@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    stages = [s for s in recipe.STAGES if s.steps and s.module != "refined_latents"]
+    stages = [s for s in recipe.STAGES if s.steps]  # the trainers (refined latents and assembly have no steps)
     keys = {}
     for stage in stages:
         a = stage_args(stage, args.device, args.threads)
