@@ -23,6 +23,16 @@ def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stage
         if stage.steps:  # every trainer ran its scaled budget, and at least one step
             state = json.loads((out / stage.name / "checkpoint" / "state.json").read_text())
             assert state["step"] == max(1, round(stage.steps * 0.0005)) and record["resumed"] is False
+    # stages that train on the same samples read the first one's latent cache instead of encoding them again
+    readers = 0
+    for stage in recipe.STAGES:
+        if "--data-dir" in stage.args:
+            shared = Path(stage.args[stage.args.index("--data-dir") + 1].replace("{out}", str(out)))
+            assert any(shared.glob("*.safetensors"))
+            if shared.parent != out / stage.name:  # not the stage that made it
+                readers += 1
+                assert not (out / stage.name / "data").exists()
+    assert readers >= 2
 
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file

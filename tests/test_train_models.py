@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -208,6 +209,37 @@ def test_object_maps_mark_the_latent_pixels_each_cached_scene_touches(tmp_path):
     assert torch.equal(other, expect) and not torch.equal(other, maps)
     assert schedule.load_cache(tmp_path / "object_maps.safetensors", "maps", 6, seed=0) is None
     assert schedule.load_cache(tmp_path / "object_maps.safetensors", "maps", 6, seed=1) is not None
+
+
+def test_a_shared_latent_cache_is_reused_only_for_the_encoder_and_tokenizer_that_made_it(tmp_path, tiny_model):
+    """Stages that pass the same --data-dir skip encoding; another VAE encoder (or tokenizer) rebuilds the cache
+    instead of handing back latents of another latent space."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(tiny_model.folder / "vae")
+    tok = CLIPTokenizer.from_pretrained(tiny_model.folder / "tokenizer")
+    first = train_unet.build_data(tmp_path, vae, tok, 8, seed=0, progress=False)
+    calls = []
+    real = train_unet.evaluation.encode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_unet.evaluation, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+        again = train_unet.build_data(tmp_path, vae, tok, 8, seed=0, progress=False)
+        assert not calls and torch.equal(again["latents"], first["latents"])
+        other = AutoencoderKL.from_pretrained(tiny_model.folder / "vae")
+        with torch.no_grad():
+            other.encoder.conv_in.weight.mul_(1.5)  # another encoder: a different latent space
+        rebuilt = train_unet.build_data(tmp_path, other, tok, 8, seed=0, progress=False)
+        assert calls and not torch.equal(rebuilt["latents"], first["latents"])
+        torch.testing.assert_close(rebuilt["latents"][:2].float(),
+                                   real(other, np.stack([im for im, _, _ in world.dataset(0, 2, 64, split="train")])),
+                                   atol=2e-3, rtol=1e-2)
+    # the decoder is not part of the cache's identity: a decoder-only stage keeps the cache valid
+    decoder_tuned = AutoencoderKL.from_pretrained(tiny_model.folder / "vae")
+    with torch.no_grad():
+        decoder_tuned.decoder.conv_out.weight.mul_(2.0)
+    assert schedule.cache_source(decoder_tuned, tok) == schedule.cache_source(vae, tok)
+    assert schedule.cache_source(other, tok) != schedule.cache_source(vae, tok)
 
 
 def test_object_weight_moves_the_loss_to_the_weighted_pixels():

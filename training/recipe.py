@@ -54,7 +54,9 @@ _TINY_UNET = ("--tiny", "--samples", "48", "--batch", "4", *_QUIET)
 _TINY_INSTRUCT = ("--samples", "16", "--batch", "4", "--eval-edits", "1", *_QUIET)
 _TINY_VAE = ("--tiny", "--batch", "4", "--eval-world", "16", *_QUIET)
 _DECODER = ("--freeze-encoder", "--photo-fraction", "0.1", "--edge-weight", "1")
-_OBJECTS = ("--object-weight", "4", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup", "50", "--samples", "8000")
+# the first stage's 8000 triplets, read from its latent cache
+_SAME_8000 = ("--samples", "8000", "--data-dir", "{out}/instruct/data")
+_OBJECTS = ("--object-weight", "4", "--input-lr-mult", "3", "--lr", "1e-4", "--warmup", "50", *_SAME_8000)
 
 
 def _background(object_weight: int, times: int) -> tuple[str, ...]:
@@ -63,7 +65,9 @@ def _background(object_weight: int, times: int) -> tuple[str, ...]:
             "--lr", "1e-4", "--warmup", "50")
 
 
-_UNET_OBJECTS = ("--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--object-weight", "4",
+# the continuations train on stage `unet`'s scenes, so they read its latent cache instead of encoding them again
+_UNET_OBJECTS = ("--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--data-dir", "{out}/unet/data",
+                 "--object-weight", "4",
                  "--high-t-share", "0.25", "--lr", "1e-4", "--warmup", "50")
 
 # Step budgets: what the committed weights received (training/README.md tells how they were really made).
@@ -85,11 +89,11 @@ STAGES = (
                                                   "{out}/instruct_objects/unet", *_OBJECTS), 3485, _TINY_INSTRUCT),
     Stage("instruct_background", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                     "{out}/instruct_objects2/unet", *_background(6, 3),
-                                                    "--samples", "8000"),
+                                                    *_SAME_8000),
           2526, _TINY_INSTRUCT),
     Stage("instruct_background2", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                      "{out}/instruct_background/unet", *_background(6, 3),
-                                                     "--samples", "8000"), 3169, _TINY_INSTRUCT),
+                                                     *_SAME_8000), 3169, _TINY_INSTRUCT),
     # new triplets (another seed, twice as many): the 8000 above had been seen ~30 times each
     Stage("instruct_fresh", "train_instruct", ("--base", "{out}/unet/model", "--init-unet",
                                                "{out}/instruct_background2/unet", *_background(6, 3),

@@ -129,27 +129,42 @@ def after_step(args, out: Path, bar, step: int, start: float, look, save, **show
         save()
 
 
-def load_cache(path: Path, key: str, count: int, seed: int) -> dict | None:
-    """A cached safetensors dict whose `key` holds `count` items made with `seed`, or None (missing, or made for
-    another count or seed: the object maps and draw weights are recomputed from the seed, so a cache from another
-    seed would pair them with the wrong samples)."""
+def load_cache(path: Path, key: str, count: int, seed: int, source: str = "") -> dict | None:
+    """A cached safetensors dict whose `key` holds `count` items made with `seed` (and, when given, from the
+    `source` models, see cache_source), or None (missing, or made for another count, seed or source: the object
+    maps and draw weights are recomputed from the seed, so a cache from another seed would pair them with the wrong
+    samples; latents from another encoder would be another latent space)."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
         return None
-    with safe_open(str(path), "pt") as f:  # one read: the seed from the header, then the tensors if it matches
-        if (f.metadata() or {}).get("seed") != str(seed):
+    with safe_open(str(path), "pt") as f:  # one read: the header's seed and source, then the tensors if they match
+        meta = f.metadata() or {}
+        if meta.get("seed") != str(seed) or (source and meta.get("source") != source):
             return None
         cached = {name: f.get_tensor(name) for name in f.keys()}
     return cached if len(cached[key]) == count else None
 
 
-def save_cache(path: Path, tensors: dict, seed: int) -> None:
-    """Writes a cache load_cache accepts for `seed`."""
+def save_cache(path: Path, tensors: dict, seed: int, source: str = "") -> None:
+    """Writes a cache load_cache accepts for `seed` (and `source`)."""
     from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"seed": str(seed)})
+    save_file(tensors, str(path), metadata={"seed": str(seed), "source": source})
+
+
+def cache_source(vae, tokenizer) -> str:
+    """A short hash of what a latent cache depends on besides its seed and count: the VAE encoder's weights and the
+    tokenizer's vocabulary. Stages that share a cache folder (--data-dir) reuse it only when both match."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, tensor in sorted((*vae.encoder.state_dict().items(), *vae.quant_conv.state_dict().items())):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    return digest.hexdigest()[:16]
 
 
 def parse_factors(text: str, allowed, what: str) -> dict[str, float]:
