@@ -17,7 +17,8 @@ def test_each_stage_is_parsed_by_its_own_trainer():
     stages = {s.name: s for s in recipe.STAGES}
     first, decoder = bench.stage_args(stages["vae"], "cpu", 1), bench.stage_args(stages["vae_dec"], "cpu", 1)
     assert (first.batch, first.freeze_encoder) == (16, False) and (decoder.batch, decoder.freeze_encoder) == (16, True)
-    assert bench.stage_args(stages["instruct_fresh2"], "cpu", 1).batch == 48
+    assert bench.stage_args(stages["instruct"], "cpu", 1).batch == 16  # the recipe sets it; the trainer default is 48
+    assert bench.stage_args(stages["unet"], "cpu", 1).batch == 48
     assert {bench.network_of(s) for s in recipe.STAGES if s.steps} == {"vae", "text", "unet", "instruct"}
 
 
