@@ -53,14 +53,14 @@ _QUIET = ("--eval-every", "100000", "--checkpoint-every", "1")
 _TINY_UNET = ("--tiny", "--samples", "48", "--batch", "4", *_QUIET)
 _TINY_INSTRUCT = ("--samples", "16", "--batch", "4", "--eval-edits", "1", *_QUIET)
 _TINY_VAE = ("--tiny", "--batch", "4", "--eval-world", "16", *_QUIET)
+_SLOWER = ("--lr", "1e-4", "--warmup", "50")  # the UNet and InstructPix2Pix continuations' rate
 _DECODER = ("--freeze-encoder", "--photo-fraction", "0.1", "--edge-weight", "1")
-_INSTRUCT = ("--batch", "16", "--samples", "16000", "--seed", "2", "--data-dir", "{out}/instruct/data",
-             "--object-weight", "10", "--oversample", "background=5", "--input-lr-mult", "3")
+_INSTRUCT = ("--base", "{out}/unet_hard/model", "--batch", "16", "--samples", "16000", "--seed", "2", "--data-dir",
+             "{out}/instruct/data", "--object-weight", "10", "--oversample", "background=5", "--input-lr-mult", "3")
 
 # the continuations train on stage `unet`'s scenes, so they read its latent cache instead of encoding them again
 _UNET_OBJECTS = ("--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--data-dir", "{out}/unet/data",
-                 "--object-weight", "4",
-                 "--high-t-share", "0.25", "--lr", "1e-4", "--warmup", "50")
+                 "--object-weight", "4", "--high-t-share", "0.25", *_SLOWER)
 
 # Step budgets: what the committed weights received (training/README.md tells how they were really made).
 STAGES = (
@@ -78,14 +78,11 @@ STAGES = (
     # progress per minute), on 16000 triplets with background edits drawn 5x and the objects' latent pixels
     # weighted 10 (the kept objects' colour drifts otherwise); then two continuations at a lower rate, on the
     # same triplets (their latent cache is the first stage's)
-    Stage("instruct", "train_instruct", ("--base", "{out}/unet_hard/model", *_INSTRUCT, "--lr", "3e-4",
-                                         "--warmup", "100"), 11850, _TINY_INSTRUCT),
-    Stage("instruct_more", "train_instruct", ("--base", "{out}/unet_hard/model", "--init-unet",
-                                              "{out}/instruct/unet", *_INSTRUCT, "--lr", "1e-4", "--warmup", "50"),
-          4239, _TINY_INSTRUCT),
-    Stage("instruct_more2", "train_instruct", ("--base", "{out}/unet_hard/model", "--init-unet",
-                                               "{out}/instruct_more/unet", *_INSTRUCT, "--lr", "1e-4",
-                                               "--warmup", "50"), 6000, _TINY_INSTRUCT),
+    Stage("instruct", "train_instruct", (*_INSTRUCT, "--lr", "3e-4", "--warmup", "100"), 11850, _TINY_INSTRUCT),
+    Stage("instruct_more", "train_instruct", ("--init-unet", "{out}/instruct/unet", *_INSTRUCT, *_SLOWER), 4239,
+          _TINY_INSTRUCT),
+    Stage("instruct_more2", "train_instruct", ("--init-unet", "{out}/instruct_more/unet", *_INSTRUCT, *_SLOWER), 6000,
+          _TINY_INSTRUCT),
     Stage("refined", "refined_latents", ("--model", "{out}/unet_objects/model", "--out",
                                          "{out}/refined/refined.safetensors", "--count", "1024"),
           tiny=("--count", "4", "--batch", "4", "--steps", "2")),

@@ -154,6 +154,17 @@ def save_cache(path: Path, tensors: dict, seed: int, source: str = "") -> None:
     save_file(tensors, str(path), metadata={"seed": str(seed), "source": source})
 
 
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    """--data-dir for the trainers that cache latents (data_dir reads it)."""
+    p.add_argument("--data-dir", help="folder of the cached latents (default: <out>/data); stages that train on the "
+                   "same samples share one (a cache made by another VAE encoder, tokenizer, seed or count is rebuilt)")
+
+
+def data_dir(args) -> Path:
+    """The latent cache folder: --data-dir, or <out>/data."""
+    return Path(args.data_dir) if args.data_dir else Path(args.out) / "data"
+
+
 def cache_source(vae, tokenizer) -> str:
     """A short hash of what a latent cache depends on besides its seed and count: the VAE encoder's weights and the
     tokenizer's vocabulary. Stages that share a cache folder (--data-dir) reuse it only when both match."""

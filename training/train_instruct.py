@@ -33,8 +33,8 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, cache_source, load_cache, lr_at, parse_factors, parse_run_args, progress_of, run_parser, save_cache,
-    smoothed, start_run)
+    add_data_dir, after_step, cache_source, data_dir, load_cache, lr_at, parse_factors, parse_run_args,
+    progress_of, run_parser, save_cache, smoothed, start_run)
 from training.train_unet import (  # noqa: E402
     LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
 
@@ -58,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-only", action="store_true",
                    help="only build the cached triplet latents (can run before the base model is done)")
     p.add_argument("--samples", type=int, default=12000, help="training edit triplets (latents cached once)")
-    p.add_argument("--data-dir", help="folder of the cached latents (default: <out>/data); stages that train on the "
-                   "same samples share one (a cache made by another VAE encoder, tokenizer, seed or count is rebuilt)")
+    add_data_dir(p)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--max-weight", type=float, default=5.0, help="1/SNR loss weight clip, as in train_unet.py")
     p.add_argument("--high-t-share", type=float, default=0.5, help="as in train_unet.py")
@@ -179,12 +178,12 @@ def main(argv=None) -> dict:
     base = Path(args.base)
     vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or base / "tokenizer")
-    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
-    data = build_data(data_dir, vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    cache = data_dir(args)
+    data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress)
     if args.data_only:
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
-    object_maps = build_object_maps(data_dir, args.samples, args.seed, target.shape[-1]) \
+    object_maps = build_object_maps(cache, args.samples, args.seed, target.shape[-1]) \
         if args.object_weight else None
     draw_p = kind_weights([edit.kind for _, edit in _triplet_stream(args.samples, args.seed)], args.oversample)
     text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)

@@ -35,8 +35,8 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, cache_source, cpu_randn, load_cache, lr_at, parse_run_args, progress_of, run_parser, save_cache,
-    smoothed, start_run)
+    add_data_dir, after_step, cache_source, cpu_randn, data_dir, load_cache, lr_at, parse_run_args,
+    progress_of, run_parser, save_cache, smoothed, start_run)
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -60,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = run_parser(__doc__, batch=48, lr=5e-4, warmup=200, checkpoint_every=100, eval_every=400)
     p.add_argument("--vae", required=True, help="diffusers vae folder (its encoder makes the latents)")
     p.add_argument("--samples", type=int, default=30000, help="training scenes (latents cached once)")
-    p.add_argument("--data-dir", help="folder of the cached latents (default: <out>/data); stages that train on the "
-                   "same samples share one (a cache made by another VAE encoder, tokenizer, seed or count is rebuilt)")
+    add_data_dir(p)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--max-weight", type=float, default=5.0,
@@ -330,11 +329,11 @@ def main(argv=None) -> dict:
         tokenizer = CLIPTokenizer.from_pretrained(Path(args.text_encoder) / "tokenizer")
     else:
         tokenizer = build_tokenizer(out / "tokenizer")
-    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
-    data = build_data(data_dir, vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    cache = data_dir(args)
+    data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress)
     latents = data["latents"]
     ids_all = data["ids"].long()
-    object_maps = build_object_maps(data_dir, args.samples, args.seed, latents.shape[-1]) \
+    object_maps = build_object_maps(cache, args.samples, args.seed, latents.shape[-1]) \
         if args.object_weight else None
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     factors = parse_factors(args.oversample)
