@@ -8,11 +8,11 @@
 Each stage of `training/recipe.py` is parsed with its own trainer's argument parser (so its batch size and
 whether it freezes the VAE encoder are the recipe's), and the networks are built from `assets/model`'s configs
 with random weights: VAE on 64x64 images, text encoder on 77-token captions, UNet and InstructPix2Pix UNet on
-16x16 latents with the frozen text encoder's states. Each distinct (network, batch, frozen encoder) is timed for
---steps steps after two warm-up steps, in float32 and under bfloat16 autocast, in this one process; the FLOPs of
-one step come from torch's FlopCounterMode. The prediction is each stage's step budget times its float32 step
-time: it leaves out latent caching (about 40 CPU-minutes in all), quick looks, checkpoints and the
-refined-latents stage, so a real run takes longer.
+16x16 latents with the frozen text encoder's states (computed once, as the trainers look them up). Each distinct
+(network, batch, frozen encoder) is timed for --steps steps after two warm-up steps, in float32 and under bfloat16
+autocast, in this one process; the FLOPs of one step come from torch's FlopCounterMode. The prediction is each
+stage's step budget times its step time in the precision the stage trains in (its --bf16): it leaves out latent
+caching, quick looks, checkpoints and the refined-latents stage, so a real run takes longer.
 """
 from __future__ import annotations
 
@@ -73,10 +73,11 @@ def step_fn(kind: str, batch: int, freeze_encoder: bool, device: torch.device):
         x = torch.randn(batch, net.config.in_channels, LATENT, LATENT, generator=gen).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
 
+        with torch.no_grad():  # the trainers look frozen text states up (training/text_states.py)
+            states = encoder(ids)[0]
+
         def loss_of():
-            with torch.no_grad():
-                states = encoder(ids)[0]
-            return (net(x, t, encoder_hidden_states=states).sample - x[:, :4]).pow(2).mean()
+            return (net(x, t, encoder_hidden_states=states).sample.float() - x[:, :4]).pow(2).mean()
 
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
@@ -142,15 +143,16 @@ def main(argv=None) -> dict:
         print(f"{key[0]:<9} {key[1]:>5} {str(key[2]):>10} {fp32:>11.3f} {bf16:>11.3f} {fp32 / bf16:>9.2f} "
               f"{gflop:>10.1f} {gflop / fp32:>8.1f}")
 
-    minutes = {s.name: s.steps * measured[keys[s.name]]["fp32_s"] / 60 for s in stages}
+    bf16 = {s.name: bool(stage_args(s, args.device, args.threads).bf16) for s in stages}  # the stage's --bf16
+    minutes = {s.name: s.steps * measured[keys[s.name]]["bf16_s" if bf16[s.name] else "fp32_s"] / 60 for s in stages}
     total = sum(minutes.values())
     budget = GPU_BUDGET_MIN if device.type == "cuda" else CPU_BUDGET_MIN
     print()
     for s in stages:
-        print(f"{s.name:<22} {s.steps:>6} steps  {minutes[s.name]:>7.1f} min")
+        print(f"{s.name:<22} {s.steps:>6} steps  {minutes[s.name]:>7.1f} min  {'bf16' if bf16[s.name] else 'fp32'}")
     print(f"{'optimiser steps only':<22} {sum(s.steps for s in stages):>6} steps  {total:>7.1f} min "
           f"= {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} threads)")
-    report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "total_minutes": total,
+    report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "stage_bf16": bf16, "total_minutes": total,
               "budget_minutes": budget,
               "networks": [{"network": k[0], "batch": k[1], "frozen_encoder": k[2], **v} for k, v in measured.items()]}
     if args.json:

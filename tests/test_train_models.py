@@ -253,7 +253,7 @@ def test_object_weight_moves_the_loss_to_the_weighted_pixels():
             return type("Out", (), {"sample": torch.zeros_like(x)})()
 
     def text(ids):
-        return (torch.zeros(len(ids), 3, 4),)
+        return torch.zeros(len(ids), 3, 4)
 
     def loss(weight):
         with torch.random.fork_rng():
@@ -329,3 +329,25 @@ def test_condition_dropout_and_edit_kind_oversampling():
     for bad in ("sky=2", "background", "background=x", "background=0"):
         with pytest.raises(ValueError):
             train_instruct.kind_weights(kinds, bad)
+
+
+def test_frozen_text_states_are_the_encoders_states_computed_once_per_distinct_caption(tiny_model):
+    """The UNet and InstructPix2Pix trainers look frozen text states up instead of encoding every batch: the same
+    states as the encoder gives, one entry per distinct row, and a row it was not built with is refused."""
+    from transformers import CLIPTextModel
+
+    from training.text_states import FrozenTextStates
+
+    encoder = CLIPTextModel.from_pretrained(tiny_model.folder / "text_encoder").eval()
+    vocab = encoder.config.vocab_size
+    rows = torch.randint(0, vocab, (5, 77), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([rows, rows[[0, 3, 3]]])  # 8 rows, 5 distinct
+    states = FrozenTextStates(encoder, ids, "cpu", batch=2)
+    assert len(states) == 5
+    pick = ids[[7, 1, 5, 1]]
+    with torch.no_grad():
+        expect = encoder(pick)[0]
+    torch.testing.assert_close(states(pick), expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="not built with"):
+        states(torch.randint(0, vocab, (1, 77), generator=torch.Generator().manual_seed(1)))
+

@@ -209,3 +209,29 @@ def test_refined_latents_pair_unet_outputs_with_renders_and_train_the_decoder(ti
     after = AutoencoderKL.from_pretrained(out / "vae")
     assert torch.equal(after.encoder.conv_in.weight, vae.encoder.conv_in.weight)
     assert not torch.equal(after.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+
+def test_bf16_autocast_keeps_the_vae_loss_float32_and_near_the_float32_loss(run):
+    """--bf16 runs encode and decode under bfloat16 autocast: the loss, its image and the posterior stay
+    float32, the loss is within bfloat16's rounding of the float32 one, and the gradients reach the weights."""
+    import argparse
+
+    from diffusers import AutoencoderKL
+
+    from training.train_vae import loss_fn
+
+    vae = AutoencoderKL.from_pretrained(run[0] / "vae").train()
+    x = data.mixed_batch(np.random.default_rng(0), 4, 0.25)
+    losses = {}
+    for bf16 in (False, True):
+        args = argparse.Namespace(bf16=bf16, device="cpu", freeze_encoder=False, anchor_weight=0.0, kl_weight=1e-6,
+                                  edge_weight=1.0, worst_weight=1.0, worst_fraction=0.02)
+        torch.manual_seed(0)
+        vae.zero_grad(set_to_none=True)
+        loss, y = loss_fn(vae, x, args)
+        loss.backward()
+        assert loss.dtype == y.dtype == torch.float32
+        assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
+        losses[bf16] = loss.item()
+    assert losses[True] != losses[False]  # autocast did run the networks in bfloat16
+    assert losses[True] == pytest.approx(losses[False], rel=0.03)

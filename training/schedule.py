@@ -32,7 +32,15 @@ def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every
                    help="torch device to train on (cpu, cuda, cuda:0, ...); data is made on the CPU and moved, "
                         "random draws stay on the CPU, checkpoints are device-independent")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the networks' forward passes under bfloat16 autocast (weights, optimiser and losses "
+                        "stay float32); benchmarks/bench_train_steps.py measures what it saves per network")
     return p
+
+
+def autocast(args):
+    """The forward-pass precision --bf16 asks for, as a context manager (a no-op without it)."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bool(args.bf16))
 
 
 def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) -> argparse.Namespace:

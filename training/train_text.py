@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_step, autocast, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100
@@ -229,7 +229,9 @@ def main(argv=None) -> dict:
             group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), 0.05)
         idx = torch.from_numpy(rng.integers(0, len(ids), args.batch))
         batch = ids[idx].to(device)
-        loss = fact_losses(heads(text_encoder(batch)[0], token_mask(batch, eos)), labels[idx].to(device))
+        with autocast(args):
+            states = text_encoder(batch)[0]
+        loss = fact_losses(heads(states.float(), token_mask(batch, eos)), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -37,6 +37,7 @@ from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
     add_data_dir, after_step, cache_source, cpu_randn, data_dir, load_cache, lr_at, parse_run_args,
     progress_of, run_parser, save_cache, smoothed, start_run)
+from training.text_states import FrozenTextStates  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
 # 1.8 s) for little use at 64 px, so cross-attention sits at the 8x8 and 4x4 levels only.
@@ -259,8 +260,8 @@ def noised(z0: torch.Tensor, alphas_cumprod: torch.Tensor, high_t_share: float):
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
 
 
-def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: float = 0.0,
-                   max_weight: float = 1.0, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 0.0,
+                   max_weight: float = 1.0, pixel_weight: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """SD's objective, predict the noise added at a drawn timestep, with each sample's squared error weighted
     by 1/SNR(t) clipped to [1, max_weight] (weights normalised over the batch). 1/SNR turns the epsilon error
     into the error of the implied clean image; at high noise that is what decides the global content, and
@@ -268,10 +269,14 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, z0, ids, high_t_share: fl
     steps, a caption lowered the loss by 45-55% at t=300-500 but by 6% at t=999, and prompts had no effect on
     the background colour. The clip keeps low-noise steps (shape detail) from being drowned.
 
-    `pixel_weight` (B, h, w), optional: each sample's error is a weighted mean over its latent pixels."""
+    `pixel_weight` (B, h, w), optional: each sample's error is a weighted mean over its latent pixels.
+    `encode(ids)` gives the text states (a live text encoder's, or training.text_states' when it is frozen).
+    `bf16`: the networks run under bfloat16 autocast; the loss stays float32."""
     zt, t, noise = noised(z0, alphas_cumprod, high_t_share)
-    emb = text_encoder(ids)[0]
-    per_sample = pixel_mean((unet(zt, t, encoder_hidden_states=emb).sample - noise).pow(2), pixel_weight)
+    with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        emb = encode(ids)
+        pred = unet(zt, t, encoder_hidden_states=emb).sample.float()
+    per_sample = pixel_mean((pred - noise).pow(2), pixel_weight)
     return weighted_mean(per_sample, alphas_cumprod[t], max_weight)
 
 
@@ -372,6 +377,9 @@ def main(argv=None) -> dict:
         if train_text:
             ema_text.load_state_dict(modules["ema_text_encoder"])
     alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
+    # a frozen text encoder gives every caption the same states all run long: encode each distinct one once
+    encode = (lambda t: text_encoder(t)[0]) if train_text else \
+        FrozenTextStates(text_encoder, torch.cat([ids_all, empty[None]]), device)
 
     def save():
         modules = {"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict()}
@@ -392,8 +400,8 @@ def main(argv=None) -> dict:
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
         weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
-        loss = diffusion_loss(unet, text_encoder, alphas_cumprod, latents[idx].float().to(device), ids.to(device),
-                              args.high_t_share, args.max_weight, weight)
+        loss = diffusion_loss(unet, encode, alphas_cumprod, latents[idx].float().to(device), ids.to(device),
+                              args.high_t_share, args.max_weight, weight, args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

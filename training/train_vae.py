@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
 
 from training import checkpoint, data  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, cpu_randn, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_step, autocast, cpu_randn, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.
@@ -183,14 +183,19 @@ LR_FLOOR = 0.02  # cosine decay to 2% of --lr
 def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`refined`, optional: (unscaled latents, their target images) decoded beside the batch; its images join
     the reconstruction terms (the KL and anchor terms are about the encoder and leave them out)."""
-    with torch.set_grad_enabled(not args.freeze_encoder):
+    with torch.set_grad_enabled(not args.freeze_encoder), autocast(args):
         posterior = vae.encode(x).latent_dist
+    if posterior.parameters.dtype != torch.float32:  # under --bf16: the sample, KL and anchor terms stay float32
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(posterior.parameters.float())
     # posterior.sample() as diffusers draws it, but always from the CPU generator (then moved): the same
     # numbers on any device, and a resumed run goes on from the CPU rng state its checkpoint holds
     z = posterior.mean + posterior.std * cpu_randn(posterior.mean)
     if refined is not None:
         z, x = torch.cat([z, refined[0]]), torch.cat([x, refined[1]])
-    y = vae.decode(z).sample
+    with autocast(args):
+        y = vae.decode(z).sample.float()
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
     if anchor is not None and args.anchor_weight:
         with torch.no_grad():
