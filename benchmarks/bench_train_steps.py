@@ -152,8 +152,8 @@ def main(argv=None) -> dict:
         print(f"{s.name:<22} {s.steps:>6} steps  {minutes[s.name]:>7.1f} min  {'bf16' if bf16[s.name] else 'fp32'}")
     print(f"{'optimiser steps only':<22} {sum(s.steps for s in stages):>6} steps  {total:>7.1f} min "
           f"= {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} threads)")
-    report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "stage_bf16": bf16, "total_minutes": total,
-              "budget_minutes": budget,
+    report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "stage_bf16": bf16,
+              "total_minutes": total, "budget_minutes": budget,
               "networks": [{"network": k[0], "batch": k[1], "frozen_encoder": k[2], **v} for k, v in measured.items()]}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

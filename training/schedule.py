@@ -38,9 +38,9 @@ def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every
     return p
 
 
-def autocast(args):
-    """The forward-pass precision --bf16 asks for, as a context manager (a no-op without it)."""
-    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bool(args.bf16))
+def autocast(device, bf16: bool):
+    """The forward-pass precision --bf16 asks for on `device`, as a context manager (a no-op without it)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(bf16))
 
 
 def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) -> argparse.Namespace:

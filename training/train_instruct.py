@@ -191,10 +191,10 @@ def main(argv=None) -> dict:
     text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
     unet.to(device)  # before the optimizer: its states (and those it resumes) live beside the parameters
-    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        empty_emb = text_encoder(empty)[0]
-    encode = FrozenTextStates(text_encoder, ids_all, device)  # frozen: each distinct instruction encoded once
+    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    # the text encoder is frozen: each distinct instruction (and the empty one) is encoded once
+    encode = FrozenTextStates(text_encoder, torch.cat([ids_all, empty]), device)
+    empty_emb = encode(empty)
 
     # The image reaches the network only through conv_in's zeroed half. At the base learning rate it grew too
     # slowly: after 1600 steps its weights had 3% of the norm of the latent half and the outputs ignored the
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
         weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
-        with autocast(args):
+        with autocast(args.device, args.bf16):
             pred = unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample.float()
         per_sample = pixel_mean((pred - noise).pow(2), weight)
         loss = weighted_mean(per_sample, alphas_cumprod[t], args.max_weight)

@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
             group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), 0.05)
         idx = torch.from_numpy(rng.integers(0, len(ids), args.batch))
         batch = ids[idx].to(device)
-        with autocast(args):
+        with autocast(args.device, args.bf16):
             states = text_encoder(batch)[0]
         loss = fact_losses(heads(states.float(), token_mask(batch, eos)), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    add_data_dir, after_step, cache_source, cpu_randn, data_dir, load_cache, lr_at, parse_run_args,
+    add_data_dir, after_step, autocast, cache_source, cpu_randn, data_dir, load_cache, lr_at, parse_run_args,
     progress_of, run_parser, save_cache, smoothed, start_run)
 from training.text_states import FrozenTextStates  # noqa: E402
 
@@ -260,8 +260,8 @@ def noised(z0: torch.Tensor, alphas_cumprod: torch.Tensor, high_t_share: float):
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
 
 
-def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 0.0,
-                   max_weight: float = 1.0, pixel_weight: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
+def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 0.0, max_weight: float = 1.0,
+                   pixel_weight: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """SD's objective, predict the noise added at a drawn timestep, with each sample's squared error weighted
     by 1/SNR(t) clipped to [1, max_weight] (weights normalised over the batch). 1/SNR turns the epsilon error
     into the error of the implied clean image; at high noise that is what decides the global content, and
@@ -273,7 +273,7 @@ def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 
     `encode(ids)` gives the text states (a live text encoder's, or training.text_states' when it is frozen).
     `bf16`: the networks run under bfloat16 autocast; the loss stays float32."""
     zt, t, noise = noised(z0, alphas_cumprod, high_t_share)
-    with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(z0.device, bf16):
         emb = encode(ids)
         pred = unet(zt, t, encoder_hidden_states=emb).sample.float()
     per_sample = pixel_mean((pred - noise).pow(2), pixel_weight)

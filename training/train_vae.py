@@ -183,7 +183,7 @@ LR_FLOOR = 0.02  # cosine decay to 2% of --lr
 def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`refined`, optional: (unscaled latents, their target images) decoded beside the batch; its images join
     the reconstruction terms (the KL and anchor terms are about the encoder and leave them out)."""
-    with torch.set_grad_enabled(not args.freeze_encoder), autocast(args):
+    with torch.set_grad_enabled(not args.freeze_encoder), autocast(args.device, args.bf16):
         posterior = vae.encode(x).latent_dist
     if posterior.parameters.dtype != torch.float32:  # under --bf16: the sample, KL and anchor terms stay float32
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -194,7 +194,7 @@ def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torc
     z = posterior.mean + posterior.std * cpu_randn(posterior.mean)
     if refined is not None:
         z, x = torch.cat([z, refined[0]]), torch.cat([x, refined[1]])
-    with autocast(args):
+    with autocast(args.device, args.bf16):
         y = vae.decode(z).sample.float()
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
     if anchor is not None and args.anchor_weight:
