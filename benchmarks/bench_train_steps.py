@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from training import recipe  # noqa: E402
+from training.schedule import autocast  # noqa: E402
 
 MODEL = ROOT / "assets" / "model"
 LATENT = 16  # 64x64 world images, VAE factor 4
@@ -82,7 +83,7 @@ def step_fn(kind: str, batch: int, freeze_encoder: bool, device: torch.device):
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
     def step(bf16: bool):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, bf16):  # the trainers' own precision context
             loss = loss_of()
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
