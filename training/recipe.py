@@ -1,7 +1,7 @@
 """The whole embedded-model recipe as one command: every stage of `training/README.md`, in order, each with the
 optimiser-step budget the committed weights received, then the assembled folder.
 
-    python training/recipe.py --out training/runs/recipe                  # CPU, 2 threads: over the 3-hour budget, see training/README.md
+    python training/recipe.py --out training/runs/recipe                  # CPU, 2 threads (see training/README.md)
     python training/recipe.py --out training/runs/recipe --device cuda    # the GPU budget is 20 minutes
     python training/recipe.py --out /tmp/r --dry-run                      # print the stages' commands
 
