@@ -1,5 +1,5 @@
 """The whole embedded-model recipe as one command: every stage of `training/README.md`, in order, each with its
-optimiser-step budget (each checked against the eval targets, see the stages' comments), then the assembled folder.
+optimiser-step budget (the comments at STAGES say where each comes from), then the assembled folder.
 
     python training/recipe.py --out training/runs/recipe                  # CPU, 2 threads (see training/README.md)
     python training/recipe.py --out training/runs/recipe --device cuda    # the GPU budget is 20 minutes
