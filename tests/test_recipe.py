@@ -3,6 +3,7 @@ finds what the stage before it wrote and ends in a folder the studio loads; a se
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,24 @@ def test_dry_run_prints_every_stage_with_its_step_budget_and_device(capsys):
     assert not Path("/nonexistent/recipe").exists()
     with pytest.raises(SystemExit):  # a misspelt stage is refused before anything runs
         recipe.main(["--out", "/nonexistent/recipe", "--only", "vae,unet_hardd"])
+
+
+def test_an_interrupted_stage_keeps_its_time_for_the_attempt_that_resumes_it(tmp_path):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    partial = folder / "recipe_partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        with recipe._StageClock(folder, resume=False, every=0.02):
+            time.sleep(0.15)
+            assert json.loads(partial.read_text())["seconds"] > 0.05  # the beat wrote while the stage ran
+            raise KeyboardInterrupt
+    first = json.loads(partial.read_text())["seconds"]
+    assert first >= 0.15
+    with recipe._StageClock(folder, resume=True, every=0.02) as clock:  # resumed from its checkpoint
+        time.sleep(0.05)
+    assert clock.earlier == first and clock.seconds() >= first + 0.05
+    assert not partial.exists()  # finished: recipe_done.json holds the time from here on
+    partial.write_text(json.dumps({"seconds": 1000.0}))
+    with recipe._StageClock(folder, resume=False) as clock:  # no checkpoint: the stage starts over, so does its clock
+        pass
+    assert clock.earlier == 0.0 and clock.seconds() < 1000

@@ -8,8 +8,10 @@ optimiser-step budget (the comments at STAGES say where each comes from), then t
 Budgets are in steps, not minutes, so a GPU run does the same optimisation as the CPU recipe (the trainers draw
 every random number on the CPU, so it also draws the same batches). Each finished stage leaves
 `recipe_done.json` (its wall time) in its folder and is skipped when the command is run again; an interrupted
-stage resumes from its checkpoint (then its record says `resumed` and counts only the last part).
-`recipe_timings.json` in --out sums the wall time per stage, which is the number the issue's budget is about.
+stage resumes from its checkpoint. A running stage writes its wall time so far to `recipe_partial.json` every
+30 s, so the time an interrupted attempt spent (redone steps included) is added when it resumes: a recipe run
+split over several sessions is still timed in full. `recipe_timings.json` in --out sums the wall time per stage,
+which is the number the issue's budget is about.
 `--scale 0.01 --tiny` runs every stage on tiny networks and data (the test does), to check that each stage finds
 what the one before it wrote.
 """
@@ -19,6 +21,7 @@ import argparse
 import importlib
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +131,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class _StageClock:
+    """Wall time of one stage over all its attempts: earlier attempts' time comes from `recipe_partial.json`,
+    which a daemon thread rewrites every `every` seconds while this attempt runs (a killed process loses at most
+    that much)."""
+
+    def __init__(self, folder: Path, resume: bool, every: float = 30.0):
+        self.path, self.every = folder / "recipe_partial.json", every
+        # only a resumed attempt inherits time: without a checkpoint the stage starts over, and so does its clock
+        self.earlier = json.loads(self.path.read_text())["seconds"] if resume and self.path.exists() else 0.0
+        self.start = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def seconds(self) -> float:
+        return self.earlier + time.time() - self.start
+
+    def _write(self):
+        self.path.write_text(json.dumps({"seconds": self.seconds()}))
+
+    def _beat(self):
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def __enter__(self):
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self._write()  # the stage failed or was interrupted: a resumed attempt adds this time
+        return False
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -147,11 +188,11 @@ def main(argv=None) -> dict:
             continue
         print(f"[recipe] {stage.name}: python training/{stage.module}.py {' '.join(argv)}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        importlib.import_module(f"training.{stage.module}").main(argv)
-        # an interrupted stage's earlier part is not counted (its process was killed): the record says so
-        timings[stage.name] = time.time() - start
-        done.write_text(json.dumps({"seconds": timings[stage.name], "resumed": resume, "argv": argv}, indent=1))
+        with _StageClock(folder, resume) as clock:
+            importlib.import_module(f"training.{stage.module}").main(argv)
+        timings[stage.name] = clock.seconds()
+        done.write_text(json.dumps({"seconds": timings[stage.name], "resumed": resume,
+                                    "earlier_attempts_seconds": clock.earlier, "argv": argv}, indent=1))
         timings_path.write_text(json.dumps(timings, indent=1))
     total = sum(timings.values())
     if not args.dry_run:
