@@ -73,22 +73,40 @@ def test_dry_run_prints_every_stage_with_its_step_budget_and_device(capsys):
         recipe.main(["--out", "/nonexistent/recipe", "--only", "vae,unet_hardd"])
 
 
-def test_an_interrupted_stage_keeps_its_time_for_the_attempt_that_resumes_it(tmp_path):
+def test_an_interrupted_stage_keeps_its_time_for_the_attempt_that_resumes_it(tmp_path, monkeypatch):
     folder = tmp_path / "stage"
     folder.mkdir()
     partial = folder / "recipe_partial.json"
-    with pytest.raises(KeyboardInterrupt):
-        with recipe._StageClock(folder, resume=False, every=0.02):
-            time.sleep(0.15)
-            assert json.loads(partial.read_text())["seconds"] > 0.05  # the beat wrote while the stage ran
-            raise KeyboardInterrupt
-    first = json.loads(partial.read_text())["seconds"]
-    assert first >= 0.15
-    with recipe._StageClock(folder, resume=True, every=0.02) as clock:  # resumed from its checkpoint
-        time.sleep(0.05)
-    assert clock.earlier == first and clock.seconds() >= first + 0.05
+    with recipe._StageClock(folder, resume=False, every=0.01):  # the beat writes while the stage runs
+        deadline = time.time() + 10
+        while json.loads(partial.read_text())["seconds"] <= 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert json.loads(partial.read_text())["seconds"] > 0
     assert not partial.exists()  # finished: recipe_done.json holds the time from here on
+
+    now = [0.0]
+    monkeypatch.setattr(recipe.time, "monotonic", lambda: now[0])
+    with pytest.raises(KeyboardInterrupt):
+        with recipe._StageClock(folder, resume=False, every=60.0):
+            now[0] += 50.0
+            raise KeyboardInterrupt
+    assert json.loads(partial.read_text())["seconds"] == 50.0
+    with recipe._StageClock(folder, resume=True, every=60.0) as clock:  # resumed from its checkpoint
+        now[0] += 20.0
+    assert clock.earlier == 50.0 and clock.seconds() == 70.0 and not partial.exists()
     partial.write_text(json.dumps({"seconds": 1000.0}))
-    with recipe._StageClock(folder, resume=False) as clock:  # no checkpoint: the stage starts over, so does its clock
-        pass
-    assert clock.earlier == 0.0 and clock.seconds() < 1000
+    with recipe._StageClock(folder, resume=False, every=60.0) as clock:  # no checkpoint: its clock starts over
+        now[0] += 5.0
+    assert clock.earlier == 0.0 and clock.seconds() == 5.0
+
+
+def test_the_stage_clock_does_not_charge_a_frozen_process_for_the_time_it_was_stopped(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(recipe.time, "monotonic", lambda: now[0])
+    clock = recipe._StageClock(tmp_path, resume=False, every=30.0)
+    now[0] += 25.0
+    assert clock.seconds() == 25.0
+    now[0] += 8 * 3600.0  # suspended overnight between two beats: counted as two beats at most
+    assert clock.seconds() == 85.0
+    now[0] += 10.0
+    assert clock.seconds() == 95.0

@@ -134,21 +134,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 class _StageClock:
     """Wall time of one stage over all its attempts: earlier attempts' time comes from `recipe_partial.json`,
     which a daemon thread rewrites every `every` seconds while this attempt runs (a killed process loses at most
-    that much)."""
+    that much). The time is summed beat by beat and a gap longer than two beats counts as two: a process frozen
+    between sessions (the machine suspended) is not charged for the hours it did not run."""
 
     def __init__(self, folder: Path, resume: bool, every: float = 30.0):
         self.path, self.every = folder / "recipe_partial.json", every
         # only a resumed attempt inherits time: without a checkpoint the stage starts over, and so does its clock
         self.earlier = json.loads(self.path.read_text())["seconds"] if resume and self.path.exists() else 0.0
-        self.start = time.time()
+        self.counted, self.last = 0.0, time.monotonic()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
+    def _advance(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            self.counted += min(now - self.last, 2 * self.every)
+            self.last = now
+            return self.earlier + self.counted
+
     def seconds(self) -> float:
-        return self.earlier + time.time() - self.start
+        return self._advance()
 
     def _write(self):
-        self.path.write_text(json.dumps({"seconds": self.seconds()}))
+        self.path.write_text(json.dumps({"seconds": self._advance()}))
 
     def _beat(self):
         while not self._stop.wait(self.every):
