@@ -146,18 +146,15 @@ class _StageClock:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
-    def _advance(self) -> float:
+    def seconds(self) -> float:
         with self._lock:
             now = time.monotonic()
             self.counted += min(now - self.last, 2 * self.every)
             self.last = now
             return self.earlier + self.counted
 
-    def seconds(self) -> float:
-        return self._advance()
-
     def _write(self):
-        self.path.write_text(json.dumps({"seconds": self._advance()}))
+        self.path.write_text(json.dumps({"seconds": self.seconds()}))
 
     def _beat(self):
         while not self._stop.wait(self.every):
@@ -199,7 +196,7 @@ def main(argv=None) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         with _StageClock(folder, resume) as clock:
             importlib.import_module(f"training.{stage.module}").main(argv)
-        timings[stage.name] = clock.seconds()
+            timings[stage.name] = clock.seconds()  # the stage's time ends when its trainer returns
         done.write_text(json.dumps({"seconds": timings[stage.name], "resumed": resume,
                                     "earlier_attempts_seconds": clock.earlier, "argv": argv}, indent=1))
         timings_path.write_text(json.dumps(timings, indent=1))
