@@ -12,7 +12,7 @@ with random weights: VAE on 64x64 images, text encoder on 77-token captions, UNe
 (network, batch, frozen encoder) is timed for --steps steps after two warm-up steps, in float32 and under bfloat16
 autocast, in this one process; the FLOPs of one step come from torch's FlopCounterMode. The prediction is each
 stage's step budget times its step time in the precision the stage trains in (its --bf16): it leaves out latent
-caching, quick looks, checkpoints and the refined-latents stage, so a real run takes longer.
+caching, quick looks, checkpoints and model exports, so a real run takes longer.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    stages = [s for s in recipe.STAGES if s.steps]  # the trainers (refined latents and assembly have no steps)
+    stages = [s for s in recipe.STAGES if s.steps]  # the trainers (assembly has no steps)
     keys = {}
     for stage in stages:
         a = stage_args(stage, args.device, args.threads)

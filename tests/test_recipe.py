@@ -46,7 +46,7 @@ def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stage
     assert recommended_guidance(model) == (3.0, 2.0)
     assert UNet2DConditionModel.from_pretrained(out / "model" / "unet_instruct").config.in_channels == 8
     # the assembled VAE is the last decoder stage's, on the first stage's encoder
-    final_vae = load_file(out / "vae_refined" / "vae" / "diffusion_pytorch_model.safetensors")
+    final_vae = load_file(out / "vae_dec" / "vae" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(model.vae.decoder.conv_out.weight.float().cpu(), final_vae["decoder.conv_out.weight"].float())
     first_vae = load_file(out / "vae" / "vae" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(model.vae.encoder.conv_in.weight.float().cpu(), first_vae["encoder.conv_in.weight"].float())
