@@ -160,11 +160,12 @@ def inversion_rows(ctx: Context) -> list[Row]:
     return rows
 
 
-def recolour_prompts(n: int):
+def recolour_prompts(n: int, start: int = 0):
     """Held-out single-object recolour edits as (scene, edit, source caption, target caption): the target caption
-    is the source's with the object's colour word swapped, so both have the same words (P2P replace works)."""
+    is the source's with the object's colour word swapped, so both have the same words (P2P replace works).
+    `start` 0 gives the eval's edits; tuning uses other held-out seeds (500 and up)."""
     out = []
-    for scene, edit in evaluation.held_out_edits(4 * n, "recolour"):
+    for scene, edit in evaluation.held_out_edits(4 * n, "recolour", start=start):
         if len(scene.objects) != 1:
             continue
         obj, new = scene.objects[edit.index], edit.scene.objects[edit.index]
