@@ -21,32 +21,17 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from eval_embedded import recolour_prompts  # noqa: E402
+from eval_embedded import recolour_prompts, score_text_edits  # noqa: E402
 from pipelines.events import run_to_end  # noqa: E402
-from training import evaluation, world  # noqa: E402
 
 
 def sweep(model, items, thresholds) -> dict:
     """One paper-schedule NTI per edit (cached), then one P2P edit per threshold."""
-    from PIL import Image
-
-    from pipelines.cache import LRUCache
-    from pipelines.edit import EditParams, text_edit
-    from pipelines.p2p import P2PSettings
-
-    cache = LRUCache(2)
-    scores = {t: [] for t in thresholds}
-    for scene, edit, source, target in items:
-        image = Image.fromarray(world.render(scene))
-        for t in thresholds:
-            p2p = P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=t)
-            params = EditParams(source, target, steps=50, guidance=7.5, method="p2p", inversion="nti-reference",
-                                p2p=p2p)
-            res = run_to_end(text_edit(model, image, params, cache))
-            scores[t].append(evaluation.score_edit(np.asarray(res.edited.image), scene, edit))
-    return {str(t): {"success": float(np.mean([x["success"] for x in s])),
-                     "psnr_outside": float(np.nanmean([x["psnr_outside"] for x in s])),
-                     "psnr_outside_each": [round(float(x["psnr_outside"]), 2) for x in s]}
+    variants = {str(t): dict(method="p2p", inversion="nti-reference", blend=t) for t in thresholds}
+    scores = score_text_edits(model, items, variants)
+    return {t: {"success": float(np.mean([x["success"] for x in s])),
+                "psnr_outside": float(np.nanmean([x["psnr_outside"] for x in s])),
+                "psnr_outside_each": [round(float(x["psnr_outside"]), 2) for x in s]}
             for t, s in scores.items()}
 
 
