@@ -203,7 +203,8 @@ def nti_rows(ctx: Context) -> list[Row]:
 def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[dict]]:
     """Each recolour edit of `items` (see recolour_prompts) made by text once per variant, scored by the checker.
     A variant is EditParams keywords (50 steps, guidance 7.5); `blend` in it means a local blend on the edited
-    object's shape word at that threshold. One inversion cache: each image is inverted once per inversion kind."""
+    object's shape word at that threshold (`keep_background` False: without pasting the input back outside it).
+    One inversion cache: each image is inverted once per inversion kind."""
     from PIL import Image
 
     from pipelines.cache import LRUCache
@@ -217,7 +218,8 @@ def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[
         for name, kw in variants.items():
             kw = dict(kw)
             if "blend" in kw:
-                kw["p2p"] = P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=kw.pop("blend"))
+                kw["p2p"] = P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=kw.pop("blend"),
+                                        keep_background=kw.pop("keep_background", True))
             res = run_to_end(text_edit(model, image, EditParams(source, target, steps=50, guidance=7.5, **kw), cache))
             scores[name].append(evaluation.score_edit(np.asarray(res.edited.image), scene, edit))
     return scores
@@ -234,6 +236,10 @@ def text_edit_rows(ctx: Context) -> list[Row]:
                 "P2P replace, NTI paper": dict(method="p2p", inversion="nti-reference"),
                 "P2P replace + blend, NTI paper": dict(method="p2p", inversion="nti-reference",
                                                        blend=P2PSettings().blend_threshold),
+                # the same edits without pasting the input back outside the blend region (the decoder alone)
+                "P2P replace + blend, plain decode, NTI paper": dict(method="p2p", inversion="nti-reference",
+                                                                     blend=P2PSettings().blend_threshold,
+                                                                     keep_background=False),
                 "P2P replace, NTI fast": dict(method="p2p", inversion="nti")}
     scores = score_text_edits(ctx.model, recolour_prompts(ctx.n(20, 6)), variants)
     rows = []

@@ -49,7 +49,7 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
-from .masks import cells_to_image, grow_cells, latent_cells, user_mask as as_user_mask
+from .masks import cells_to_image, latent_cells, paste_outside, user_mask as as_user_mask
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
@@ -336,9 +336,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
         z = yield from stream_steps(model, states, "editing (DiffEdit)", mask_units + n, total, preview)
         edited = decode_to_pil(model, z)
         if p.keep_background and not lat.all():
-            region = cells_to_image(grow_cells(lat), f)[..., None]
-            px = np.where(region, np.asarray(edited.convert("RGB")), np.asarray(source.convert("RGB")))
-            edited = Image.fromarray(px)
+            edited = paste_outside(edited, source, lat, f)
     meta = {"task": "diffedit", "prompt": p.target_prompt, "negative_prompt": p.source_prompt,
             "source_prompt": p.source_prompt, "steps": steps, "guidance": p.guidance, "encode_ratio": p.encode_ratio,
             "encode_steps": n, "mask": "auto" if user_mask is None else "user",

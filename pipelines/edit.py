@@ -5,7 +5,8 @@
              r = 0 never switches and reproduces the inversion's reconstruction exactly.
   p2p        Prompt-to-Prompt: source and target branches sampled together in one UNet batch, the target
              re-using the source's attention maps (word replace / refine / re-weight, local blend), with the
-             attention processors always restored afterwards.
+             attention processors always restored afterwards. With a local blend the input's pixels are pasted
+             back outside the blend region grown by one latent cell (P2PSettings.keep_background).
 Both use the per-step null embeddings of null-text inversion when the inversion method provides them.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import InversionParams, inversion_cost, invert_images, prepare_image, validate_inversion
 from .latents import decode_to_pil
+from .masks import paste_outside
 from .lora import lora_applied
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
@@ -103,6 +105,10 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
                                                         offset, total, preview)
     edited = decode_to_pil(model, edited_z)
     recon = decode_to_pil(model, source_z) if source_z is not None else None
+    pasted = keeps_background(controller, p.p2p)
+    if pasted:
+        cells = controller.last_mask[0, 0].bool().cpu().numpy()
+        edited = paste_outside(edited, source, cells, model.vae_factor, feather=model.vae_factor)
     meta = {"task": "edit", "edit_method": method, "source_prompt": src_prompt, "prompt": tgt_prompt,
             "inversion": inv_p.method, "steps": steps, "guidance": guidance, "size": f"{source.width}x{source.height}",
             "eta": 0.0, **base_metadata(model, p.lora, strength)}
@@ -115,7 +121,7 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
         meta.update(p2p_mode=s.mode, cross_replace_steps=s.cross_replace_steps, self_replace_steps=s.self_replace_steps,
                     reweight_words=", ".join(p2p._as_words(s.reweight_words)), reweight_scale=s.reweight_scale,
                     blend_words=", ".join(p2p._as_words(s.blend_words)), blend_threshold=s.blend_threshold,
-                    blend_start=s.blend_start)
+                    blend_start=s.blend_start, keep_background=pasted)
     mask = None
     if controller is not None and controller.last_mask is not None:
         m = (controller.last_mask[0, 0].float().cpu().numpy() * 255).astype("uint8")
@@ -123,6 +129,15 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
     result = EditResult(ImageResult(with_metadata(edited, meta), -1, meta), source, recon, cached, meta, mask)
     note = " (inversion reused from cache)" if cached else ""
     yield Progress("done", total, total, preview=result.edited.image, result=result, message=f"edited{note}")
+
+
+def keeps_background(controller, settings: p2p.P2PSettings) -> bool:
+    """Whether the input is pasted back outside the local blend's region: only with a blend whose last region is
+    neither empty (nothing would be edited) nor the whole image."""
+    if controller is None or not settings.keep_background or controller.last_mask is None:
+        return False
+    m = controller.last_mask.bool()
+    return bool(m.any()) and not bool(m.all())
 
 
 def _p2p_sample(model, inv, target, controller, guidance, steps, cancel, offset, total, preview):

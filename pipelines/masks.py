@@ -1,5 +1,5 @@
-"""User masks, shared by every masked method (DiffEdit, SDEdit, drag): any mask-like input to a bool mask at
-image size, and image masks to latent cells."""
+"""User masks, shared by every masked method (DiffEdit, SDEdit, drag, P2P's local blend): any mask-like input to
+a bool mask at image size, image masks to latent cells, and pasting the input back outside an edited region."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,3 +55,26 @@ def grow_cells(cells: np.ndarray, r: int = 1) -> np.ndarray:
         for dx in range(2 * r + 1):
             out |= padded[dy:dy + h, dx:dx + w]
     return out
+
+
+def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over the (2r+1)^2 window around each pixel, edges repeated."""
+    c = np.pad(a.astype(np.float64), r, mode="edge").cumsum(0).cumsum(1)
+    c = np.pad(c, ((1, 0), (1, 0)))
+    k = 2 * r + 1
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
+
+
+def paste_outside(edited: Image.Image, background: Image.Image, cells: np.ndarray, f: int,
+                  feather: int = 0) -> Image.Image:
+    """`edited` inside the latent cells grown by one cell, `background` elsewhere (both at the cells' image size).
+    The VAE decoder mixes spatially (GroupNorm statistics and the mid block's attention span the whole image), so
+    an exact background latent alone does not decode to the exact background; the one-cell margin leaves the
+    decoder room to blend the seam. `feather` > 0 ramps from the edit to the background over that many more
+    pixels instead of a hard edge; beyond them the background is exact."""
+    region = cells_to_image(grow_cells(np.asarray(cells, bool)), f).astype(np.float32)
+    if feather > 0:
+        region = np.maximum(region, _box_mean(region, int(feather)))
+    a = region[..., None]
+    out = a * np.asarray(edited.convert("RGB"), np.float32) + (1 - a) * np.asarray(background.convert("RGB"), np.float32)
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))

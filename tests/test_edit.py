@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import p2p
+from pipelines import masks, p2p
 from pipelines.cache import LRUCache
 from pipelines.edit import EditParams, source_steps, text_edit
 from pipelines.errors import InputError
@@ -70,6 +70,32 @@ def test_p2p_edit_restores_processors_and_keeps_the_source_branch(tiny_model):
     tgt_diff = np.abs(pixels(res.edited.image) - pixels(inv.reconstruction.image)).mean()
     assert src_diff < 0.5 < tgt_diff
     assert res.params["p2p_mode"] == "replace" and res.params["cross_replace_steps"] == 1.0
+
+
+def test_p2p_local_blend_pastes_the_input_back_outside_its_region(tiny_model):
+    img = _image(tiny_model, 2)
+    cache = LRUCache(4)
+    # the random model's maps are nearly flat, hence the high threshold (a region that is neither empty nor all)
+    blend = p2p.P2PSettings(blend_words=("red", "blue"), blend_threshold=0.94)
+    kept = run_to_end(text_edit(tiny_model, img, _edit(method="p2p", p2p=blend), cache))
+    plain = run_to_end(text_edit(tiny_model, img, _edit(method="p2p", p2p=replace(blend, keep_background=False)), cache))
+    f = tiny_model.vae_factor
+    cells = np.asarray(kept.mask)[::f, ::f] > 127
+    assert 0 < cells.sum() < cells.size
+    region = masks.cells_to_image(masks.grow_cells(cells), f)  # edited, grown one cell
+    ramp = masks.grow_cells(region, f) & ~region                 # then f pixels of feathered seam
+    outside = ~(region | ramp)
+    assert outside.any() and ramp.any()
+    src, out, dec = pixels(kept.source), pixels(kept.edited.image), pixels(plain.edited.image)
+    assert np.array_equal(out[outside], src[outside])          # outside: the input, bit for bit
+    assert np.array_equal(out[region], dec[region])            # inside: the plain decode of the edit
+    lo, hi = np.minimum(src, dec)[ramp], np.maximum(src, dec)[ramp]
+    assert ((out[ramp] >= lo) & (out[ramp] <= hi)).all()       # the seam lies between the two
+    assert np.abs(dec[outside] - src[outside]).mean() > 1     # the decode alone would not have kept the outside
+    assert kept.params["keep_background"] and not plain.params["keep_background"]
+    # no local blend: nothing to paste, the plain decode
+    none = run_to_end(text_edit(tiny_model, img, _edit(method="p2p"), cache))
+    assert none.mask is None and not none.params["keep_background"]
 
 
 def test_p2p_processors_restored_on_cancel_and_error(tiny_model, monkeypatch):
