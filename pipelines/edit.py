@@ -6,7 +6,8 @@
   p2p        Prompt-to-Prompt: source and target branches sampled together in one UNet batch, the target
              re-using the source's attention maps (word replace / refine / re-weight, local blend), with the
              attention processors always restored afterwards. With a local blend the input's pixels are pasted
-             back outside the blend region grown by one latent cell (P2PSettings.keep_background).
+             back outside the blend region grown by one latent cell, with a one-cell feathered seam
+             (P2PSettings.keep_background).
 Both use the per-step null embeddings of null-text inversion when the inversion method provides them.
 """
 from __future__ import annotations
