@@ -275,6 +275,10 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                 e_blend_t = gr.Slider(0.05, 0.95, value=P2PSettings.blend_threshold, step=0.05, label="Blend threshold",
                                                       info="On the words' attention maps rescaled to [0, 1] "
                                                            "(min to max); higher = tighter region")
+                                e_blend_keep = gr.Checkbox(value=P2PSettings.keep_background,
+                                                           label="Keep the input outside the blend region",
+                                                           info="The decoder spreads the edit over the whole image; "
+                                                                "this pastes the input back outside the region")
                         with gr.Row():
                             e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                             e_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
@@ -374,7 +378,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         def run_edit(image, source_prompt, target_prompt, method, r, inversion, inner_steps, force, steps, guidance,
                      use_lora, strength, p2p_mode, cross_replace_steps, self_replace_steps, reweight_words,
-                     reweight_scale, blend_words, blend_threshold, request: gr.Request):
+                     reweight_scale, blend_words, blend_threshold, blend_keep, request: gr.Request):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -393,7 +397,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 settings = P2PSettings(mode=p2p_mode, cross_replace_steps=cross_replace_steps,
                                        self_replace_steps=self_replace_steps, reweight_words=reweight_words or "",
                                        reweight_scale=reweight_scale, blend_words=blend_words or "",
-                                       blend_threshold=blend_threshold)
+                                       blend_threshold=blend_threshold, keep_background=bool(blend_keep))
                 p = EditParams(source_prompt or "", target_prompt or "", method, r, steps, guidance, inversion,
                                inner_steps, bool(force), lora_name(use_lora), strength, settings)
                 yield from studio.edit(path, p, session.inversion_cache, token, session.preview)
@@ -507,7 +511,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         v_stop.click(stop, None, v_status, cancels=[v_event], api_visibility="private", queue=False)
 
         e_inputs = [e_input, e_src, e_tgt, e_method, e_r, e_inv, e_inner, e_force, e_steps, e_guid, e_lora, e_lora_s,
-                    e_mode, e_cross, e_self, e_rw_words, e_rw_scale, e_blend, e_blend_t]
+                    e_mode, e_cross, e_self, e_rw_words, e_rw_scale, e_blend, e_blend_t, e_blend_keep]
         e_event = e_run.click(run_edit, e_inputs, [e_preview, e_image, e_recon, e_mask, e_status], api_name="edit",
                               preprocess=False, **GPU)
         e_stop.click(stop, None, e_status, cancels=[e_event], api_visibility="private", queue=False)

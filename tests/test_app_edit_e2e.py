@@ -34,11 +34,11 @@ def invert(client, image, prompt=CAPTION, steps=STEPS, inv_g=1.0, guidance=7.5, 
 
 def edit(client, image, source=CAPTION, target=TARGET, method="threshold", r=0.8, inversion="nti",
          inner_steps=INNER, force=False, steps=STEPS, guidance=7.5, mode="replace", cross=0.8, self_=0.4,
-         reweight_words="", reweight_scale=2.0, blend_words="", blend_threshold=0.5):
+         reweight_words="", reweight_scale=2.0, blend_words="", blend_threshold=0.5, blend_keep=True):
     """-> (preview, edited, source reconstruction, blend mask, status)"""
     return client.predict(image, source, target, method, r, inversion, inner_steps, force, steps, guidance, False,
                           1.0, mode, cross, self_, reweight_words, reweight_scale, blend_words, blend_threshold,
-                          api_name="/edit")
+                          blend_keep, api_name="/edit")
 
 
 def real_args(image_a, image_b, prompt_a=CAPTION, prompt_b=CAPTION_B, inversion="nti", inner_steps=1, force=False,
@@ -79,7 +79,7 @@ def test_new_endpoints_and_parameter_order(client):
     assert names("/edit") == ["image", "source_prompt", "target_prompt", "method", "r", "inversion", "inner_steps",
                               "force", "steps", "guidance", "use_lora", "strength", "p2p_mode", "cross_replace_steps",
                               "self_replace_steps", "reweight_words", "reweight_scale", "blend_words",
-                              "blend_threshold"]
+                              "blend_threshold", "blend_keep"]
     real = ["image_a", "image_b", "prompt_a", "prompt_b", "inversion", "inner_steps", "force", "steps", "guidance",
             "use_lora", "strength"]
     assert names("/interpolate_images_frame") == real + ["eta"]
@@ -155,6 +155,14 @@ def test_edit_prompt_to_prompt_with_local_blend(client):
     assert m["cross_replace_steps"] == 0.8 and m["self_replace_steps"] == 0.4
     assert m["blend_words"] == "triangle" and m["blend_threshold"] == 0.4
     assert m["reweight_words"] == "red" and m["reweight_scale"] == 2.0
+    assert m["keep_background"] is True  # a partial region: the input pasted back outside it
+
+
+def test_edit_local_blend_without_keeping_the_input(client):
+    _, edited, _, mask, status = edit(client, handle_file(IMAGE), method="p2p", blend_words="triangle",
+                                      blend_threshold=0.4, blend_keep=False)
+    assert status.startswith("Done") and mask is not None
+    assert meta(edited)["keep_background"] is False
 
 
 def test_edit_p2p_replace_needs_the_same_word_count(client):
