@@ -219,7 +219,7 @@ def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[
             kw = dict(kw)
             if "blend" in kw:
                 kw["p2p"] = P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=kw.pop("blend"),
-                                        keep_background=kw.pop("keep_background", True))
+                                        keep_background=kw.pop("keep_background", P2PSettings.keep_background))
             res = run_to_end(text_edit(model, image, EditParams(source, target, steps=50, guidance=7.5, **kw), cache))
             scores[name].append(evaluation.score_edit(np.asarray(res.edited.image), scene, edit))
     return scores

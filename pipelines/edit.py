@@ -106,9 +106,12 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
                                                         offset, total, preview)
     edited = decode_to_pil(model, edited_z)
     recon = decode_to_pil(model, source_z) if source_z is not None else None
-    pasted = keeps_background(controller, p.p2p)
+    # the local blend's region of the last step, in latent cells (None: no blend)
+    cells = None if controller is None or controller.last_mask is None else \
+        controller.last_mask[0, 0].bool().cpu().numpy()
+    # pasted only where it changes something: a region that is neither empty (nothing edited) nor the whole image
+    pasted = cells is not None and p.p2p.keep_background and bool(cells.any()) and not bool(cells.all())
     if pasted:
-        cells = controller.last_mask[0, 0].bool().cpu().numpy()
         edited = paste_outside(edited, source, cells, model.vae_factor, feather=model.vae_factor)
     meta = {"task": "edit", "edit_method": method, "source_prompt": src_prompt, "prompt": tgt_prompt,
             "inversion": inv_p.method, "steps": steps, "guidance": guidance, "size": f"{source.width}x{source.height}",
@@ -123,22 +126,11 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
                     reweight_words=", ".join(p2p._as_words(s.reweight_words)), reweight_scale=s.reweight_scale,
                     blend_words=", ".join(p2p._as_words(s.blend_words)), blend_threshold=s.blend_threshold,
                     blend_start=s.blend_start, keep_background=pasted)
-    mask = None
-    if controller is not None and controller.last_mask is not None:
-        m = (controller.last_mask[0, 0].float().cpu().numpy() * 255).astype("uint8")
-        mask = Image.fromarray(m).resize(source.size, Image.NEAREST)
+    mask = None if cells is None else \
+        Image.fromarray(cells.astype("uint8") * 255).resize(source.size, Image.NEAREST)
     result = EditResult(ImageResult(with_metadata(edited, meta), -1, meta), source, recon, cached, meta, mask)
     note = " (inversion reused from cache)" if cached else ""
     yield Progress("done", total, total, preview=result.edited.image, result=result, message=f"edited{note}")
-
-
-def keeps_background(controller, settings: p2p.P2PSettings) -> bool:
-    """Whether the input is pasted back outside the local blend's region: only with a blend whose last region is
-    neither empty (nothing would be edited) nor the whole image."""
-    if controller is None or not settings.keep_background or controller.last_mask is None:
-        return False
-    m = controller.last_mask.bool()
-    return bool(m.any()) and not bool(m.all())
 
 
 def _p2p_sample(model, inv, target, controller, guidance, steps, cancel, offset, total, preview):

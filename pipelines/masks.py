@@ -2,6 +2,7 @@
 a bool mask at image size, image masks to latent cells, and pasting the input back outside an edited region."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -57,14 +58,6 @@ def grow_cells(cells: np.ndarray, r: int = 1) -> np.ndarray:
     return out
 
 
-def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
-    """Mean over the (2r+1)^2 window around each pixel, edges repeated."""
-    c = np.pad(a.astype(np.float64), r, mode="edge").cumsum(0).cumsum(1)
-    c = np.pad(c, ((1, 0), (1, 0)))
-    k = 2 * r + 1
-    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
-
-
 def paste_outside(edited: Image.Image, background: Image.Image, cells: np.ndarray, f: int,
                   feather: int = 0) -> Image.Image:
     """`edited` inside the latent cells grown by one cell, `background` elsewhere (both at the cells' image size).
@@ -72,9 +65,10 @@ def paste_outside(edited: Image.Image, background: Image.Image, cells: np.ndarra
     an exact background latent alone does not decode to the exact background; the one-cell margin leaves the
     decoder room to blend the seam. `feather` > 0 ramps from the edit to the background over that many more
     pixels instead of a hard edge; beyond them the background is exact."""
-    region = cells_to_image(grow_cells(np.asarray(cells, bool)), f).astype(np.float32)
+    region = cells_to_image(grow_cells(np.asarray(cells, bool)), f).astype(np.float64)
     if feather > 0:
-        region = np.maximum(region, _box_mean(region, int(feather)))
+        k = 2 * int(feather) + 1  # the box mean reaches `feather` pixels past the region's edge
+        region = np.maximum(region, cv2.blur(region, (k, k), borderType=cv2.BORDER_REPLICATE))
     a = region[..., None]
     out = a * np.asarray(edited.convert("RGB"), np.float32) + (1 - a) * np.asarray(background.convert("RGB"), np.float32)
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
