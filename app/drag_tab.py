@@ -11,6 +11,7 @@ from PIL import Image
 from pipelines.drag import DragParams, check_points, draw_points
 from pipelines.errors import InputError
 from pipelines.inversion import prepare_image
+from pipelines.lora import SMOOTH_NAME
 
 from . import examples, masks
 from .streaming import in_progress, stopped, stream, upload_path
@@ -27,6 +28,7 @@ denoised with the original's self-attention keys and values."""
 class DragTab:
     image: gr.Image
     prompt: gr.Textbox
+    smooth: gr.Checkbox   # "Use the Smooth LoRA during the drag": its default follows the active model
 
 
 def _display_scale(source: Image.Image) -> int:
@@ -68,7 +70,9 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                         r_block = gr.Slider(0, 3, value=DragParams.feature_block, step=1, label="Feature block (UNet up block)")
                         r_r1 = gr.Slider(0, 5, value=1, step=1, label="r1 (supervision patch)")
                         r_r2 = gr.Slider(1, 10, value=3, step=1, label="r2 (tracking radius)")
-                    r_smooth = gr.Checkbox(False, label="Use the Smooth LoRA during the drag (load it in 'Model and LoRA')")
+                    r_smooth = gr.Checkbox(SMOOTH_NAME in studio.model.loras, label="Use the Smooth LoRA during the drag",
+                                           info="Ticked when the model has the Smooth LoRA (else load it in "
+                                                "'Model and LoRA')", elem_id="drag-smooth")
                     r_warm = gr.Checkbox(False, label="Warm start: carry the painted region along the drag first",
                                          info="The optimisation then only corrects it: far fewer iterations, and "
                                               "colours hold on long drags and small images. Needs a painted region. "
@@ -170,4 +174,4 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
     # already read by the pipeline's own loader when it changed (on_upload), so a bad file never gets this far
     event = r_run.click(run_drag, inputs, [r_preview, r_original, r_result, r_status], api_name="drag", **GPU)
     r_stop.click(stop, None, r_status, cancels=[event], api_name="drag_stop", api_visibility="private", queue=False)
-    return DragTab(r_image, r_prompt)
+    return DragTab(r_image, r_prompt, r_smooth)

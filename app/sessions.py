@@ -76,5 +76,12 @@ class SessionRegistry:
         if session is not None:
             session.close()
 
+    def clear_inversions(self) -> None:
+        """Forgets every session's cached inversions (they key on a LoRA's name, not on its weights)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.inversion_cache.clear()
+
     def __len__(self) -> int:
         return len(self._sessions)

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pandas as pd
 import gradio as gr
 
 from pipelines.edit import EditParams
 from pipelines.errors import InputError
 from pipelines.generate import GenerateParams
-from pipelines.interpolation import InterpolationParams
+from pipelines.interpolation import ComparisonFrames, InterpolationParams, LoraComparison
 from pipelines.instruct import recommended_guidance
 from pipelines.inversion import METHODS as INVERSION_METHODS, InversionParams
 from pipelines.p2p import MODES as P2P_MODES, P2PSettings
-from pipelines.lora import SMOOTH_LORA_REPO
+from pipelines.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
 from pipelines.models import model_choices
 from pipelines.real_interpolation import RealInterpolationParams
 from pipelines.stream import PreviewOptions
@@ -29,6 +31,9 @@ GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, 
 EXAMPLE_PROMPTS, EXAMPLE_PAIRS, EXAMPLE_IMAGES = examples.PROMPTS, examples.PAIRS, examples.IMAGES
 EXAMPLE_EDITS, EXAMPLE_IMAGE_PAIRS = examples.EDITS, examples.IMAGE_PAIRS
 LOSS_PLOT_COLUMNS = ("step", "loss")
+COMPARE_PLOT_COLUMNS = ("pair", "distance", "series")
+SMOOTH_LABEL = "Use the Smooth LoRA"
+COMPARE_SMOOTH_LABEL = "Compare with and without the Smooth LoRA"
 
 
 def loss_frame(losses) -> pd.DataFrame:
@@ -39,6 +44,64 @@ def loss_frame(losses) -> pd.DataFrame:
 
 def distance_frame(distances) -> pd.DataFrame:
     return pd.DataFrame({"pair": list(range(len(distances))), "distance": list(distances)})
+
+
+def comparison_frame(r: LoraComparison | None) -> pd.DataFrame:
+    """Both sequences' adjacent-frame distances as one LinePlot table, a `series` column telling them apart."""
+    rows = []
+    if r is not None:
+        from pipelines.interpolation import comparison_labels
+
+        for label, seq in zip(comparison_labels(r.lora, r.strength), (r.without, r.with_lora)):
+            rows += [(k, float(d), label) for k, d in enumerate(seq.distances)]
+    return pd.DataFrame(rows, columns=list(COMPARE_PLOT_COLUMNS))
+
+
+# ------------------------------------------------------------------ which LoRA the LoRA controls apply
+def default_adapter(model) -> str | None:
+    """What the adapter menu starts on: the Smooth LoRA when the model has it, else the last adapter loaded."""
+    if SMOOTH_NAME in model.loras:
+        return SMOOTH_NAME
+    return list(model.loras)[-1] if model.loras else None
+
+
+def use_label(adapter: str | None) -> str:
+    """The checkbox says which adapter it applies."""
+    return SMOOTH_LABEL if not adapter or adapter == SMOOTH_NAME else f"Use the LoRA '{adapter}'"
+
+
+def compare_label(adapter: str | None) -> str:
+    return COMPARE_SMOOTH_LABEL if not adapter or adapter == SMOOTH_NAME else f"Compare with and without '{adapter}'"
+
+
+def adapter_menu_visible(model) -> bool:
+    """The menu is only needed when there is something other than the Smooth LoRA to choose."""
+    return any(name != SMOOTH_NAME for name in model.loras)
+
+
+def lora_adapter_name(source: str) -> str | None:
+    """The adapter name a LoRA loaded from the panel gets: "smooth" for the Smooth LoRA (its Hub repo, or a
+    file named smooth_lora.safetensors), which the "Use the Smooth LoRA" checkboxes apply; else None (the
+    loader names it after the file)."""
+    source = (source or "").strip()
+    if source.split(":")[0] == SMOOTH_LORA_REPO or Path(source).name == SMOOTH_LORA_FILE:
+        return SMOOTH_NAME
+    return None
+
+
+def lora_control_updates(model, n_controls: int, n_compare: int, n_drag: int) -> list:
+    """After a model or LoRA load (and on page load): every tab's checkbox and adapter menu back to the model's
+    defaults (ticked when it has the Smooth LoRA), the compare buttons' labels, the Drag tab's Smooth checkbox.
+    One dict per component: Gradio pops keys from update dicts, so they must not be shared."""
+    adapter = default_adapter(model)
+    smooth = SMOOTH_NAME in model.loras
+    out = []
+    for _ in range(n_controls):
+        out.append(gr.update(value=smooth, label=use_label(adapter)))
+        out.append(gr.update(choices=list(model.loras), value=adapter, visible=adapter_menu_visible(model)))
+    out += [gr.update(value=compare_label(adapter)) for _ in range(n_compare)]
+    out += [gr.update(value=smooth) for _ in range(n_drag)]
+    return out
 
 
 def rounded_metrics(metrics: dict, **extra) -> dict:
@@ -60,22 +123,41 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             text += f"\n\n**Loaded LoRA:** {', '.join(m.loras)}"
         return text
 
-    def lora_name(use_lora: bool):
+    def lora_name(use_lora: bool, adapter: str | None = None):
+        """The adapter a job applies: none when unticked; else the one chosen in the adapter menu, which is the
+        Smooth LoRA ("smooth") unless another was chosen (also for API calls that do not send the menu)."""
         if not use_lora:
             return None
-        if not studio.model.loras:
-            raise InputError("No LoRA is loaded for this model: load the Smooth LoRA (or another LoRA file) "
-                             "in the LoRA panel first.")
-        return list(studio.model.loras)[-1]
+        m = studio.model
+        name = (adapter or "").strip() or SMOOTH_NAME
+        if name in m.loras:
+            return name
+        loaded = f" Loaded: {', '.join(repr(n) for n in m.loras)} (choose one in the LoRA adapter menu)." if m.loras else ""
+        if name == SMOOTH_NAME:
+            raise InputError(f"The Smooth LoRA is not loaded for {m.label}: load it in 'Model and LoRA' (the Hub repo "
+                             f"{SMOOTH_LORA_REPO}, or a {SMOOTH_LORA_FILE} file), or untick "
+                             f"'{SMOOTH_LABEL}'.{loaded}")
+        raise InputError(f"LoRA {name!r} is not loaded for {m.label}: load it in 'Model and LoRA' first.{loaded}")
 
     def size_slider(label: str) -> gr.Slider:
         m = studio.model
         return gr.Slider(m.size_multiple, max(1024, m.resolution), value=m.resolution, step=m.size_multiple, label=label)
 
+    lora_checkboxes, lora_menus = [], []
+
     def lora_controls():
+        """Use-LoRA checkbox (ticked when the model has the Smooth LoRA), strength, and the adapter menu (shown
+        when an adapter other than the Smooth LoRA is loaded); the checkbox's label names the adapter."""
+        m = studio.model
+        adapter = default_adapter(m)
         with gr.Row():
-            return (gr.Checkbox(False, label="Use LoRA (Smooth LoRA)"),
-                    gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength"))
+            use = gr.Checkbox(SMOOTH_NAME in m.loras, label=use_label(adapter))
+            strength = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
+            menu = gr.Dropdown(list(m.loras), value=adapter, allow_custom_value=True, label="LoRA adapter",
+                               info="Which loaded adapter the checkbox applies", visible=adapter_menu_visible(m))
+        lora_checkboxes.append(use)
+        lora_menus.append(menu)
+        return use, strength, menu
 
     def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
         return gr.Slider(1, 150, value=default, step=1, label="Steps", elem_id=elem_id)
@@ -89,6 +171,31 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                               info="Most optimisation iterations per step (null-text methods only)")
             force = gr.Checkbox(False, label="Re-invert (ignore cached inversion)")
         return method, inner, force
+
+    compare_buttons = []
+
+    def compare_controls(prefix: str):
+        """The comparison's button (its label names the adapter) and outputs: both sequences side by side, their
+        ISTDs and ratio, and both distance curves in one plot."""
+        button = gr.Button(compare_label(default_adapter(studio.model)), elem_id=f"{prefix}-compare")
+        compare_buttons.append(button)
+        return button
+
+    def comparison_outputs(prefix: str):
+        gr.Markdown("**With and without the LoRA** (same endpoints and settings)")
+        with gr.Row():
+            without = gr.Gallery(label="Without the LoRA", columns=4, format="png", height=240,
+                                 elem_id=f"{prefix}-compare-without")
+            with_lora = gr.Gallery(label="With the LoRA", columns=4, format="png", height=240,
+                                   elem_id=f"{prefix}-compare-with")
+        with gr.Row():
+            istd_off = gr.Number(label="ISTD without the LoRA", interactive=False)
+            istd_on = gr.Number(label="ISTD with the LoRA", interactive=False)
+            ratio = gr.Number(label="ISTD ratio (with / without; below 1 = smoother)", interactive=False)
+        plot = gr.LinePlot(comparison_frame(None), x="pair", y="distance", color="series",
+                           title="Adjacent-frame distances, without and with the LoRA", x_title="frame pair k→k+1",
+                           y_title="L2 distance", elem_id=f"{prefix}-compare-plot")
+        return without, with_lora, plot, istd_off, istd_on, ratio
 
     def stop(request: gr.Request):
         sessions.get(request).token.cancel()
@@ -124,7 +231,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             g_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             g_w, g_h = size_slider("Width"), size_slider("Height")
-                        g_lora, g_lora_s = lora_controls()
+                        g_lora, g_lora_s, g_adapter = lora_controls()
                         with gr.Row():
                             g_run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                             g_stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -155,13 +262,14 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             i_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             i_w, i_h = size_slider("Width"), size_slider("Height")
-                        i_lora, i_lora_s = lora_controls()
+                        i_lora, i_lora_s, i_adapter = lora_controls()
                         i_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)", elem_id="int-eta")
                         i_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
                         with gr.Row():
                             i_run = gr.Button("Render frame", variant="primary", elem_id="int-frame")
                             i_seq = gr.Button("Render sequence", elem_id="int-seq")
                             i_stop = gr.Button("Stop", variant="stop", elem_id="int-stop")
+                        i_cmp = compare_controls("int")
                         gr.Examples(EXAMPLE_PAIRS, [i_prompt_a, i_prompt_b])
                     with gr.Column():
                         i_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320, elem_id="int-frame-img")
@@ -175,6 +283,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         i_mp4 = gr.File(label="Animation (MP4, download)", interactive=False, height=90, elem_id="int-mp4")
                         i_istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])", interactive=False)
                         i_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances", x_title="frame pair k→k+1", y_title="L2 distance")
+                        i_cmp_out = comparison_outputs("int")
 
             # ---------------------------------------------------------------- Interpolate real images
             # The second interpolation mode, as its own tab next to the seeds one (same controls and outputs).
@@ -192,7 +301,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             r_steps = steps_slider(50)
                             r_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
-                        r_lora, r_lora_s = lora_controls()
+                        r_lora, r_lora_s, r_adapter = lora_controls()
                         r_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)",
                                           elem_id="rint-eta")
                         r_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
@@ -200,6 +309,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             r_run = gr.Button("Render frame", variant="primary", elem_id="rint-frame")
                             r_seq = gr.Button("Render sequence", elem_id="rint-seq")
                             r_stop = gr.Button("Stop", variant="stop", elem_id="rint-stop")
+                        r_cmp = compare_controls("rint")
                         gr.Examples(EXAMPLE_IMAGE_PAIRS, [r_image_a, r_image_b, r_prompt_a, r_prompt_b])
                     with gr.Column():
                         r_frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320,
@@ -212,6 +322,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                            interactive=False)
                         r_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances",
                                              x_title="frame pair k→k+1", y_title="L2 distance")
+                        r_cmp_out = comparison_outputs("rint")
 
             # ---------------------------------------------------------------- Invert
             with gr.Tab("Invert", id="invert"):
@@ -227,7 +338,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         v_inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance (DDIM only)",
                                             info="Only DDIM inversion uses it: null-text and negative-prompt "
                                                  "inversion always invert at 1")
-                        v_lora, v_lora_s = lora_controls()
+                        v_lora, v_lora_s, v_adapter = lora_controls()
                         with gr.Row():
                             v_run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                             v_stop = gr.Button("Stop", variant="stop", elem_id="inv-stop")
@@ -259,7 +370,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             e_steps = steps_slider(50)
                             e_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
-                        e_lora, e_lora_s = lora_controls()
+                        e_lora, e_lora_s, e_adapter = lora_controls()
                         with gr.Accordion("Prompt-to-Prompt", open=False) as e_p2p:
                             e_mode = gr.Radio(list(P2P_MODES), value="replace", label="Mode",
                                               info="replace: swap words one for one · refine: add or change words · "
@@ -295,7 +406,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             dragging = build_drag_tab(studio, sessions, stop)
 
         # -------------------------------------------------------------------- handlers
-        def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, request: gr.Request):
+        def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
+                         request: gr.Request = None):
             token = sessions.get(request).new_job()
 
             def render(ev, final):
@@ -305,16 +417,19 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 return in_progress(ev, 2)
 
             def job():
-                p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora), strength)
+                p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora, lora_adapter),
+                                   strength)
                 session = sessions.get(request)  # the drag cache keeps the trajectory: dragging it skips inversion
                 yield from studio.generate(p, token, session.preview, trajectories=session.drag_cache)
 
             yield from stream(job(), render, stopped(4, 3), cancel=token)
 
-        def interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength):
-            return InterpolationParams(pa, pb or "", neg or "", sa, sb, steps, guidance, w, h, lora_name(use_lora), strength)
+        def interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, adapter):
+            return InterpolationParams(pa, pb or "", neg or "", sa, sb, steps, guidance, w, h,
+                                       lora_name(use_lora, adapter), strength)
 
-        def run_frame(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, eta, request: gr.Request):
+        def run_frame(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, eta, lora_adapter=None,
+                      request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -324,12 +439,13 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 return in_progress(ev, 0)
 
             def job():
-                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter)
                 yield from studio.interpolation_frame(p, eta, session.interpolation_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(2, 1), cancel=token)
 
-        def run_sequence(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, n, request: gr.Request):
+        def run_sequence(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, n, lora_adapter=None,
+                         request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -343,14 +459,45 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         status_line(ev), gr.skip())
 
             def job():
-                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength)
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter)
                 yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
                                                          gif_dir=session.out_dir)
 
             yield from stream(job(), render, stopped(7, 5), cancel=token)
 
+        def compare_render(ev, final):
+            """(without gallery, with gallery, plot, ISTD without, ISTD with, ratio, status) of a comparison."""
+            if final:
+                r = ev.result
+                ratio = r.istd_ratio
+                ratio_text = f" · ratio {ratio:.3f}" if ratio is not None else ""
+                return (r.without.frames, r.with_lora.frames, comparison_frame(r), r.without.istd, r.with_lora.istd,
+                        ratio, f"{len(r.without.frames)} frames each · ISTD {r.without.istd:.4f} without, "
+                               f"{r.with_lora.istd:.4f} with {r.lora}{ratio_text}")
+            part = ev.partial if isinstance(ev.partial, ComparisonFrames) else None
+            return (part.frames if part is not None and not part.with_lora else gr.skip(),
+                    part.frames if part is not None and part.with_lora else gr.skip(),
+                    *[gr.skip()] * 4, status_line(ev))
+
+        def compare_cleared(status: str) -> tuple:
+            """A comparison starts from empty outputs: nothing of an earlier one stays next to a stopped or
+            failed new one."""
+            return [], [], comparison_frame(None), None, None, None, status
+
+        def run_compare(pa, pb, neg, sa, sb, steps, guidance, w, h, strength, n, lora_adapter=None,
+                        request: gr.Request = None):
+            session = sessions.get(request)
+            token = session.new_job()
+            yield compare_cleared("Comparing: the sequence without the LoRA, then with it ...")
+
+            def job():
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, True, strength, lora_adapter)
+                yield from studio.interpolation_compare(p, n, session.interpolation_cache, token, session.preview)
+
+            yield from stream(job(), compare_render, stopped(7, 6), cancel=token)
+
         def run_invert(image, prompt, steps, inv_g, guidance, use_lora, strength, method, inner_steps,
-                       force, request: gr.Request):
+                       force, lora_adapter=None, request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -370,7 +517,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 path = upload_path(image, "an image to invert")
-                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora), strength,
+                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora, lora_adapter), strength,
                                     method=method, inner_steps=inner_steps, force=bool(force))
                 yield from studio.invert(path, p, session.inversion_cache, token, session.preview)
 
@@ -378,7 +525,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         def run_edit(image, source_prompt, target_prompt, method, r, inversion, inner_steps, force, steps, guidance,
                      use_lora, strength, p2p_mode, cross_replace_steps, self_replace_steps, reweight_words,
-                     reweight_scale, blend_words, blend_threshold, blend_keep, request: gr.Request):
+                     reweight_scale, blend_words, blend_threshold, blend_keep, lora_adapter=None,
+                     request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -399,17 +547,17 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                        reweight_scale=reweight_scale, blend_words=blend_words or "",
                                        blend_threshold=blend_threshold, keep_background=bool(blend_keep))
                 p = EditParams(source_prompt or "", target_prompt or "", method, r, steps, guidance, inversion,
-                               inner_steps, bool(force), lora_name(use_lora), strength, settings)
+                               inner_steps, bool(force), lora_name(use_lora, lora_adapter), strength, settings)
                 yield from studio.edit(path, p, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(5, 4), cancel=token)
 
-        def real_params(pa, pb, inversion, inner_steps, force, steps, guidance, use_lora, strength):
+        def real_params(pa, pb, inversion, inner_steps, force, steps, guidance, use_lora, strength, adapter):
             return RealInterpolationParams(pa or "", pb or "", steps, guidance, inversion, inner_steps, bool(force),
-                                           lora_name(use_lora), strength)
+                                           lora_name(use_lora, adapter), strength)
 
         def run_real_frame(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
-                           use_lora, strength, eta, request: gr.Request):
+                           use_lora, strength, eta, lora_adapter=None, request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -421,13 +569,14 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
-                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength)
+                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength,
+                                lora_adapter)
                 yield from studio.real_interpolation_frame(a, b, p, eta, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(2, 1), cancel=token)
 
         def run_real_sequence(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
-                              use_lora, strength, n, request: gr.Request):
+                              use_lora, strength, n, lora_adapter=None, request: gr.Request = None):
             session = sessions.get(request)
             token = session.new_job()
 
@@ -443,11 +592,27 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
-                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength)
+                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength,
+                                lora_adapter)
                 yield from studio.real_interpolation_sequence(a, b, p, n, session.inversion_cache, token,
                                                               session.preview, gif_dir=session.out_dir)
 
             yield from stream(job(), render, stopped(7, 6), cancel=token)
+
+        def run_real_compare(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
+                             strength, n, lora_adapter=None, request: gr.Request = None):
+            session = sessions.get(request)
+            token = session.new_job()
+            yield compare_cleared("Comparing: inverting and rendering without the LoRA, then with it ...")
+
+            def job():
+                a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
+                p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, True, strength,
+                                lora_adapter)
+                yield from studio.real_interpolation_compare(a, b, p, n, session.inversion_cache, token,
+                                                             session.preview)
+
+            yield from stream(job(), compare_render, stopped(7, 6), cancel=token)
 
         def run_load_model(source):
             # The final event carries the new model; it is rendered before switch_model makes it studio.model.
@@ -469,7 +634,22 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def render(ev, final):
                 return (model_status() if final else gr.skip()), status_line(ev)
 
-            yield from stream(studio.load_lora(source), render, lambda: (gr.skip(), "Stopped."))
+            name = lora_adapter_name(source)
+            replaced = name is not None and name in studio.model.loras
+            try:
+                yield from stream(studio.load_lora(source, name), render, lambda: (gr.skip(), "Stopped."))
+            finally:
+                if replaced:  # cached inversions key on the adapter's name: made with the weights it replaced
+                    sessions.clear_inversions()
+
+        def refresh_lora_controls():
+            return lora_control_updates(studio.model, len(lora_checkboxes), len(compare_buttons), 1)
+
+        def adapter_chosen(adapter):
+            return gr.update(label=use_label(adapter))
+
+        def adapter_chosen_compare(adapter):
+            return gr.update(label=use_label(adapter)), gr.update(value=compare_label(adapter))
 
         def set_preview_mode(k, request: gr.Request):
             k = int(k or 0)
@@ -477,41 +657,53 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         preview_full.change(set_preview_mode, [preview_full], None, api_visibility="private")
 
-        g_inputs = [g_prompt, g_neg, g_seed, g_steps, g_guid, g_w, g_h, g_lora, g_lora_s]
+        # The LoRA adapter menus are the last input of each endpoint (older positional calls keep working; left
+        # out, the adapter is the Smooth LoRA's).
+        g_inputs = [g_prompt, g_neg, g_seed, g_steps, g_guid, g_w, g_h, g_lora, g_lora_s, g_adapter]
         g_event = g_run.click(run_generate, g_inputs, [g_preview, g_image, g_seed_used, g_status], api_name="generate", **GPU)
         g_stop.click(stop, None, g_status, cancels=[g_event], api_name="stop", queue=False)
 
         i_common = [i_prompt_a, i_prompt_b, i_neg, i_seed_a, i_seed_b, i_steps, i_guid, i_w, i_h, i_lora, i_lora_s]
-        i_event = i_run.click(run_frame, i_common + [i_eta], [i_frame, i_status], api_name="interpolate_frame", **GPU)
+        i_event = i_run.click(run_frame, i_common + [i_eta, i_adapter], [i_frame, i_status], api_name="interpolate_frame",
+                              **GPU)
         # Scrubbing: render the frame where the slider is released; only the latest position matters.
-        i_scrub = i_eta.release(run_frame, i_common + [i_eta], [i_frame, i_status], api_visibility="private",
+        i_scrub = i_eta.release(run_frame, i_common + [i_eta, i_adapter], [i_frame, i_status], api_visibility="private",
                                 trigger_mode="always_last", **GPU)
-        i_seq_event = i_seq.click(run_sequence, i_common + [i_frames],
+        i_seq_event = i_seq.click(run_sequence, i_common + [i_frames, i_adapter],
                                   [i_frame, i_gallery, i_gif, i_istd, i_plot, i_status, i_mp4],
                                   api_name="interpolate_sequence", **GPU)
-        i_stop.click(stop, None, i_status, cancels=[i_event, i_scrub, i_seq_event], api_visibility="private", queue=False)
+        i_cmp_event = i_cmp.click(run_compare, [i_prompt_a, i_prompt_b, i_neg, i_seed_a, i_seed_b, i_steps, i_guid, i_w,
+                                                i_h, i_lora_s, i_frames, i_adapter], [*i_cmp_out, i_status],
+                                  api_name="interpolate_compare", **GPU)
+        i_stop.click(stop, None, i_status, cancels=[i_event, i_scrub, i_seq_event, i_cmp_event],
+                     api_visibility="private", queue=False)
 
         # Real images: raw uploads (preprocess=False) so the pipeline's loader reports unreadable files itself.
         r_common = [r_image_a, r_image_b, r_prompt_a, r_prompt_b, r_method, r_inner, r_force, r_steps, r_guid,
                     r_lora, r_lora_s]
-        r_event = r_run.click(run_real_frame, r_common + [r_eta], [r_frame, r_status], api_name="interpolate_images_frame",
-                              preprocess=False, **GPU)
-        r_scrub = r_eta.release(run_real_frame, r_common + [r_eta], [r_frame, r_status], api_visibility="private",
-                                trigger_mode="always_last", preprocess=False, **GPU)
-        r_seq_event = r_seq.click(run_real_sequence, r_common + [r_frames],
+        r_event = r_run.click(run_real_frame, r_common + [r_eta, r_adapter], [r_frame, r_status],
+                              api_name="interpolate_images_frame", preprocess=False, **GPU)
+        r_scrub = r_eta.release(run_real_frame, r_common + [r_eta, r_adapter], [r_frame, r_status],
+                                api_visibility="private", trigger_mode="always_last", preprocess=False, **GPU)
+        r_seq_event = r_seq.click(run_real_sequence, r_common + [r_frames, r_adapter],
                                   [r_frame, r_gallery, r_gif, r_mp4, r_istd, r_plot, r_status],
                                   api_name="interpolate_images_sequence", preprocess=False, **GPU)
-        r_stop.click(stop, None, r_status, cancels=[r_event, r_scrub, r_seq_event], api_visibility="private", queue=False)
+        r_cmp_event = r_cmp.click(run_real_compare, [r_image_a, r_image_b, r_prompt_a, r_prompt_b, r_method, r_inner,
+                                                     r_force, r_steps, r_guid, r_lora_s, r_frames, r_adapter],
+                                  [*r_cmp_out, r_status], api_name="interpolate_images_compare", preprocess=False,
+                                  **GPU)
+        r_stop.click(stop, None, r_status, cancels=[r_event, r_scrub, r_seq_event, r_cmp_event],
+                     api_visibility="private", queue=False)
 
         # New inputs are appended after the original seven, so older positional calls keep working.
         v_event = v_run.click(run_invert, [v_input, v_prompt, v_steps, v_inv_g, v_guid, v_lora, v_lora_s,
-                                           v_method, v_inner, v_force],
+                                           v_method, v_inner, v_force, v_adapter],
                               [v_preview, v_source, v_recon, v_loss, v_metrics, v_status], api_name="invert",
                               preprocess=False, **GPU)
         v_stop.click(stop, None, v_status, cancels=[v_event], api_visibility="private", queue=False)
 
         e_inputs = [e_input, e_src, e_tgt, e_method, e_r, e_inv, e_inner, e_force, e_steps, e_guid, e_lora, e_lora_s,
-                    e_mode, e_cross, e_self, e_rw_words, e_rw_scale, e_blend, e_blend_t, e_blend_keep]
+                    e_mode, e_cross, e_self, e_rw_words, e_rw_scale, e_blend, e_blend_t, e_blend_keep, e_adapter]
         e_event = e_run.click(run_edit, e_inputs, [e_preview, e_image, e_recon, e_mask, e_status], api_name="edit",
                               preprocess=False, **GPU)
         e_stop.click(stop, None, e_status, cancels=[e_event], api_visibility="private", queue=False)
@@ -522,10 +714,22 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
         e_method.change(edit_method_changed, [e_method], [e_r, e_p2p], api_visibility="private", queue=False)
 
+        # After a load (and on page load), every LoRA control shows the active model's adapters and defaults;
+        # chained, so the endpoints' outputs stay as they were.
+        lora_outputs = [c for pair in zip(lora_checkboxes, lora_menus) for c in pair] + compare_buttons + \
+            [dragging.smooth]
         model_btn.click(run_load_model, [model_dd], [status_md, load_status, g_w, g_h, i_w, i_h,
                                                      *editing.instruct_guidance],
-                        api_name="load_model", **GPU)
-        lora_btn.click(run_load_lora, [lora_src], [status_md, load_status], api_name="load_lora", **GPU)
+                        api_name="load_model", **GPU).then(refresh_lora_controls, None, lora_outputs,
+                                                            api_visibility="private", queue=False)
+        lora_btn.click(run_load_lora, [lora_src], [status_md, load_status], api_name="load_lora",
+                       **GPU).then(refresh_lora_controls, None, lora_outputs, api_visibility="private", queue=False)
+        for use, menu in zip(lora_checkboxes, lora_menus):
+            if menu is i_adapter or menu is r_adapter:
+                button = i_cmp if menu is i_adapter else r_cmp
+                menu.input(adapter_chosen_compare, [menu], [use, button], api_visibility="private", queue=False)
+            else:
+                menu.input(adapter_chosen, [menu], [use], api_visibility="private", queue=False)
 
         def send_to_invert(image, prompt):
             return image, prompt, gr.Tabs(selected="invert")
@@ -544,15 +748,19 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                           [dragging.image, dragging.prompt, tabs], api_visibility="private")
         i_send_edit.click(send_to_edit, [i_frame, i_prompt_a], [e_input, e_src, tabs], api_visibility="private")
 
-        def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength):
+        def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength, adapter):
             # the same inversion settings, so the edit reuses the cached inversion of this image
-            return image, prompt, method, inner, steps, guidance, use_lora, strength, gr.Tabs(selected="edit")
+            return (image, prompt, method, inner, steps, guidance, gr.update(value=use_lora, label=use_label(adapter)),
+                    strength, adapter, gr.Tabs(selected="edit"))
 
-        v_send_edit.click(invert_to_edit, [v_input, v_prompt, v_method, v_inner, v_steps, v_guid, v_lora, v_lora_s],
-                          [e_input, e_src, e_inv, e_inner, e_steps, e_guid, e_lora, e_lora_s, tabs],
+        v_send_edit.click(invert_to_edit, [v_input, v_prompt, v_method, v_inner, v_steps, v_guid, v_lora, v_lora_s,
+                                           v_adapter],
+                          [e_input, e_src, e_inv, e_inner, e_steps, e_guid, e_lora, e_lora_s, e_adapter, tabs],
                           api_visibility="private")
 
         demo.load(model_status, None, status_md, api_visibility="private")
+        # the model may have changed since this page was built (another session loaded one)
+        demo.load(refresh_lora_controls, None, lora_outputs, api_visibility="private", queue=False)
 
         def drop_session(request: gr.Request):
             sessions.drop(request)

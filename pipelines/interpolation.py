@@ -8,10 +8,13 @@ embeddings, plus the ISTD smoothness measure of a sequence. Two sources of endpo
 
 Endpoints (noises or inversions, and prompt embeddings) are cached per session, so scrubbing the eta slider
 costs exactly one generation per frame.
+
+A comparison renders one sequence twice from the same endpoints and settings, without and then with a LoRA
+(the Smooth LoRA by default), so the two ISTDs say what the LoRA does to the smoothness of the interpolation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 
 from . import ddim
 from .cache import LRUCache
+from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .latents import decode_to_pil, initial_noise
@@ -100,6 +104,69 @@ class SequenceResult:
     mp4_path: str | None = None
 
 
+@dataclass
+class LoraComparison:
+    """One interpolation rendered twice from the same endpoints and settings: without and with a LoRA."""
+    without: SequenceResult
+    with_lora: SequenceResult
+    lora: str               # the adapter name
+    strength: float
+
+    @property
+    def istd_ratio(self) -> float | None:
+        """ISTD with the LoRA over ISTD without it (below 1: the LoRA made the steps more even); None when the
+        sequence without the LoRA has ISTD 0."""
+        return self.with_lora.istd / self.without.istd if self.without.istd > 0 else None
+
+
+@dataclass
+class ComparisonFrames:
+    """A comparison's `Progress.partial` while it renders frames: the frames so far of one of its sequences."""
+    with_lora: bool
+    frames: list
+
+
+def check_comparison_lora(model, name: str | None) -> str:
+    """The adapter a comparison applies must be loaded: said before anything is rendered."""
+    if not name:
+        raise InputError("Choose the LoRA to compare with (the Smooth LoRA, adapter 'smooth', by default).")
+    if name not in model.loras:
+        loaded = f" (loaded: {', '.join(model.loras)})" if model.loras else ""
+        raise InputError(f"LoRA {name!r} is not loaded for {model.label}{loaded}: load it in 'Model and LoRA' first.")
+    return name
+
+
+def comparison_part(job: Job, with_lora: bool, label: str) -> Job:
+    """Re-yields the events of one sequence of a comparison, stages prefixed with `label` and frames wrapped in
+    ComparisonFrames; the sequence's own final event is dropped (the comparison's last event carries the result).
+    Returns the sequence's return value; the sequence is closed however this ends."""
+    try:
+        while True:
+            try:
+                ev = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if ev.done:
+                continue
+            partial = (ComparisonFrames(with_lora, ev.partial) if ev.partial is not None and ev.stage.startswith("frame")
+                       else ev.partial)
+            yield replace(ev, stage=f"{label}: {ev.stage}", partial=partial)
+    finally:
+        job.close()
+
+
+def comparison_labels(name: str, strength: float) -> tuple[str, str]:
+    return "without LoRA", f"with {name} x{strength:g}"
+
+
+def comparison_done(result: LoraComparison, total: int) -> Progress:
+    ratio = result.istd_ratio
+    ratio_text = f", ratio {ratio:.3f}" if ratio is not None else ""
+    return Progress("done", total, total, result=result,
+                    message=f"ISTD {result.without.istd:.4f} without, {result.with_lora.istd:.4f} with "
+                            f"{result.lora}{ratio_text}")
+
+
 def _endpoints(model, p: InterpolationParams, cache: LRUCache | None, width: int, height: int) -> tuple[Endpoints, bool]:
     prompt_a = check_prompt(p.prompt_a, "prompt A")
     prompt_b = (p.prompt_b or "").strip() or prompt_a
@@ -161,6 +228,30 @@ def interpolation_sequence(model, p: InterpolationParams, n_frames: int = 11, ca
             model, ends, n_frames, steps, guidance, cancel, preview, 0, steps * n_frames,
             lambda eta: _meta(model, p, ends, eta, steps, guidance, strength, w, h),
             Path(gif_dir) / f"interp_{ends.seed_a}_{ends.seed_b}" if gif_dir else None, fps))
+
+
+def interpolation_compare(model, p: InterpolationParams, n_frames: int = 11, cache: LRUCache | None = None,
+                          cancel: CancelToken | None = None, preview: PreviewOptions | None = None) -> Job:
+    """The sequence without the LoRA `p.lora`, then with it at `p.lora_strength` (same endpoints, same settings);
+    the LoRA is switched on only while its sequence renders. Result: a LoraComparison."""
+    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
+    w, h = check_size(model, p.width, p.height)
+    name = check_comparison_lora(model, p.lora)
+    ends, _ = _endpoints(model, p, cache, w, h)
+    per, plain = steps * n_frames, replace(p, lora=None)
+    total = 2 * per
+    off_label, on_label = comparison_labels(name, strength)
+    without = yield from comparison_part(render_sequence(
+        model, ends, n_frames, steps, guidance, cancel, preview, 0, total,
+        lambda eta: _meta(model, plain, ends, eta, steps, guidance, strength, w, h), None), False, off_label)
+    with lora_applied(model, name, strength):
+        with_lora = yield from comparison_part(render_sequence(
+            model, ends, n_frames, steps, guidance, cancel, preview, per, total,
+            lambda eta: _meta(model, p, ends, eta, steps, guidance, strength, w, h), None), True, on_label)
+    result = LoraComparison(without, with_lora, name, strength)
+    yield comparison_done(result, total)
+    return result
 
 
 def render_sequence(model, ends: Endpoints, n_frames: int, steps: int, guidance: float, cancel, preview,

@@ -3,16 +3,20 @@
 Both uploads are resized to one common size (image A's, at the model's resolution), inverted together (dual
 null-text inversion with one shared null embedding per step, or NPI / DDIM), and every frame is sampled from
 slerp of the two x_T with lerped prompt embeddings and the inversion's nulls.
+
+A comparison with and without a LoRA inverts the images twice: without the LoRA for the sequence without it,
+and with the LoRA switched on for the sequence with it (the UNet that samples is the one that inverted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cache import LRUCache
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
-from .interpolation import Endpoints, _render, render_sequence
+from .interpolation import (Endpoints, LoraComparison, _render, check_comparison_lora, comparison_done,
+                            comparison_labels, comparison_part, render_sequence)
 from .inversion import InversionParams, image_key, inversion_cost, invert_images, prepare_image, validate_inversion
 from .lora import lora_applied
 from .metadata import with_metadata
@@ -44,9 +48,9 @@ def _prepare(model, image_a, image_b, p: RealInterpolationParams):
     return a, b, prompt_a, prompt_b, inv_p
 
 
-def _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total):
+def _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total, offset=0):
     inv, cached = yield from invert_images(model, [a, b], [prompt_a, prompt_b], inv_p, cache, cancel, preview,
-                                           shared_nulls=True, total=total)
+                                           shared_nulls=True, offset=offset, total=total)
     ends = Endpoints(inv.x_T[:1], inv.x_T[1:], inv.cond[:1], inv.cond[1:],
                      inv.uncond if isinstance(inv.uncond, list) else inv.uncond[:1], -1, -1)
     return ends, cached
@@ -86,12 +90,40 @@ def real_interpolation_sequence(model, image_a, image_b, p: RealInterpolationPar
                                 fps: int = 8) -> Job:
     n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
     a, b, prompt_a, prompt_b, inv_p = _prepare(model, image_a, image_b, p)
-    offset = inversion_cost(inv_p.method, inv_p.steps)
-    total = offset + inv_p.steps * n_frames
+    total = inversion_cost(inv_p.method, inv_p.steps) + inv_p.steps * n_frames
     yield Progress("encoding images", 0, total, preview=a)
+    stem = Path(gif_dir) / f"interp_{image_key(a)[:8]}_{image_key(b)[:8]}" if gif_dir else None
     with lora_applied(model, inv_p.lora, inv_p.lora_strength):
-        ends, _ = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
-        stem = Path(gif_dir) / f"interp_{image_key(a)[:8]}_{image_key(b)[:8]}" if gif_dir else None
-        return (yield from render_sequence(model, ends, n_frames, inv_p.steps, inv_p.guidance, cancel, preview,
-                                           offset, total, lambda eta: _meta(model, a, b, prompt_a, prompt_b, inv_p, eta),
-                                           stem, fps))
+        return (yield from _sequence(model, a, b, prompt_a, prompt_b, inv_p, n_frames, cache, cancel, preview, 0,
+                                     total, stem, fps))
+
+
+def real_interpolation_compare(model, image_a, image_b, p: RealInterpolationParams, n_frames: int = 11,
+                               cache: LRUCache | None = None, cancel: CancelToken | None = None,
+                               preview: PreviewOptions | None = None) -> Job:
+    """The sequence without the LoRA `p.lora` (images inverted without it), then with it at `p.lora_strength`
+    (images inverted again with it switched on); same images, prompts and settings. Result: a LoraComparison."""
+    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    a, b, prompt_a, prompt_b, inv_p = _prepare(model, image_a, image_b, p)
+    name = check_comparison_lora(model, inv_p.lora)
+    per = inversion_cost(inv_p.method, inv_p.steps) + inv_p.steps * n_frames
+    total = 2 * per
+    off_label, on_label = comparison_labels(name, inv_p.lora_strength)
+    yield Progress("encoding images", 0, total, preview=a)
+    without = yield from comparison_part(_sequence(model, a, b, prompt_a, prompt_b, replace(inv_p, lora=None),
+                                                   n_frames, cache, cancel, preview, 0, total, None), False, off_label)
+    with lora_applied(model, name, inv_p.lora_strength):
+        with_lora = yield from comparison_part(_sequence(model, a, b, prompt_a, prompt_b, inv_p, n_frames, cache,
+                                                         cancel, preview, per, total, None), True, on_label)
+    result = LoraComparison(without, with_lora, name, inv_p.lora_strength)
+    yield comparison_done(result, total)
+    return result
+
+
+def _sequence(model, a, b, prompt_a, prompt_b, inv_p, n_frames, cache, cancel, preview, offset, total, stem,
+              fps=8) -> Job:
+    """Inverts both images with inv_p (inside the caller's lora_applied block) and renders the frames."""
+    ends, _ = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total, offset)
+    offset += inversion_cost(inv_p.method, inv_p.steps)
+    return (yield from render_sequence(model, ends, n_frames, inv_p.steps, inv_p.guidance, cancel, preview, offset,
+                                       total, lambda eta: _meta(model, a, b, prompt_a, prompt_b, inv_p, eta), stem, fps))

@@ -17,10 +17,11 @@ from .drag import DragParams, drag
 from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from .instruct import InstructParams, instruct_edit
 from .sdedit import SDEditParams, sdedit
-from .interpolation import InterpolationParams, interpolation_frame, interpolation_sequence
+from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
 from .lora import load_lora
-from .real_interpolation import RealInterpolationParams, real_interpolation_frame, real_interpolation_sequence
+from .real_interpolation import (RealInterpolationParams, real_interpolation_compare, real_interpolation_frame,
+                                 real_interpolation_sequence)
 from .models import EMBEDDED_ID, default_source, embedded_available, load_model
 from .tiny_model import TINY_ID
 
@@ -85,6 +86,11 @@ class Studio:
         return self._exclusive(
             lambda m: interpolation_sequence(m, p, n_frames, cache, cancel, preview, gif_dir), cancel)
 
+    def interpolation_compare(self, p: InterpolationParams, n_frames: int = 11, cache=None, cancel=None,
+                              preview=None) -> Job:
+        """The sequence without and with the LoRA `p.lora` (a LoraComparison)."""
+        return self._exclusive(lambda m: interpolation_compare(m, p, n_frames, cache, cancel, preview), cancel)
+
     def invert(self, image, p: InversionParams, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: invert_and_reconstruct(m, image, p, cache, cancel, preview), cancel)
 
@@ -115,6 +121,12 @@ class Studio:
                                     cache=None, cancel=None, preview=None, gif_dir=None) -> Job:
         return self._exclusive(lambda m: real_interpolation_sequence(m, image_a, image_b, p, n_frames, cache, cancel,
                                                                      preview, gif_dir), cancel)
+
+    def real_interpolation_compare(self, image_a, image_b, p: RealInterpolationParams, n_frames: int = 11,
+                                   cache=None, cancel=None, preview=None) -> Job:
+        """The real-image sequence without and with the LoRA `p.lora`, each from its own inversion."""
+        return self._exclusive(lambda m: real_interpolation_compare(m, image_a, image_b, p, n_frames, cache, cancel,
+                                                                    preview), cancel)
 
     # --- one job at a time ------------------------------------------------------------------------
     def _exclusive(self, make_job: Callable, cancel: CancelToken | None) -> Job:

@@ -31,9 +31,11 @@ def new_client(url: str, download_dir) -> Client:
     return Client(url, verbose=False, download_files=str(download_dir))
 
 
-def gen_args(prompt=PROMPT, seed=SEED, steps=STEPS, guidance=7.5, w=64, h=64, use_lora=False, strength=1.0, neg=""):
-    # /generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength)
-    return (prompt, neg, seed, steps, guidance, w, h, use_lora, strength)
+def gen_args(prompt=PROMPT, seed=SEED, steps=STEPS, guidance=7.5, w=64, h=64, use_lora=False, strength=1.0, neg="",
+             adapter=None):
+    # /generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength[, lora_adapter])
+    args = (prompt, neg, seed, steps, guidance, w, h, use_lora, strength)
+    return args if adapter is None else args + (adapter,)
 
 
 def generate(client: Client, **kw):
@@ -127,12 +129,13 @@ def test_named_endpoints_and_parameter_order(client):
     for name in ("/generate", "/interpolate_frame", "/interpolate_sequence", "/invert", "/load_model", "/load_lora"):
         assert name in api, sorted(api)
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
-    assert names("/generate") == ["prompt", "neg", "seed", "steps", "guidance", "w", "h", "use_lora", "strength"]
-    assert names("/interpolate_frame")[-1] == "eta"
-    assert names("/interpolate_sequence")[-1] == "n"
-    # new inputs are appended, so the original positional order stays valid
+    # new inputs are appended (the LoRA adapter menu last), so the original positional order stays valid
+    assert names("/generate") == ["prompt", "neg", "seed", "steps", "guidance", "w", "h", "use_lora", "strength",
+                                  "lora_adapter"]
+    assert names("/interpolate_frame")[-2:] == ["eta", "lora_adapter"]
+    assert names("/interpolate_sequence")[-2:] == ["n", "lora_adapter"]
     assert names("/invert") == ["image", "prompt", "steps", "inv_g", "guidance", "use_lora", "strength",
-                                "method", "inner_steps", "force"]
+                                "method", "inner_steps", "force", "lora_adapter"]
 
 
 # ------------------------------------------------------------------------------------------ Generate
@@ -365,20 +368,21 @@ def test_load_lora_missing_file(client, tmp_path, studio):
 
 def test_legacy_lora_changes_output_only_when_used(client, studio, baseline, tmp_path):
     name = f"e2e_lora_{uuid.uuid4().hex[:8]}"
-    if not studio.model.loras:
-        assert "No LoRA is loaded" in app_error(lambda: generate(client, use_lora=True))
+    if "smooth" not in studio.model.loras:  # "Use the Smooth LoRA" applies the adapter named "smooth" only
+        assert "The Smooth LoRA is not loaded" in app_error(lambda: generate(client, use_lora=True))
     path = write_legacy_lora(studio.model.unet, tmp_path / f"{name}.safetensors")
     try:
         model_md, load_md = client.predict(str(path), api_name="/load_lora")
         assert name in load_md and "loaded" in load_md
         assert "Loaded LoRA" in model_md and name in model_md
         assert name in studio.model.loras
-        _, on_path, _, _ = generate(client, use_lora=True, strength=1.0)
+        assert "not loaded" in app_error(lambda: generate(client, use_lora=True))  # not the one loaded last
+        _, on_path, _, _ = generate(client, use_lora=True, strength=1.0, adapter=name)
         on = pixels(on_path)
         assert not np.array_equal(on, baseline), "the LoRA had no effect"
         assert json.loads(Image.open(on_path).info["studio"])["lora"] == name
         assert_base_output(client, baseline)  # off after on: exactly the base model
-        _, again, _, _ = generate(client, use_lora=True, strength=1.0)
+        _, again, _, _ = generate(client, use_lora=True, strength=1.0, adapter=name)
         assert np.array_equal(pixels(again), on)
     finally:
         unet = studio.model.unet

@@ -79,11 +79,11 @@ def test_new_endpoints_and_parameter_order(client):
     assert names("/edit") == ["image", "source_prompt", "target_prompt", "method", "r", "inversion", "inner_steps",
                               "force", "steps", "guidance", "use_lora", "strength", "p2p_mode", "cross_replace_steps",
                               "self_replace_steps", "reweight_words", "reweight_scale", "blend_words",
-                              "blend_threshold", "blend_keep"]
+                              "blend_threshold", "blend_keep", "lora_adapter"]
     real = ["image_a", "image_b", "prompt_a", "prompt_b", "inversion", "inner_steps", "force", "steps", "guidance",
             "use_lora", "strength"]
-    assert names("/interpolate_images_frame") == real + ["eta"]
-    assert names("/interpolate_images_sequence") == real + ["n"]
+    assert names("/interpolate_images_frame") == real + ["eta", "lora_adapter"]
+    assert names("/interpolate_images_sequence") == real + ["n", "lora_adapter"]
     assert len(api["/invert"]["returns"]) == 6 and len(api["/edit"]["returns"]) == 5
     assert len(api["/interpolate_images_sequence"]["returns"]) == 7
 
