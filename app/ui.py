@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 
-from pathlib import Path
-
 import pandas as pd
 import gradio as gr
 
@@ -79,16 +77,6 @@ def adapter_menu_visible(model) -> bool:
     return any(name != SMOOTH_NAME for name in model.loras)
 
 
-def lora_adapter_name(source: str) -> str | None:
-    """The adapter name a LoRA loaded from the panel gets: "smooth" for the Smooth LoRA (its Hub repo, or a
-    file named smooth_lora.safetensors), which the "Use the Smooth LoRA" checkboxes apply; else None (the
-    loader names it after the file)."""
-    source = (source or "").strip()
-    if source.split(":")[0] == SMOOTH_LORA_REPO or Path(source).name == SMOOTH_LORA_FILE:
-        return SMOOTH_NAME
-    return None
-
-
 def lora_control_updates(model, n_controls: int, n_compare: int, n_drag: int) -> list:
     """After a model or LoRA load (and on page load): every tab's checkbox and adapter menu back to the model's
     defaults (ticked when it has the Smooth LoRA), the compare buttons' labels, the Drag tab's Smooth checkbox.
@@ -145,16 +133,17 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
     lora_checkboxes, lora_menus = [], []
 
-    def lora_controls():
+    def lora_controls(prefix: str):
         """Use-LoRA checkbox (ticked when the model has the Smooth LoRA), strength, and the adapter menu (shown
         when an adapter other than the Smooth LoRA is loaded); the checkbox's label names the adapter."""
         m = studio.model
         adapter = default_adapter(m)
         with gr.Row():
-            use = gr.Checkbox(SMOOTH_NAME in m.loras, label=use_label(adapter))
+            use = gr.Checkbox(SMOOTH_NAME in m.loras, label=use_label(adapter), elem_id=f"{prefix}-use-lora")
             strength = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
             menu = gr.Dropdown(list(m.loras), value=adapter, allow_custom_value=True, label="LoRA adapter",
-                               info="Which loaded adapter the checkbox applies", visible=adapter_menu_visible(m))
+                               info="Which loaded adapter the checkbox applies", visible=adapter_menu_visible(m),
+                               elem_id=f"{prefix}-lora-adapter")
         lora_checkboxes.append(use)
         lora_menus.append(menu)
         return use, strength, menu
@@ -212,9 +201,10 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                        label="Model (Hub id, local diffusers folder, or a listed one)", scale=4)
                 model_btn = gr.Button("Load model", scale=1)
             with gr.Row():
-                lora_src = gr.Textbox(SMOOTH_LORA_REPO, label="LoRA (.safetensors path, or Hub repo[:file])", scale=4)
-                lora_btn = gr.Button("Load LoRA", scale=1)
-            load_status = gr.Markdown("")
+                lora_src = gr.Textbox(SMOOTH_LORA_REPO, label="LoRA (.safetensors path, or Hub repo[:file])", scale=4,
+                                      elem_id="lora-source")
+                lora_btn = gr.Button("Load LoRA", scale=1, elem_id="lora-load")
+            load_status = gr.Markdown("", elem_id="load-status")
             preview_full = gr.Slider(0, 50, value=0, step=1, elem_id="preview-full-every",
                                      label="Previews: full VAE decode every k steps (0 = fast linear latent preview on every step)")
 
@@ -231,7 +221,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             g_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             g_w, g_h = size_slider("Width"), size_slider("Height")
-                        g_lora, g_lora_s, g_adapter = lora_controls()
+                        g_lora, g_lora_s, g_adapter = lora_controls("gen")
                         with gr.Row():
                             g_run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                             g_stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -258,13 +248,13 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             i_seed_a = gr.Number(0, label="Seed A", precision=0)
                             i_seed_b = gr.Number(1, label="Seed B", precision=0)
                         with gr.Row():
-                            i_steps = steps_slider(30)
+                            i_steps = steps_slider(30, "int-steps")
                             i_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                         with gr.Row():
                             i_w, i_h = size_slider("Width"), size_slider("Height")
-                        i_lora, i_lora_s, i_adapter = lora_controls()
+                        i_lora, i_lora_s, i_adapter = lora_controls("int")
                         i_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)", elem_id="int-eta")
-                        i_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
+                        i_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence", elem_id="int-frames")
                         with gr.Row():
                             i_run = gr.Button("Render frame", variant="primary", elem_id="int-frame")
                             i_seq = gr.Button("Render sequence", elem_id="int-seq")
@@ -301,7 +291,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             r_steps = steps_slider(50)
                             r_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
-                        r_lora, r_lora_s, r_adapter = lora_controls()
+                        r_lora, r_lora_s, r_adapter = lora_controls("rint")
                         r_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)",
                                           elem_id="rint-eta")
                         r_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
@@ -338,7 +328,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         v_inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance (DDIM only)",
                                             info="Only DDIM inversion uses it: null-text and negative-prompt "
                                                  "inversion always invert at 1")
-                        v_lora, v_lora_s, v_adapter = lora_controls()
+                        v_lora, v_lora_s, v_adapter = lora_controls("inv")
                         with gr.Row():
                             v_run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                             v_stop = gr.Button("Stop", variant="stop", elem_id="inv-stop")
@@ -370,7 +360,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         with gr.Row():
                             e_steps = steps_slider(50)
                             e_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
-                        e_lora, e_lora_s, e_adapter = lora_controls()
+                        e_lora, e_lora_s, e_adapter = lora_controls("edit")
                         with gr.Accordion("Prompt-to-Prompt", open=False) as e_p2p:
                             e_mode = gr.Radio(list(P2P_MODES), value="replace", label="Mode",
                                               info="replace: swap words one for one · refine: add or change words · "
@@ -631,15 +621,20 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             yield from stream(studio.switch_model(source), render, lambda: (gr.skip(), "Stopped.", *[gr.skip()] * 6))
 
         def run_load_lora(source):
+            loaded = []
+
             def render(ev, final):
+                if final:
+                    loaded.append(ev.result)
                 return (model_status() if final else gr.skip()), status_line(ev)
 
-            name = lora_adapter_name(source)
-            replaced = name is not None and name in studio.model.loras
+            # The Smooth LoRA loads as "smooth" (Studio.load_lora), so loading it again replaces that adapter.
+            before = set(studio.model.loras)
             try:
-                yield from stream(studio.load_lora(source, name), render, lambda: (gr.skip(), "Stopped."))
+                yield from stream(studio.load_lora(source), render, lambda: (gr.skip(), "Stopped."))
             finally:
-                if replaced:  # cached inversions key on the adapter's name: made with the weights it replaced
+                # Cached inversions key on an adapter's name: forget them when a name got other weights (or none)
+                if before & (set(loaded) | (before - set(studio.model.loras))):
                     sessions.clear_inversions()
 
         def refresh_lora_controls():

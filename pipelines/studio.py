@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 from .errors import InputError
@@ -19,13 +20,23 @@ from .instruct import InstructParams, instruct_edit
 from .sdedit import SDEditParams, sdedit
 from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
-from .lora import load_lora
+from .lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora
 from .real_interpolation import (RealInterpolationParams, real_interpolation_compare, real_interpolation_frame,
                                  real_interpolation_sequence)
 from .models import EMBEDDED_ID, default_source, embedded_available, load_model
 from .tiny_model import TINY_ID
 
 log = logging.getLogger(__name__)
+
+
+def adapter_name_for(source: str) -> str | None:
+    """The adapter name a LoRA gets when none is given: "smooth" for the Smooth LoRA (its Hub repo, or a file
+    named smooth_lora.safetensors), the name that "Use the Smooth LoRA" and the drag apply; else None (the
+    loader names it after its file)."""
+    source = (source or "").strip()
+    if source.split(":")[0] == SMOOTH_LORA_REPO or Path(source).name == SMOOTH_LORA_FILE:
+        return SMOOTH_NAME
+    return None
 
 
 class Studio:
@@ -67,6 +78,9 @@ class Studio:
         return self._exclusive(job, cancel)
 
     def load_lora(self, source: str, name: str | None = None, cancel: CancelToken | None = None) -> Job:
+        """Loads a LoRA onto the active model (the Smooth LoRA as adapter "smooth", see adapter_name_for)."""
+        name = name or adapter_name_for(source)
+
         def job(model):
             yield Progress("loading LoRA", 0, 1, message=f"Loading {source}")
             adapter = load_lora(model, source, name)

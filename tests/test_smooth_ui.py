@@ -265,9 +265,9 @@ def test_control_updates_without_the_smooth_lora(tiny_model):
     ("owner/other-lora", None),
 ])
 def test_the_smooth_lora_loads_as_adapter_smooth(source, name):
-    from app.ui import lora_adapter_name
+    from pipelines.studio import adapter_name_for
 
-    assert lora_adapter_name(source) == name
+    assert adapter_name_for(source) == name
 
 
 # ------------------------------------------------------------------------ end to end (gradio_client)
@@ -367,6 +367,29 @@ def test_use_lora_applies_smooth_even_after_another_lora_was_loaded(client, app,
     assert_no_adapter_active(probe, base_out)
 
 
+def test_reloading_the_smooth_lora_replaces_it_and_forgets_cached_inversions(client, model, smooth, tmp_path, probe,
+                                                                            base_out):
+    from gradio_client import handle_file
+
+    image = handle_file(images()[0])
+    inv = lambda: client.predict(image, PROMPT_A, STEPS, 1.0, 1.0, True, 1.0, "ddim", 1, False,  # noqa: E731
+                                 api_name="/invert")
+    first, again = inv(), inv()
+    assert again[4]["cached"] is True
+    (tmp_path / "other").mkdir()
+    other = make_smooth_lora(model.unet, tmp_path / "other" / "smooth_lora.safetensors", seed=5)
+    try:
+        _, load_md = client.predict(str(other), api_name="/load_lora")  # a smooth_lora.safetensors: adapter "smooth"
+        assert "'smooth' loaded" in load_md and list(model.loras) == [SMOOTH_NAME]
+        assert model.loras[SMOOTH_NAME] == str(other)
+        fresh = inv()
+        assert fresh[4]["cached"] is False, "an inversion made with the replaced weights was reused"
+        assert not np.array_equal(pixels(Image.open(fresh[2])), pixels(Image.open(first[2])))
+    finally:
+        load_lora(model, str(smooth), SMOOTH_NAME)
+    assert_no_adapter_active(probe, base_out)
+
+
 def test_use_smooth_lora_on_a_model_without_it_says_so(tiny_model):
     """The message when the Smooth LoRA is missing (the shared tiny model has none): what to load, or untick."""
     from app.ui import build_demo
@@ -446,4 +469,71 @@ def test_stop_a_comparison_in_its_lora_part(client, app, probe, base_out):
     assert final[-1] == "Stopped." and not any("frames each" in s for s in final), final
     assert studio._lock.acquire(timeout=10), "the stopped comparison still holds the model"
     studio._lock.release()
+    assert_no_adapter_active(probe, base_out)
+
+
+# ------------------------------------------------------------------------------------ in a browser
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def page(app, tmp_path):
+    """A headless Chromium on this module's app (every other request blocked), as tests/test_browser.py's."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = app[1]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                           "--disable-component-update", "--no-first-run", "--disable-sync"])
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1800})
+            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
+                          else route.abort())
+            pg = context.new_page()
+            pg.set_default_timeout(60_000)
+            pg.goto(url, wait_until="domcontentloaded")
+            pg.wait_for_selector("#gen-prompt textarea")
+            try:
+                yield pg, sync_api.expect
+            finally:
+                pg.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_path, probe, base_out):
+    pg, expect = page
+    expect(pg.locator("#gen-use-lora input[type=checkbox]")).to_be_checked()   # the model has the Smooth LoRA
+    expect(pg.locator("#gen-use-lora")).to_contain_text("Use the Smooth LoRA")
+    expect(pg.locator("#gen-lora-adapter")).to_have_count(0)                   # nothing else to choose: hidden
+    path = make_peft_lora(model.unet, tmp_path / "browser_style.safetensors")
+    try:
+        pg.get_by_text("Model and LoRA").click()
+        pg.fill("#lora-source textarea", str(path))
+        pg.click("#lora-load")
+        expect(pg.locator("#load-status")).to_contain_text("'browser_style' loaded")
+        # the menu appears (chained after the load), on the Smooth LoRA; the checkbox still applies it
+        expect(pg.locator("#gen-lora-adapter")).to_be_visible()
+        expect(pg.locator("#gen-lora-adapter input")).to_have_value(SMOOTH_NAME)
+        expect(pg.locator("#gen-use-lora input[type=checkbox]")).to_be_checked()
+        expect(pg.locator("#gen-use-lora")).to_contain_text("Use the Smooth LoRA")
+
+        pg.get_by_role("tab", name="Interpolate (seeds)").click()
+        pg.fill("#int-prompt-a textarea", PROMPT_A)
+        for elem_id, value in (("int-steps", 2), ("int-frames", 4)):
+            box = pg.locator(f"#{elem_id} input[type=number]")
+            box.fill(str(value))
+            box.press("Tab")
+        expect(pg.locator("#int-compare")).to_have_text("Compare with and without the Smooth LoRA")
+        pg.click("#int-compare")
+        expect(pg.locator("#int-status")).to_contain_text("4 frames each")
+        expect(pg.locator("#int-compare-without img")).to_have_count(4)
+        expect(pg.locator("#int-compare-with img")).to_have_count(4)
+        expect(pg.locator("#int-compare-plot")).to_contain_text("with smooth x1")  # the legend: both series
+    finally:
+        if "browser_style" in model.loras:
+            model.unet.delete_adapters("browser_style")
+            model.loras.pop("browser_style")
     assert_no_adapter_active(probe, base_out)
