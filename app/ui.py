@@ -8,7 +8,7 @@ import gradio as gr
 from pipelines.edit import EditParams
 from pipelines.errors import InputError
 from pipelines.generate import GenerateParams
-from pipelines.interpolation import ComparisonFrames, InterpolationParams, LoraComparison
+from pipelines.interpolation import ComparisonFrames, InterpolationParams, LoraComparison, comparison_labels
 from pipelines.instruct import recommended_guidance
 from pipelines.inversion import METHODS as INVERSION_METHODS, InversionParams
 from pipelines.p2p import MODES as P2P_MODES, P2PSettings
@@ -48,8 +48,6 @@ def comparison_frame(r: LoraComparison | None) -> pd.DataFrame:
     """Both sequences' adjacent-frame distances as one LinePlot table, a `series` column telling them apart."""
     rows = []
     if r is not None:
-        from pipelines.interpolation import comparison_labels
-
         for label, seq in zip(comparison_labels(r.lora, r.strength), (r.without, r.with_lora)):
             rows += [(k, float(d), label) for k, d in enumerate(seq.distances)]
     return pd.DataFrame(rows, columns=list(COMPARE_PLOT_COLUMNS))
