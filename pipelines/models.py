@@ -21,6 +21,7 @@ EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
 EMBEDDED_ID = "embedded"
 INSTRUCT_SUBFOLDER = "unet_instruct"  # our layout: an InstructPix2Pix UNet beside the text-to-image one
 INSTRUCT_HUB_MODEL = "timbrooks/instruct-pix2pix"
+SMOOTH_SUBFOLDER = "smooth_lora"  # our layout: the model's own Smooth LoRA, loaded with it as adapter "smooth"
 
 HUB_MODELS = [
     "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -194,7 +195,19 @@ def load_model(source: str, device: torch.device | None = None, dtype: torch.dty
         id=model_id, label=label or info.get("label", model_id), pipe=pipe, previewer=previewer, device=device,
         dtype=dtype, random_weights=bool(info.get("random_weights", False)), folder=folder, info=info,
     )
+    smooth = bundled_smooth_lora(folder)
+    if smooth is not None:
+        from .lora import SMOOTH_NAME, load_lora
+
+        load_lora(model, str(smooth), SMOOTH_NAME)
     yield Progress("loaded", total, total, result=model, message=f"Loaded {model.display_name}")
+
+
+def bundled_smooth_lora(folder: Path | None) -> Path | None:
+    """The Smooth LoRA shipped inside a model folder (`smooth_lora/*smooth*.safetensors`), if any."""
+    if folder is None or not (folder / SMOOTH_SUBFOLDER).is_dir():
+        return None
+    return next(iter(sorted((folder / SMOOTH_SUBFOLDER).glob("*smooth*.safetensors"))), None)
 
 
 def _hub_snapshot_folder(pipe) -> Path | None:
