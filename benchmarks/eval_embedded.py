@@ -5,6 +5,7 @@
     python benchmarks/eval_embedded.py --quick               # fewer samples (a few minutes less)
     python benchmarks/eval_embedded.py --rows vae,t2i        # some row groups only
     python benchmarks/eval_embedded.py --model path/to/model # another diffusers folder of this world
+    python benchmarks/eval_embedded.py --rows smooth --smooth-lora x.safetensors   # another Smooth LoRA
 
 Adding a row group: write `def my_rows(ctx) -> list[Row]` and decorate it with `@row_group("name")`; `ctx`
 holds the loaded model, the sample counts and the instruct UNet (if any).
@@ -202,9 +203,9 @@ def nti_rows(ctx: Context) -> list[Row]:
 
 def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[dict]]:
     """Each recolour edit of `items` (see recolour_prompts) made by text once per variant, scored by the checker.
-    A variant is EditParams keywords (50 steps, guidance 7.5); `blend` in it means a local blend on the edited
-    object's shape word at that threshold (`keep_background` False: without pasting the input back outside it).
-    One inversion cache: each image is inverted once per inversion kind."""
+    A variant is EditParams keywords (50 steps and guidance 7.5 unless it says otherwise); `blend` in it means a
+    local blend on the edited object's shape word at that threshold (`keep_background` False: without pasting the
+    input back outside it). One inversion cache: each image is inverted once per inversion kind (and LoRA)."""
     from PIL import Image
 
     from pipelines.cache import LRUCache
@@ -220,7 +221,8 @@ def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[
             if "blend" in kw:
                 kw["p2p"] = P2PSettings(blend_words=(scene.objects[edit.index].shape,), blend_threshold=kw.pop("blend"),
                                         keep_background=kw.pop("keep_background", P2PSettings.keep_background))
-            res = run_to_end(text_edit(model, image, EditParams(source, target, steps=50, guidance=7.5, **kw), cache))
+            kw = {"steps": 50, "guidance": 7.5} | kw
+            res = run_to_end(text_edit(model, image, EditParams(source, target, **kw), cache))
             scores[name].append(evaluation.score_edit(np.asarray(res.edited.image), scene, edit))
     return scores
 
@@ -396,6 +398,10 @@ def sdedit_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+# drag settings tuned for this model (start 500 scenes); the "smooth" group uses them too
+DRAG_TUNED = dict(latent_lr=0.03, inversion_strength=0.5, r1=2, drag_iterations=160)
+
+
 @row_group("drag")
 def drag_rows(ctx: Context) -> list[Row]:
     """DragDiffusion on held-out one-object scenes: the object's centre dragged 10-25 % of the image away (the
@@ -405,7 +411,7 @@ def drag_rows(ctx: Context) -> list[Row]:
     Same scenes and targets for all."""
     from bench_drag import drag_success_many
 
-    tuned = dict(latent_lr=0.03, inversion_strength=0.5, r1=2, drag_iterations=160)
+    tuned = DRAG_TUNED
     # With the warm start, a LoRA of 40 steps instead of 80: on 20 tuning scenes (start 500) with the recipe's
     # model, success 0.90 against 0.70 (20 steps 0.90, lr 2e-4 0.90, none 0.90): the longer the LoRA trains on
     # the old layout, the harder it pulls the carried object back.
@@ -478,6 +484,15 @@ def speed_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+@row_group("smooth")
+def smooth_rows(ctx: Context) -> list[Row]:
+    """Smooth Diffusion's claims without and with the model's Smooth LoRA (adapter "smooth"): seed-interpolation
+    ISTD, text-to-image, inversion, recolour edits, real-image interpolation and drag (benchmarks/eval_smooth.py)."""
+    from eval_smooth import smooth_rows as rows
+
+    return rows(ctx, log=lambda msg: print(f"  smooth: {msg}", file=sys.stderr, flush=True))
+
+
 def markdown_table(records: list[dict]) -> str:
     lines = ["| group | metric | value | target | met | n |", "|---|---|---|---|---|---|"]
     for r in records:
@@ -518,10 +533,16 @@ def main(argv=None) -> dict:
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the groups not run from the existing --json (new weights: re-run them all)")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown (the README's)")
+    p.add_argument("--smooth-lora", metavar="PATH",
+                   help="load this LoRA file as the model's Smooth LoRA (adapter 'smooth', for the 'smooth' group)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
+    if args.smooth_lora:
+        from pipelines.lora import SMOOTH_NAME, load_lora
+
+        load_lora(model, args.smooth_lora, SMOOTH_NAME)
     ctx = Context(model, args.quick)
     rows: list[Row] = []
     records: list[dict] = []
@@ -541,7 +562,7 @@ def main(argv=None) -> dict:
         records = sorted(kept + records, key=lambda r: order.index(r["row_group"]) if r.get("row_group") in order
                          else len(order))
     report = {"model": model.display_name, "device": str(model.device), "threads": torch.get_num_threads(),
-              "rows": records}
+              "smooth_lora": model.loras.get("smooth"), "rows": records}
     if args.markdown:
         print(markdown_table(records))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -551,4 +572,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("eval_embedded", sys.modules[__name__])  # eval_smooth imports Row etc.: one copy
     main()
