@@ -143,7 +143,7 @@ def _validate(model, p: DragParams) -> dict:
         raise InputError(f"A loaded LoRA is named {ADAPTER!r}, the name the drag uses for its own: reload it under "
                          f"another name.")
     if v["smooth_lora"] and SMOOTH_NAME not in model.loras:
-        raise InputError("The Smooth LoRA is not loaded: load it first (Model and LoRA), or untick 'Smooth LoRA'.")
+        raise InputError("The Smooth LoRA is not loaded: load it first (Model and LoRA), or untick 'Use the Smooth LoRA during the drag'.")
     return v
 
 

@@ -75,6 +75,11 @@ _INSTRUCT = (*_BF16, "--base", "{out}/unet_hard/model", "--batch", "16", "--samp
 _UNET_OBJECTS = (*_BF16, "--vae", "{out}/vae/vae", "--text-encoder", "{out}/text", "--data-dir", "{out}/unet/data",
                  "--object-weight", "4", "--high-t-share", "0.25", *_SLOWER)
 
+# The Smooth LoRA stage: rank 8, lambda 1 and the EMA decay 0.01 are the paper's; batch 32 under bfloat16 autocast
+# and the rate are this CPU's (see training/README.md, "Smooth LoRA")
+SMOOTH_LORA = ("--mixed-precision", "bf16", "--batch", "32", "--lr", "5e-4", "--rank", "8", "--lambda-reg", "1")
+SMOOTH_LORA_STEPS = 1200
+
 # Step budgets: the committed weights' (training/README.md tells how they were really made), except the ones
 # session 17 cut to fit the 3-hour budget (the decoder, the UNets, InstructPix2Pix; each checked, see below).
 STAGES = (
@@ -105,6 +110,12 @@ STAGES = (
     Stage("assemble", "assemble", ("--base", "{out}/unet_hard/model", "--vae", "{out}/vae_dec/vae",
                                    "--instruct", "{out}/instruct/unet", "--instruct-guidance", "3,2",
                                    "--out", "{out}/model")),
+    # Smooth Diffusion's LoRA on the finished model (training/train_smooth_lora.py), exported into the studio
+    # folder's smooth_lora/, where the studio loads it as adapter "smooth". SMOOTH_LORA says where its settings
+    # come from.
+    Stage("smooth_lora", "train_smooth_lora", ("--base", "{out}/model", "--export", "{out}/model/smooth_lora",
+                                               *SMOOTH_LORA), SMOOTH_LORA_STEPS,
+          ("--batch", "2", "--world-samples", "8", "--checkpoint-every", "1")),
 )
 
 

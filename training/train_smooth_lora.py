@@ -263,13 +263,14 @@ class RunState:
 
     def __init__(self, target: VariationTarget, generator: torch.Generator):
         self.step, self.target, self.generator = 0, target, generator
+        self.running: dict[str, float] = {}  # the logged losses' moving averages
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "target": self.target.state_dict(),
+        return {"step": self.step, "target": self.target.state_dict(), "running": dict(self.running),
                 "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.running = int(state["step"]), dict(state["running"])
         self.target.load_state_dict(state["target"])
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
@@ -314,11 +315,16 @@ def main(argv=None) -> dict:
     text_encoder.to(accelerator.device, weight_dtype)
     scaling = float(vae.config.scaling_factor)
 
-    # accelerate checkpoints the whole prepared model; only the LoRA is trained, so only the LoRA is saved
+    # accelerate checkpoints the whole prepared model; only the LoRA is trained, so only the LoRA is saved (peft's
+    # own key names, read back by peft)
     def save_hook(models, weights, folder):
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
         if accelerator.is_main_process:
             for model in models:
-                save_lora(accelerator.unwrap_model(model), Path(folder), weight_name="lora.safetensors")
+                sd = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(Path(folder) / "lora.safetensors"))
             weights.clear()
 
     def load_hook(models, folder):
@@ -326,9 +332,9 @@ def main(argv=None) -> dict:
 
         while models:
             model = accelerator.unwrap_model(models.pop())
-            sd = load_file(str(Path(folder) / "lora.safetensors"))
-            set_peft_model_state_dict(model, {k.removeprefix("unet."): v for k, v in sd.items()},
-                                      adapter_name="default")
+            result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "lora.safetensors")))
+            if getattr(result, "unexpected_keys", None):
+                raise TrainingError(f"The checkpoint's LoRA does not fit: {result.unexpected_keys[:3]}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -347,7 +353,7 @@ def main(argv=None) -> dict:
 
     bar = tqdm(total=args.steps, initial=state.step, disable=args.no_progress or not accelerator.is_main_process,
                desc="smooth lora")
-    start, running = time.time(), {}
+    start, running = time.time(), state.running
     per_epoch = max(1, len(loader) // args.grad_accum)
     while state.step < args.steps:
         epoch, done_in_epoch = divmod(state.step, per_epoch)
@@ -389,6 +395,8 @@ def main(argv=None) -> dict:
                                         "variation": running["variation"], "target": state.target.value}) + "\n")
             if state.step % args.checkpoint_every == 0 or state.step == args.steps:
                 accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:  # readable summary beside accelerate's files
+                    (checkpoint / "state.json").write_text(json.dumps(state.state_dict() | {"generator": None}))
             if state.step >= args.steps:
                 break
     bar.close()
