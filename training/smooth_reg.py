@@ -64,11 +64,15 @@ class VariationTarget:
 
 def smooth_losses(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
                   alphas_cumprod: torch.Tensor, target: VariationTarget,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The training step's losses: epsilon MSE, the variation penalty, and the mean variation (for the log)."""
+                  generator: torch.Generator | None = None, reg_min_t: int = 0) -> dict[str, torch.Tensor]:
+    """The training step's losses: epsilon MSE, the variation penalty, and the mean variation (for the log).
+
+    Only samples with t >= reg_min_t enter the penalty and its running mean (0: all, as the paper)."""
     eps = eps.detach().requires_grad_(True)
     eps_hat, x0_hat = denoised(unet, x0, eps, t, states, alphas_cumprod)
     mse = torch.nn.functional.mse_loss(eps_hat, eps.detach())
     grad = variation_vjp(x0_hat, eps, output_direction(x0_hat, t, alphas_cumprod, generator))
     variation = grad.flatten(1).norm(dim=1)
-    return {"mse": mse, "reg": target.penalty(variation), "variation": variation.detach().mean()}
+    seen = variation[t.to(variation.device) >= reg_min_t]
+    reg = target.penalty(seen) if len(seen) else variation.sum() * 0
+    return {"mse": mse, "reg": reg, "variation": variation.detach().mean()}

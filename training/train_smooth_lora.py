@@ -63,7 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default=",".join(TARGET_MODULES),
+                   help="comma-separated module names the LoRA adapts (default: every attention projection, as the "
+                        "paper; e.g. add conv1,conv2 for the ResNet blocks of UNets with few attention layers)")
     p.add_argument("--lambda-reg", type=float, default=1.0, help="weight of the variation regularization")
+    p.add_argument("--reg-min-t", type=int, default=0,
+                   help="only timesteps >= this enter the regularization (0: all, as the paper)")
     p.add_argument("--ema-decay", type=float, default=0.01, help="decay of the variation's running-mean target")
     p.add_argument("--caption-dropout", type=float, default=0.0, help="share of empty captions")
     p.add_argument("--resolution", type=int, help="training image side (default: the model's native size)")
@@ -196,14 +201,14 @@ def load_base(base: str):
     return tokenizer, text_encoder, vae, unet.float(), noise.alphas_cumprod.float()
 
 
-def add_smooth_lora(unet, rank: int) -> int:
+def add_smooth_lora(unet, rank: int, targets=TARGET_MODULES) -> int:
     """Adds the trainable LoRA (the only trainable weights); returns its parameter count."""
     from peft import LoraConfig
 
     names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
     if not {"to_q", "to_k", "to_v"} <= names:
         raise TrainingError("The base UNet has no attention layers (to_q / to_k / to_v): a Smooth LoRA needs them.")
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -295,7 +300,7 @@ def main(argv=None) -> dict:
     tokenizer, text_encoder, vae, unet, alphas = load_base(args.base)
     size = args.resolution or int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     data = ImageFolderCaptions(args.data, size) if args.data else WorldCaptions(args.world_samples, size)
-    n_params = add_smooth_lora(unet, args.rank)
+    n_params = add_smooth_lora(unet, args.rank, [t.strip() for t in args.targets.split(",") if t.strip()])
 
     def collate(rows):
         texts = ["" if np.random.random() < args.caption_dropout else r["text"] for r in rows]
@@ -371,7 +376,7 @@ def main(argv=None) -> dict:
                 t = torch.randint(0, len(alphas), (len(x0),), generator=generator).to(x0.device)
                 # the plain attention kernel: the fused ones have no double backward
                 with accelerator.autocast(), sdpa_kernel([SDPBackend.MATH]):
-                    losses = smooth_losses(unet, x0, eps, t, states, alphas, state.target, generator)
+                    losses = smooth_losses(unet, x0, eps, t, states, alphas, state.target, generator, args.reg_min_t)
                 loss = losses["mse"] + args.lambda_reg * losses["reg"]
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
