@@ -78,7 +78,7 @@ _UNET_OBJECTS = (*_BF16, "--vae", "{out}/vae/vae", "--text-encoder", "{out}/text
 # The Smooth LoRA stage: rank 8, lambda 1 and the EMA decay 0.01 are the paper's; batch 32 under bfloat16 autocast
 # and the rate are this CPU's (see training/README.md, "Smooth LoRA")
 SMOOTH_LORA = ("--mixed-precision", "bf16", "--batch", "32", "--lr", "5e-4", "--rank", "8", "--lambda-reg", "1")
-SMOOTH_LORA_STEPS = 1200
+SMOOTH_LORA_STEPS = 2000
 
 # Step budgets: the committed weights' (training/README.md tells how they were really made), except the ones
 # session 17 cut to fit the 3-hour budget (the decoder, the UNets, InstructPix2Pix; each checked, see below).

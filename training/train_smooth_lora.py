@@ -275,7 +275,7 @@ class RunState:
                 "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.running = int(state["step"]), dict(state["running"])
+        self.step, self.running = int(state["step"]), dict(state.get("running", {}))
         self.target.load_state_dict(state["target"])
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
