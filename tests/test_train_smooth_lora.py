@@ -159,8 +159,13 @@ def test_image_folder_data(tiny_folder, tmp_path):
     item = folder[1]
     assert item["text"] == "a plain blue background" and item["pixels"].shape == (3, 64, 64)
     assert float(item["pixels"][2].mean()) == pytest.approx(1.0) and float(item["pixels"][0].mean()) == -1.0
-    result = tsl.main(["--base", tiny_folder, "--data", str(data), "--out", str(tmp_path / "run"), *FAST])
-    assert result["steps"] == 2 and (tmp_path / "run" / tsl.WEIGHT_NAME).is_file()
+    result = tsl.main(["--base", tiny_folder, "--data", str(data), "--out", str(tmp_path / "run"), "--legacy-format",
+                       *FAST])
+    assert result["steps"] == 2
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(tmp_path / "run" / tsl.WEIGHT_NAME)))  # --legacy-format: the official layout
+    assert keys and all(".processor.to_" in k for k in keys)
 
 
 @pytest.mark.parametrize("case", ["no captions", "no text", "unreadable", "outside"])
