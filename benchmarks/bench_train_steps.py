@@ -36,6 +36,7 @@ from training.schedule import autocast  # noqa: E402
 MODEL = ROOT / "assets" / "model"
 LATENT = 16  # 64x64 world images, VAE factor 4
 CPU_BUDGET_MIN, GPU_BUDGET_MIN = 180, 20  # issue 3's budgets for the whole recipe
+SMOOTH_BUDGET_MIN = 60  # the Smooth LoRA stage's own CPU budget (issue 29), outside the base model's
 
 
 def stage_args(stage: recipe.Stage, device: str, threads: int) -> argparse.Namespace:
@@ -45,7 +46,8 @@ def stage_args(stage: recipe.Stage, device: str, threads: int) -> argparse.Names
 
 
 def step_fn(kind: str, batch: int, freeze_encoder: bool, device: torch.device):
-    """(network, step): one training step of `kind` ('vae', 'text', 'unet', 'instruct') on random data."""
+    """(network, step): one training step of `kind` ('vae', 'text', 'unet', 'instruct', 'smooth') on random data;
+    'smooth' is the Smooth LoRA's step: the LoRA on the frozen UNet, its loss with the double backward."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -80,6 +82,22 @@ def step_fn(kind: str, batch: int, freeze_encoder: bool, device: torch.device):
         def loss_of():
             return (net(x, t, encoder_hidden_states=states).sample.float() - x[:, :4]).pow(2).mean()
 
+        if kind == "smooth":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            from training.smooth_reg import VariationTarget, smooth_losses
+            from training.train_smooth_lora import add_smooth_lora
+
+            net.requires_grad_(False)
+            add_smooth_lora(net, 8)
+            alphas = torch.linspace(0.999, 0.005, 1000)
+            target = VariationTarget()
+
+            def loss_of():  # the fused attention kernels have no double backward
+                with sdpa_kernel([SDPBackend.MATH]):
+                    losses = smooth_losses(net, x, torch.randn_like(x), t, states, alphas, target)
+                return losses["mse"] + losses["reg"]
+
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
     def step(bf16: bool):
@@ -113,7 +131,12 @@ def flops_per_step(step) -> float:
 
 
 def network_of(stage: recipe.Stage) -> str:
-    return {"train_vae": "vae", "train_text": "text", "train_unet": "unet", "train_instruct": "instruct"}[stage.module]
+    return {"train_vae": "vae", "train_text": "text", "train_unet": "unet", "train_instruct": "instruct",
+            "train_smooth_lora": "smooth"}[stage.module]
+
+
+def trains_in_bf16(a: argparse.Namespace) -> bool:
+    return bool(getattr(a, "bf16", False)) or getattr(a, "mixed_precision", "no") == "bf16"
 
 
 def main(argv=None) -> dict:
@@ -144,17 +167,21 @@ def main(argv=None) -> dict:
         print(f"{key[0]:<9} {key[1]:>5} {str(key[2]):>10} {fp32:>11.3f} {bf16:>11.3f} {fp32 / bf16:>9.2f} "
               f"{gflop:>10.1f} {gflop / fp32:>8.1f}")
 
-    bf16 = {s.name: bool(stage_args(s, args.device, args.threads).bf16) for s in stages}  # the stage's --bf16
+    bf16 = {s.name: trains_in_bf16(stage_args(s, args.device, args.threads)) for s in stages}
     minutes = {s.name: s.steps * measured[keys[s.name]]["bf16_s" if bf16[s.name] else "fp32_s"] / 60 for s in stages}
-    total = sum(minutes.values())
+    smooth = {n: m for n, m in minutes.items() if keys[n][0] == "smooth"}  # its own budget
+    total = sum(m for n, m in minutes.items() if n not in smooth)
     budget = GPU_BUDGET_MIN if device.type == "cuda" else CPU_BUDGET_MIN
     print()
     for s in stages:
         print(f"{s.name:<22} {s.steps:>6} steps  {minutes[s.name]:>7.1f} min  {'bf16' if bf16[s.name] else 'fp32'}")
-    print(f"{'optimiser steps only':<22} {sum(s.steps for s in stages):>6} steps  {total:>7.1f} min "
-          f"= {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} threads)")
+    print(f"{'optimiser steps only':<22} {sum(s.steps for s in stages if s.name not in smooth):>6} steps  "
+          f"{total:>7.1f} min = {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} "
+          f"threads; the base model's stages)")
+    for name, m in smooth.items():
+        print(f"{name:<22} {m:>20.1f} min = {m / SMOOTH_BUDGET_MIN:.2f} x its own {SMOOTH_BUDGET_MIN}-minute CPU budget")
     report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "stage_bf16": bf16,
-              "total_minutes": total, "budget_minutes": budget,
+              "total_minutes": total, "budget_minutes": budget, "smooth_lora_minutes": smooth,
               "networks": [{"network": k[0], "batch": k[1], "frozen_encoder": k[2], **v} for k, v in measured.items()]}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -19,7 +19,20 @@ def test_each_stage_is_parsed_by_its_own_trainer():
     assert (first.batch, first.freeze_encoder) == (16, False) and (decoder.batch, decoder.freeze_encoder) == (16, True)
     assert bench.stage_args(stages["instruct"], "cpu", 1).batch == 16  # the recipe sets it; the trainer default is 48
     assert bench.stage_args(stages["unet"], "cpu", 1).batch == 48
-    assert {bench.network_of(s) for s in recipe.STAGES if s.steps} == {"vae", "text", "unet", "instruct"}
+    assert {bench.network_of(s) for s in recipe.STAGES if s.steps} == {"vae", "text", "unet", "instruct", "smooth"}
+    smooth = bench.stage_args(stages["smooth_lora"], "cpu", 1)
+    assert smooth.batch == 32 and bench.trains_in_bf16(smooth)
+
+
+def test_the_smooth_lora_step_trains_only_the_lora():
+    torch.manual_seed(0)
+    net, step = bench.step_fn("smooth", 2, False, torch.device("cpu"))
+    base = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    step(False)
+    assert all(torch.equal(p, base[n]) for n, p in net.named_parameters() if n in base)
+    assert any(not torch.equal(p, lora[n]) for n, p in net.named_parameters() if n in lora)
 
 
 def test_a_frozen_encoder_step_trains_only_the_decoder():

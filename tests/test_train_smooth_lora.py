@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.events import run_to_end
 from pipelines.lora import SMOOTH_NAME, load_lora, lora_applied
 from pipelines.models import EMBEDDED_DIR, bundled_smooth_lora
 from pipelines.tiny_model import ensure_tiny_model
