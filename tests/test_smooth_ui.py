@@ -528,7 +528,7 @@ def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_pat
             box.press("Tab")
         expect(pg.locator("#int-compare")).to_have_text("Compare with and without the Smooth LoRA")
         pg.click("#int-compare")
-        expect(pg.locator("#int-status")).to_contain_text("4 frames each")
+        expect(pg.locator("#int-status")).to_contain_text("4 frames each", timeout=60_000)  # a busy CI machine
         expect(pg.locator("#int-compare-without img")).to_have_count(4)
         expect(pg.locator("#int-compare-with img")).to_have_count(4)
         expect(pg.locator("#int-compare-plot")).to_contain_text("with smooth x1")  # the legend: both series

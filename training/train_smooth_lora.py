@@ -285,6 +285,18 @@ class RunState:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; training/recipe.py (and the tests) run several trainings in one
+    # process, each with its own precision, so each run starts from a fresh one and leaves none behind
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return _train(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from diffusers.optimization import get_scheduler
