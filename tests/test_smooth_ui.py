@@ -511,7 +511,10 @@ def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_pat
     path = make_peft_lora(model.unet, tmp_path / "browser_style.safetensors")
     try:
         pg.get_by_text("Model and LoRA").click()
-        pg.fill("#lora-source textarea", str(path))
+        source = pg.locator("#lora-source textarea")
+        source.fill(str(path))
+        source.press("Tab")  # commit the typed path before the click (a busy machine lost it once)
+        expect(source).to_have_value(str(path))
         pg.click("#lora-load")
         expect(pg.locator("#load-status")).to_contain_text("'browser_style' loaded")
         # the menu appears (chained after the load), on the Smooth LoRA; the checkbox still applies it
