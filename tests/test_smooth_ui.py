@@ -512,8 +512,14 @@ def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_pat
     try:
         pg.get_by_text("Model and LoRA").click()
         source = pg.locator("#lora-source textarea")
-        source.fill(str(path))
-        source.press("Tab")  # commit the typed path before the click (a busy machine lost it once)
+
+        # the page's load-time refresh can re-render the panel and drop a value typed before it lands: type again
+        for _ in range(30):
+            source.fill(str(path))
+            source.press("Tab")
+            pg.wait_for_timeout(500)
+            if source.input_value() == str(path):
+                break
         expect(source).to_have_value(str(path))
         pg.click("#lora-load")
         expect(pg.locator("#load-status")).to_contain_text("'browser_style' loaded")
