@@ -34,8 +34,8 @@ Edit (`diffedit_edit`)
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass, replace
-from typing import Generator
 
 import numpy as np
 import torch
@@ -49,11 +49,13 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
-from .masks import cells_to_image, latent_cells, paste_outside, user_mask as as_user_mask
+from .limits import get_limits
+from .masks import cells_to_image, latent_cells, paste_outside
+from .masks import user_mask as as_user_mask
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt, resolve_seed
+from .validation import check_number, check_prompt, resolve_seed, shown
 
 MAX_UNET_BATCH = 20        # latents per UNet call while estimating the mask (two branches per noise draw)
 CLIP_RATIO = 3.0           # diffusers' mask_thresholding_ratio: clip the map at 3x its mean
@@ -116,12 +118,12 @@ def validate_params(model, p: DiffEditParams) -> DiffEditParams:
     strength = check_number(p.mask_strength, "Mask encode strength", 0, 1)
     if strength <= 0:
         raise InputError("Mask encode strength must be above 0: the image has to be noised to compare the prompts.")
-    draws = check_number(p.mask_draws, "Mask noise draws", 1, 64, integer=True)
+    draws = check_number(p.mask_draws, "Mask noise draws", 1, get_limits().max_mask_draws, integer=True)
     ratio = check_number(p.encode_ratio, "Encoding ratio r", 0, 1)
     seed = resolve_seed(p.seed)
     norm = str(p.normalisation or "paper").strip().lower()
     if norm not in NORMALISATIONS:
-        raise InputError(f"Unknown mask normalisation {p.normalisation!r}; choose diffusers or paper.")
+        raise InputError(f"Unknown mask normalisation {shown(p.normalisation)}; choose diffusers or paper.")
     return replace(p, target_prompt=target, source_prompt=source, threshold=threshold, mask_strength=strength,
                    mask_draws=draws, encode_ratio=ratio, steps=steps, guidance=guidance, seed=seed,
                    keep_background=bool(p.keep_background), normalisation=norm)
@@ -129,7 +131,7 @@ def validate_params(model, p: DiffEditParams) -> DiffEditParams:
 
 def encode_steps(ratio: float, steps: int) -> int:
     """n = round(r * steps), halves rounded up (not Python's banker's rounding)."""
-    return min(steps, max(0, int(math.floor(ratio * steps + 0.5))))
+    return min(steps, max(0, math.floor(ratio * steps + 0.5)))
 
 
 def mask_timestep_index(strength: float, steps: int) -> int:

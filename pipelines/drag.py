@@ -45,25 +45,48 @@ from PIL import Image
 
 from . import ddim
 from .cache import LRUCache
-from .drag_lora import ADAPTER, adapter_state, adapters_active, add_adapter, peft_state_restored, train_lora
-from .drag_points import (REACHED, check_points, distance, draw_points, motion_supervision, reached, to_feature,
-                          to_image, track_points)
+from .drag_lora import (
+    ADAPTER,
+    adapter_state,
+    adapters_active,
+    add_adapter,
+    peft_state_restored,
+    train_lora,
+)
+from .drag_points import (
+    REACHED,
+    check_point_count,
+    check_points,
+    distance,
+    draw_points,
+    motion_supervision,
+    reached,
+    to_feature,
+    to_image,
+    track_points,
+)
 from .drag_trajectory import find_trajectory
+from .drag_unet import (
+    feature_block_index,
+    feature_hook,
+    mutual_self_attention,
+    upsample,
+)
 from .drag_warp import displacement_field, warp_region
-from .drag_unet import feature_block_index, feature_hook, mutual_self_attention, upsample
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
+from .limits import get_limits
 from .lora import SMOOTH_NAME
-from .metadata import with_metadata
 from .masks import latent_cells, user_mask
+from .metadata import with_metadata
 from .stream import PreviewOptions, preview_image, stream_steps
 from .text import encode_prompt
 from .validation import check_number, resolve_seed
 
-__all__ = ["DragParams", "DragResult", "drag", "check_points", "draw_points", "prepare_drag_mask"]
+__all__ = ["DragParams", "DragResult", "check_points", "drag", "draw_points", "prepare_drag_mask"]
 
 SUPERVISION_PER_LATENT = 4   # supervision grid = 4x the latent: the reference's sup_res 256 for SD's 64 latents
 PREVIEW_EVERY = 5         # drag iterations between previews (a preview costs a decode, not a UNet call)
@@ -115,12 +138,15 @@ def _validate(model, p: DragParams) -> dict:
     if n_actual < 1:
         raise InputError(f"Inversion strength {strength:g} of {steps} steps inverts no step at all: raise it to at "
                          f"least {1 / steps:.2g}.")
+    limits = get_limits()
+    check_point_count(p.handles, p.targets)
     v = {
         "steps": steps, "guidance": guidance, "inversion_strength": strength,
-        "lora_steps": check_number(p.lora_steps, "LoRA steps", 0, 2000, integer=True),
-        "lora_rank": check_number(p.lora_rank, "LoRA rank", 1, 256, integer=True),
+        "lora_steps": check_number(p.lora_steps, "LoRA steps", 0, limits.max_lora_steps, integer=True),
+        "lora_rank": check_number(p.lora_rank, "LoRA rank", 1, limits.max_lora_rank, integer=True),
         "lora_lr": check_number(p.lora_lr, "LoRA learning rate", 0, 1),
-        "drag_iterations": check_number(p.drag_iterations, "Drag iterations", 0, 1000, integer=True),
+        "drag_iterations": check_number(p.drag_iterations, "Drag iterations", 0, limits.max_drag_iterations,
+                                        integer=True),
         "latent_lr": check_number(p.latent_lr, "Latent learning rate", 0, 1),
         "mask_weight": check_number(p.mask_weight, "Mask term lambda", 0, 100),
         "feature_block": check_number(p.feature_block, "Feature block", 0, 3, integer=True),

@@ -9,8 +9,8 @@ the UNet is the same module tree computing the same outputs. Trained adapters ar
 from __future__ import annotations
 
 import warnings
+from collections.abc import Generator
 from contextlib import contextmanager
-from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,18 @@ def _tuner_layers(unet) -> dict[str, BaseTunerLayer]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
+def unwrap_unused_layers(unet) -> None:
+    """Puts the plain module back wherever a peft layer holds no adapter any more (after deleting adapters), and
+    drops peft's bookkeeping once none is left: the UNet is then the module tree it was before any adapter."""
+    for name, layer in _tuner_layers(unet).items():
+        if not any(len(getattr(layer, attr, None) or {}) for attr in layer.adapter_layer_names):
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+    if not _adapters(unet):
+        unet.__dict__.pop("peft_config", None)
+        unet.__dict__.pop("_hf_peft_config_loaded", None)
+
+
 @contextmanager
 def peft_state_restored(unet):
     """Everything peft- and grad-related on `unet` is as before when the block exits, however it exits."""
@@ -49,7 +61,7 @@ def peft_state_restored(unet):
     finally:
         added = [a for a in _adapters(unet) if a not in adapters]
         if added:
-            with _quiet():
+            with quiet_peft():
                 unet.delete_adapters(added)
         for name, layer in _tuner_layers(unet).items():
             if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
@@ -89,7 +101,7 @@ def adapters_active(unet, weights: dict[str, float]):
 
 
 @contextmanager
-def _quiet():
+def quiet_peft():
     """peft warns that a second adapter joins a loaded one (the Smooth LoRA) and that deleting the active one
     activates another: both are intended here (the flags are put back by peft_state_restored)."""
     with warnings.catch_warnings():
@@ -111,7 +123,7 @@ def add_adapter(unet, rank: int, state_dict: dict | None = None, seed: int = 0) 
     if ADAPTER in _adapters(unet):
         unet.delete_adapters(ADAPTER)
     device = next(unet.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _quiet():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quiet_peft():
         torch.manual_seed(int(seed))
         unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
                                     target_modules=TARGETS), ADAPTER)

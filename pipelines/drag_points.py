@@ -7,7 +7,8 @@ reference's `sup_res`); image points are (x, y) pixels whose centres are at inte
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -16,23 +17,88 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import InputError
+from .limits import Limits, get_limits
+from .validation import shown
 
-MAX_POINTS = 16          # pairs; each pair adds a patch to the loss and a search per iteration
+MAX_POINTS = Limits.max_points   # pairs (the default; get_limits() is what is enforced): each adds a loss term
 REACHED = 2.0            # the reference's stop rule: every handle closer than 2 feature pixels to its target
 
 Point = tuple[float, float]
 
+_PAIRS = "Drag points must be a list of [x, y] pairs"
+
+
+def _unpaired(n_handles: int, n_targets: int) -> InputError:
+    return InputError(f"{n_handles} handle point(s) but {n_targets} target(s): every handle needs exactly one "
+                      f"target.")
+
+
+def _as_list(points) -> list:
+    if isinstance(points, (str, bytes, dict)):
+        raise InputError(f"{_PAIRS}, got {_kind(points)}.")
+    try:
+        return list(points or [])
+    except TypeError:  # a number, or anything else that is not a sequence
+        raise InputError(f"{_PAIRS}, got {_kind(points)}.") from None
+
+
+def _kind(value) -> str:
+    """What a JSON value is, in words."""
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", str: "text", dict: "an object"}.get(type(value),
+                                                                                  f"a {type(value).__name__}")
+
+
+def check_point_count(handles, targets) -> None:
+    """Only the counts (cheap, before the image is read): paired, and at most the limit's pairs."""
+    n_h, n_t = len(_as_list(handles)), len(_as_list(targets))
+    if n_h != n_t:
+        raise _unpaired(n_h, n_t)
+    cap = get_limits().max_points
+    if n_h > cap:
+        raise InputError(f"{n_h} point pairs is too many; use at most {cap}.")
+
+
+def _coordinate(v) -> float | None:
+    """A finite JSON number as a float, else None (bools, strings, nested values, NaN, inf, huge ints)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return None
+    try:
+        x = float(v)
+    except (OverflowError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def parse_points(value) -> list[tuple[int, int]]:
+    """The raw JSON a client sends for the clicked points ([[x, y], ...]: handle, target, handle, ...) -> (x, y)
+    int pixels, rounded half up. None is no points (check_points then asks for some). Bounds are check_points'
+    job, once the image size is known."""
+    if value is None:
+        return []
+    cap = 2 * get_limits().max_points
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{_PAIRS}, got {_kind(value)}.")
+    if len(value) > cap:
+        raise InputError(f"{_PAIRS}, at most {cap} of them ({cap // 2} handle/target pairs); got {len(value)}.")
+    out = []
+    for i, entry in enumerate(value):
+        xy = [_coordinate(v) for v in entry] if isinstance(entry, (list, tuple)) and len(entry) == 2 else [None]
+        if None in xy:
+            raise InputError(f"{_PAIRS} of finite numbers; entry {i + 1} is not.")
+        out.append(tuple(math.floor(v + 0.5) for v in xy))
+    if len(out) % 2:
+        raise _unpaired(len(out) // 2 + 1, len(out) // 2)
+    return out
+
 
 def check_points(handles, targets, size: tuple[int, int]) -> tuple[list[Point], list[Point]]:
     """Validated (x, y) float pairs: InputError when empty, unpaired, malformed or outside the image."""
-    handles, targets = list(handles or []), list(targets or [])
+    handles, targets = _as_list(handles), _as_list(targets)
     if not handles and not targets:
         raise InputError("No points: click a handle point on the image, then the target it should move to.")
-    if len(handles) != len(targets):
-        raise InputError(f"{len(handles)} handle point(s) but {len(targets)} target(s): every handle needs exactly "
-                         f"one target.")
-    if len(handles) > MAX_POINTS:
-        raise InputError(f"{len(handles)} point pairs is too many; use at most {MAX_POINTS}.")
+    check_point_count(handles, targets)
     width, height = size
     out = []
     for kind, points in (("Handle", handles), ("Target", targets)):
@@ -40,10 +106,10 @@ def check_points(handles, targets, size: tuple[int, int]) -> tuple[list[Point], 
         for i, p in enumerate(points):
             try:
                 x, y = (float(v) for v in p)
-            except (TypeError, ValueError):
-                raise InputError(f"{kind} point {i + 1} is not an (x, y) pair: {p!r}.") from None
+            except (TypeError, ValueError, OverflowError):
+                raise InputError(f"{kind} point {i + 1} is not an (x, y) pair: {shown(p)}.") from None
             if not (math.isfinite(x) and math.isfinite(y)):
-                raise InputError(f"{kind} point {i + 1} has a coordinate that is not a number: {p!r}.")
+                raise InputError(f"{kind} point {i + 1} has a coordinate that is not a number: {shown(p)}.")
             if not (0 <= x < width and 0 <= y < height):
                 raise InputError(f"{kind} point {i + 1} at ({x:g}, {y:g}) is outside the {width}x{height} image.")
             parsed.append((x, y))
@@ -148,7 +214,7 @@ def draw_points(image: Image.Image, handles, targets, current=None) -> Image.Ima
     thick = max(1, radius // 3)
 
     def px(p) -> tuple[int, int]:
-        return int(round(float(p[0]))), int(round(float(p[1])))
+        return round(float(p[0])), round(float(p[1]))
 
     starts = list(current) if current is not None else list(handles)
     for a, b in zip(starts, targets):

@@ -23,14 +23,20 @@ from .cache import LRUCache
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
-from .inversion import InversionParams, inversion_cost, invert_images, prepare_image, validate_inversion
+from .inversion import (
+    InversionParams,
+    inversion_cost,
+    invert_images,
+    prepare_image,
+    validate_inversion,
+)
 from .latents import decode_to_pil
-from .masks import paste_outside
 from .lora import lora_applied
+from .masks import paste_outside
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt
+from .validation import check_number, check_prompt, shown
 
 EDIT_METHODS = ("threshold", "p2p")
 
@@ -72,17 +78,16 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
               preview: PreviewOptions | None = None) -> Job:
     src_prompt = check_prompt(p.source_prompt, "source prompt")
     tgt_prompt = check_prompt(p.target_prompt, "target prompt")
-    method = (p.method or "").strip().lower()
+    method = str(p.method or "").strip().lower()
     if method not in EDIT_METHODS:
-        raise InputError(f"Unknown edit method {p.method!r}; choose threshold or p2p.")
+        raise InputError(f"Unknown edit method {shown(p.method)}; choose threshold or p2p.")
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     r = check_number(p.r, "Threshold r", 0, 1)
     inv_p = validate_inversion(InversionParams(src_prompt, steps, 1.0, guidance, p.lora, strength, p.inversion,
                                                p.inner_steps, p.force), steps, guidance, strength)
     controller = None
-    if method == "threshold":
-        if src_prompt == tgt_prompt:
-            raise InputError("Source and target prompts are identical: change the target prompt to describe the edit.")
+    if method == "threshold" and src_prompt == tgt_prompt:
+        raise InputError("Source and target prompts are identical: change the target prompt to describe the edit.")
     source = prepare_image(model, image)
     latent_hw = (source.height // model.vae_factor, source.width // model.vae_factor)
     if method == "p2p":  # validated before any UNet call (word counts, words present, ranges)

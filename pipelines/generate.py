@@ -10,6 +10,7 @@ from .drag_trajectory import Trajectory, store_trajectory
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
+from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
@@ -41,7 +42,7 @@ def validate_common(model, steps, guidance, lora_strength):
     if model.is_instruct:
         raise InputError(f"{model.label} is an InstructPix2Pix model (its UNet needs an input image): use the "
                          "Instruct tab, or load a text-to-image model for this.")
-    steps = check_number(steps, "Steps", 1, 500, integer=True)
+    steps = check_number(steps, "Steps", 1, get_limits().max_steps, integer=True)
     guidance = check_number(guidance, "Guidance", 0, 50)
     strength = check_number(lora_strength, "LoRA strength", -2, 4)
     return steps, guidance, strength

@@ -16,9 +16,12 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import InputError
+from pipelines.limits import MB, get_limits
 
 MIN_SIDE = 8  # smaller images carry no usable content for a VAE (8x downsampling)
-MAX_PIXELS = 50_000_000  # decoding more would use GBs of RAM for no benefit
+# Decoders Pillow may try on an upload: the common web formats. Others (EPS would run Ghostscript, and a long tail
+# of rarely used parsers) are never opened, so they read as "not an image".
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
 
 _NOT_AN_IMAGE = "The uploaded file is not an image I can read (cannot identify image file)."
 
@@ -38,22 +41,40 @@ def fit_size(width: int, height: int, *, resolution: int, multiple: int) -> tupl
 
     def snap(side: float) -> int:
         # floor(x + 0.5) instead of round(): Python's round() is banker's rounding.
-        return max(multiple, int(math.floor(side / multiple + 0.5)) * multiple)
+        return max(multiple, math.floor(side / multiple + 0.5) * multiple)
 
     return snap(width * scale), snap(height * scale)
 
 
 def _check_size(width: int, height: int) -> None:
+    """Size rules on the header's (or array's) size, before any pixel is decoded."""
+    limits = get_limits()
+    if width * height > limits.max_pixels:
+        raise InputError(
+            f"The image is too large ({width}x{height} px); "
+            f"the limit is {limits.max_pixels / 1_000_000:g} megapixels."
+        )
+    # A sliver (1x4096) would be squeezed to a few pixels or blown up into a huge job by the resizers.
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise InputError(
+            f"The image is too narrow ({width}x{height} px): "
+            f"its long side may be at most {limits.max_aspect:g} times its short side."
+        )
     if width < MIN_SIDE or height < MIN_SIDE:
         raise InputError(
             f"The image is too small ({width}x{height} px); "
             f"it must be at least {MIN_SIDE} px on each side."
         )
-    if width * height > MAX_PIXELS:
-        raise InputError(
-            f"The image is too large ({width}x{height} px); "
-            f"the limit is {MAX_PIXELS // 1_000_000} megapixels."
-        )
+
+
+def _file_size(n: int) -> str:
+    return f"{round(n / MB, 1):g} MB" if n >= MB else f"{math.ceil(n / 1024)} KB"
+
+
+def _check_bytes(n: int) -> None:
+    limit = get_limits().max_upload_bytes
+    if n > limit:
+        raise InputError(f"The file is too large ({_file_size(n)}); the limit is {_file_size(limit)}.")
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
@@ -73,25 +94,27 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 def _open(source) -> Image.Image:
     """Open a path/bytes lazily: only the header is read, nothing decoded."""
     if isinstance(source, (bytes, bytearray, memoryview)):
+        _check_bytes(memoryview(source).nbytes)
         fp = io.BytesIO(bytes(source))
     else:
         path = Path(source)
         try:
-            found = path.is_file()
+            size = path.stat().st_size if path.is_file() else None
         except OSError:  # e.g. a name too long for the filesystem
-            found = False
-        if not found:
+            size = None
+        if size is None:
             raise InputError(f"The image file '{path.name}' was not found.")
+        _check_bytes(size)
         fp = path
     try:
-        return Image.open(fp)
+        return Image.open(fp, formats=FORMATS)
     # Pillow raises the Error above 2x MAX_IMAGE_PIXELS (and the Warning when
     # warnings are turned into errors); between the two our own, lower
-    # MAX_PIXELS check rejects the image. We do not touch the global warning
+    # max_pixels check rejects the image. We do not touch the global warning
     # filters: they are not thread-safe and Gradio handlers run in threads.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError("The image is too large (its header claims too many pixels).") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on bad input
+    except Exception as exc:  # decoders raise many types on bad input
         raise InputError(_NOT_AN_IMAGE) from exc
 
 
@@ -136,10 +159,30 @@ def load_image(source, *, resolution: int, multiple: int) -> Image.Image:
     return rgb
 
 
+def _is_empty(source) -> bool:
+    return source is None or (isinstance(source, (str, bytes, bytearray, memoryview)) and len(source) == 0)
+
+
+def check_image_header(path_or_bytes) -> tuple[int, int, str]:
+    """(width, height, format) of an upload from its header alone: nothing is decoded, so the app can call it on
+    every upload before anything else. The same checks as load_rgb (file size, formats, size, pixels, aspect
+    ratio); the size is the stored one, before any EXIF rotation (which does not change the checks)."""
+    if _is_empty(path_or_bytes):
+        raise InputError("No image was given.")
+    if not isinstance(path_or_bytes, (str, Path, bytes, bytearray, memoryview)):
+        raise InputError(f"Unsupported image input of type {type(path_or_bytes).__name__}.")
+    img = _open(path_or_bytes)
+    try:
+        _check_size(*img.size)
+        return img.width, img.height, img.format
+    finally:
+        img.close()
+
+
 def load_rgb(source) -> Image.Image:
     """``load_image`` without the resize: the checked, upright RGB image at its own size (for callers that
     size images their own way, e.g. InstructPix2Pix's reference crop)."""
-    if source is None or (isinstance(source, (str, bytes, bytearray, memoryview)) and len(source) == 0):
+    if _is_empty(source):
         raise InputError("No image was given.")
     if isinstance(source, np.ndarray):
         if source.size == 0:
@@ -164,7 +207,7 @@ def load_rgb(source) -> Image.Image:
     except OSError as exc:
         # Pillow reports truncated data as OSError("image file is truncated...").
         raise InputError("The image file is truncated or corrupt and cannot be decoded.") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on bad input
+    except Exception as exc:  # decoders raise many types on bad input
         raise InputError(_NOT_AN_IMAGE) from exc
     finally:
         if opened is not None:

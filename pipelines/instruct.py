@@ -28,12 +28,13 @@ from . import ddim
 from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult
-from .image_io import load_rgb
+from .image_io import fit_size, load_rgb
 from .latents import decode_to_pil, encode_image
+from .limits import get_limits
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, resolve_seed
+from .validation import check_number, resolve_seed, shown
 
 DEFAULT_TEXT_GUIDANCE = 7.5   # sT, the IP2P paper's default
 DEFAULT_IMAGE_GUIDANCE = 1.5  # sI
@@ -93,12 +94,20 @@ def instruct_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Ten
 
 def instruct_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
     """The reference app's input size: the long side about `resolution`, the short side rounded UP to a
-    multiple, then both sides floored to multiples (1024x768 -> 512x384, 1920x1080 -> 512x320 at 512/64)."""
+    multiple, then both sides floored to multiples (1024x768 -> 512x384, 1920x1080 -> 512x320 at 512/64).
+
+    Rounding the short side up scales the long side with it (60000x50 would become a 76800x64 job at 512/64), so
+    the reference size is kept only while its long side stays within the resolution (floored to a multiple)
+    and its pixels within resolution**2; otherwise the long side is that cap and the short side the nearest
+    multiple (the centre crop takes the difference)."""
     factor = resolution / max(width, height)
     factor = math.ceil(min(width, height) * factor / multiple) * multiple / min(width, height)
     w = max(multiple, int(width * factor / multiple) * multiple)
     h = max(multiple, int(height * factor / multiple) * multiple)
-    return w, h
+    long_cap = max(multiple, resolution // multiple * multiple)
+    if max(w, h) <= long_cap and w * h <= max(resolution ** 2, multiple ** 2):
+        return w, h
+    return fit_size(width, height, resolution=long_cap, multiple=multiple)
 
 
 def size_multiple(model) -> int:
@@ -126,10 +135,10 @@ def check_params(p: InstructParams, recommended: tuple[float, float] = (DEFAULT_
                                                                         DEFAULT_IMAGE_GUIDANCE)) -> InstructParams:
     """Range checks before any image is read; unset scales take the `recommended` (sT, sI); randomisation (as
     the reference app, around the recommended) happens here, so the values actually used are returned."""
-    scheduler = (p.scheduler or "euler_a").strip().lower()
+    scheduler = str(p.scheduler or "euler_a").strip().lower()
     if scheduler not in SCHEDULERS:
-        raise InputError(f"Unknown scheduler {p.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
-    steps = check_number(p.steps, "Steps", 1, 500, integer=True)
+        raise InputError(f"Unknown scheduler {shown(p.scheduler)}; choose one of {', '.join(SCHEDULERS)}.")
+    steps = check_number(p.steps, "Steps", 1, get_limits().max_steps, integer=True)
     text_g = check_number(recommended[0] if p.text_guidance is None else p.text_guidance, "Text guidance sT", 0, 50)
     image_g = check_number(recommended[1] if p.image_guidance is None else p.image_guidance, "Image guidance sI",
                            0, 20)
@@ -144,11 +153,11 @@ def instruct_edit(model, image, p: InstructParams, cancel: CancelToken | None = 
                   preview: PreviewOptions | None = None) -> Job:
     """Edits `image` by `p.instruction`; the last event's result is an InstructResult. An empty instruction
     returns the (resized) input unchanged, as the reference app does."""
+    p = check_params(p, recommended_guidance(model))  # before instruct_unet(), which may load weights
     unet = model.instruct_unet()
     if unet is None:
         raise InputError(f"{model.label} has no InstructPix2Pix UNet: load the embedded model, or "
                          "timbrooks/instruct-pix2pix, in the Model panel.")
-    p = check_params(p, recommended_guidance(model))
     source = prepare_input(model, image)
     total = p.steps + 1
     meta = {"task": "instruct", "instruction": p.instruction, "seed": p.seed, "steps": p.steps,

@@ -26,6 +26,7 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .latents import decode_to_pil, initial_noise
+from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
@@ -126,6 +127,10 @@ class ComparisonFrames:
     frames: list
 
 
+def check_frames(n_frames) -> int:
+    return check_number(n_frames, "Number of frames", 2, get_limits().max_frames, integer=True)
+
+
 def check_comparison_lora(model, name: str | None) -> str:
     """The adapter a comparison applies must be loaded: said before anything is rendered."""
     if not name:
@@ -219,7 +224,7 @@ def interpolation_sequence(model, p: InterpolationParams, n_frames: int = 11, ca
                            cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
                            gif_dir: str | Path | None = None, fps: int = 8) -> Job:
     """N frames at evenly spaced eta (ends included), then their ISTD, an animated GIF and an MP4."""
-    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    n_frames = check_frames(n_frames)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
     ends, _ = _endpoints(model, p, cache, w, h)
@@ -234,7 +239,7 @@ def interpolation_compare(model, p: InterpolationParams, n_frames: int = 11, cac
                           cancel: CancelToken | None = None, preview: PreviewOptions | None = None) -> Job:
     """The sequence without the LoRA `p.lora`, then with it at `p.lora_strength` (same endpoints, same settings);
     the LoRA is switched on only while its sequence renders. Result: a LoraComparison."""
-    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    n_frames = check_frames(n_frames)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
     name = check_comparison_lora(model, p.lora)

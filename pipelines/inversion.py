@@ -13,8 +13,8 @@ bounded per-session cache, and `force=True` ("re-invert") replaces a cached one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Generator, Sequence
 
 import torch
 from PIL import Image
@@ -26,12 +26,13 @@ from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .image_io import load_image
 from .latents import decode_to_pil, encode_image
+from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
 from .metrics import mse, psnr, ssim
 from .stream import PreviewOptions, step_preview, stream_steps
 from .text import encode_prompt
-from .validation import check_number
+from .validation import check_number, shown
 
 METHODS = {
     "ddim": "DDIM inversion",
@@ -94,9 +95,9 @@ def prepare_image(model, image, size: tuple[int, int] | None = None) -> Image.Im
 
 
 def check_method(method: str) -> str:
-    method = (method or "ddim").strip().lower()
+    method = str(method or "ddim").strip().lower()
     if method not in METHODS:
-        raise InputError(f"Unknown inversion method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise InputError(f"Unknown inversion method {shown(method)}; choose one of {', '.join(METHODS)}.")
     return method
 
 
@@ -104,7 +105,8 @@ def validate_inversion(p: InversionParams, steps: int, guidance: float, strength
     """Range-checks everything an inversion takes, before any image is read or model run."""
     return replace(p, steps=steps, guidance=guidance, lora_strength=strength, method=check_method(p.method),
                    inversion_guidance=check_number(p.inversion_guidance, "Inversion guidance", 0, 50),
-                   inner_steps=check_number(p.inner_steps, "Inner iterations", 1, 50, integer=True))
+                   inner_steps=check_number(p.inner_steps, "Inner iterations", 1, get_limits().max_inner_steps,
+                                            integer=True))
 
 
 def invert_images(model, sources: Sequence[Image.Image], prompts: Sequence[str], p: InversionParams,

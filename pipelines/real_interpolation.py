@@ -15,9 +15,25 @@ from pathlib import Path
 from .cache import LRUCache
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
-from .interpolation import (Endpoints, LoraComparison, _render, check_comparison_lora, comparison_done,
-                            comparison_labels, comparison_part, render_sequence)
-from .inversion import InversionParams, image_key, inversion_cost, invert_images, prepare_image, validate_inversion
+from .interpolation import (
+    Endpoints,
+    LoraComparison,
+    _render,
+    check_comparison_lora,
+    check_frames,
+    comparison_done,
+    comparison_labels,
+    comparison_part,
+    render_sequence,
+)
+from .inversion import (
+    InversionParams,
+    image_key,
+    inversion_cost,
+    invert_images,
+    prepare_image,
+    validate_inversion,
+)
 from .lora import lora_applied
 from .metadata import with_metadata
 from .stream import PreviewOptions
@@ -88,7 +104,7 @@ def real_interpolation_sequence(model, image_a, image_b, p: RealInterpolationPar
                                 cache: LRUCache | None = None, cancel: CancelToken | None = None,
                                 preview: PreviewOptions | None = None, gif_dir: str | Path | None = None,
                                 fps: int = 8) -> Job:
-    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    n_frames = check_frames(n_frames)
     a, b, prompt_a, prompt_b, inv_p = _prepare(model, image_a, image_b, p)
     total = inversion_cost(inv_p.method, inv_p.steps) + inv_p.steps * n_frames
     yield Progress("encoding images", 0, total, preview=a)
@@ -103,7 +119,7 @@ def real_interpolation_compare(model, image_a, image_b, p: RealInterpolationPara
                                preview: PreviewOptions | None = None) -> Job:
     """The sequence without the LoRA `p.lora` (images inverted without it), then with it at `p.lora_strength`
     (images inverted again with it switched on); same images, prompts and settings. Result: a LoraComparison."""
-    n_frames = check_number(n_frames, "Number of frames", 2, 64, integer=True)
+    n_frames = check_frames(n_frames)
     a, b, prompt_a, prompt_b, inv_p = _prepare(model, image_a, image_b, p)
     name = check_comparison_lora(model, inv_p.lora)
     per = inversion_cost(inv_p.method, inv_p.steps) + inv_p.steps * n_frames

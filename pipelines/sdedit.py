@@ -18,8 +18,8 @@ the posterior mean (deterministic, as every other method here) and the noise is 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,15 +30,15 @@ from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .generate import ImageResult, base_metadata, validate_common
 from .inversion import prepare_image
-from .masks import cells_to_image, grow_cells, latent_cells, user_mask
 from .latents import decode_to_pil, encode_image, initial_noise
+from .limits import get_limits
 from .lora import lora_applied
+from .masks import cells_to_image, grow_cells, latent_cells, user_mask
 from .metadata import with_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
 from .validation import MAX_SEED, check_number, check_prompt, resolve_seed
 
-MAX_REPEATS = 8
 # The painted region is grown by this many latent pixels (one latent pixel = vae_factor image pixels: 4 px on
 # the embedded model, 8 px on SD). Strokes are hand-drawn with soft, jagged edges, and the object the model
 # draws from them rarely matches their outline exactly: one latent pixel of margin lets the model redraw that
@@ -55,7 +55,7 @@ class SDEditParams:
     steps: int = 50              # the FULL schedule; int(steps * strength) of them run (as diffusers img2img)
     guidance: float = 7.5
     seed: int = -1               # -1 = random; repeat k uses seed + k
-    repeats: int = 1             # N candidates to pick from (1..MAX_REPEATS)
+    repeats: int = 1             # N candidates to pick from (1..Limits.max_repeats)
     lora: str | None = None
     lora_strength: float = 1.0
 
@@ -149,7 +149,7 @@ def sdedit(model, image, p: SDEditParams, mask=None, cancel: CancelToken | None 
     prompt = check_prompt(p.prompt)
     steps, guidance, lora_strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     strength = check_strength(p.strength)
-    repeats = check_number(p.repeats, "Repeats", 1, MAX_REPEATS, integer=True)
+    repeats = check_number(p.repeats, "Repeats", 1, get_limits().max_repeats, integer=True)
     steps_run, start_t = strength_schedule(model.scheduler_config, steps, strength)
     if image is None or (isinstance(image, np.ndarray) and image.size == 0):
         raise InputError("The canvas is empty: paint some strokes or upload an image first.")

@@ -20,7 +20,7 @@ from .instruct import InstructParams, instruct_edit
 from .sdedit import SDEditParams, sdedit
 from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
-from .lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora
+from .lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora, unload_lora
 from .real_interpolation import (RealInterpolationParams, real_interpolation_compare, real_interpolation_frame,
                                  real_interpolation_sequence)
 from .models import EMBEDDED_ID, default_source, embedded_available, load_model
@@ -85,6 +85,16 @@ class Studio:
             yield Progress("loading LoRA", 0, 1, message=f"Loading {source}")
             adapter = load_lora(model, source, name)
             yield Progress("loaded", 1, 1, result=adapter, message=f"LoRA {adapter!r} loaded")
+
+        return self._exclusive(job, cancel)
+
+    def unload_lora(self, name: str, cancel: CancelToken | None = None) -> Job:
+        """Deletes a loaded LoRA from the active model (under the GPU lock: no job is using it meanwhile)."""
+
+        def job(model):
+            yield Progress("unloading LoRA", 0, 1, message=f"Unloading {str(name)[:64]!r}")
+            adapter = unload_lora(model, name)
+            yield Progress("unloaded", 1, 1, result=adapter, message=f"LoRA {adapter!r} unloaded")
 
         return self._exclusive(job, cancel)
 

@@ -5,9 +5,9 @@ import math
 import random
 
 from .errors import InputError
+from .limits import get_limits
 
 MAX_SEED = 2**32 - 1
-MAX_SIDE = 2048
 
 
 def check_prompt(prompt, what: str = "prompt") -> str:
@@ -17,23 +17,38 @@ def check_prompt(prompt, what: str = "prompt") -> str:
     return text.strip()
 
 
-def check_number(value, name: str, lo: float, hi: float, integer: bool = False):
+def shown(value, limit: int = 40) -> str:
+    """repr(value) cut to `limit` characters: messages echo what was sent, never a megabyte of it."""
     try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "an integer too long to show"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _as_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
+        return None
+
+
+def check_number(value, name: str, lo: float, hi: float, integer: bool = False):
+    x = _as_float(value)
+    if x is None:
+        raise InputError(f"{name} must be a number, got {shown(value)}.")
     if math.isnan(x) or x < lo or x > hi:
-        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}.")
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {shown(value)}.")
     if integer:
         if x != int(x):
-            raise InputError(f"{name} must be a whole number, got {value!r}.")
+            raise InputError(f"{name} must be a whole number, got {shown(value)}.")
         return int(x)
     return x
 
 
 def resolve_seed(seed) -> int:
     """-1 (or empty) means a fresh random seed; the seed actually used is returned so it can be shown."""
-    if seed is None or seed == "" or float(seed) == -1:
+    if seed is None or seed == "" or _as_float(seed) == -1:
         return random.randrange(MAX_SEED)
     return check_number(seed, "Seed", 0, MAX_SEED, integer=True)
 
@@ -41,12 +56,13 @@ def resolve_seed(seed) -> int:
 def check_size(model, width, height) -> tuple[int, int]:
     """Width/height default to the model's native resolution and must be multiples of its size step."""
     step = model.size_multiple
+    max_side = get_limits().max_side
     out = []
     for name, v in (("Width", width), ("Height", height)):
         if v is None or v == "" or v == 0:
             out.append(model.resolution)
             continue
-        v = check_number(v, name, step, MAX_SIDE, integer=True)
+        v = check_number(v, name, step, max_side, integer=True)
         if v % step:
             raise InputError(f"{name} must be a multiple of {step} for this model, got {v}.")
         out.append(v)

@@ -84,7 +84,7 @@ def test_tiny_image_is_upscaled(tmp_path):
         assert out.getpixel((100, 100)) == (40, 80, 120)
 
 
-@pytest.mark.parametrize("size", [(3, 3), (9, 5), (7, 100), (100, 7)])
+@pytest.mark.parametrize("size", [(3, 3), (9, 5), (7, 50), (50, 7)])
 def test_too_small_is_rejected(size):
     with pytest.raises(InputError, match="too small"):
         load_image(_png_bytes(Image.new("RGB", size)), **RES)
@@ -140,7 +140,7 @@ def test_decompression_bomb_rejected_quickly():
     assert time.perf_counter() - start < 1.0
 
 
-def test_over_50_megapixels_rejected_before_decoding(monkeypatch):
+def test_over_the_pixel_limit_rejected_before_decoding(monkeypatch):
     calls = []
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(
@@ -152,7 +152,7 @@ def test_over_50_megapixels_rejected_before_decoding(monkeypatch):
     assert calls == []
 
 
-def test_over_50_megapixels_array_rejected():
+def test_over_the_pixel_limit_array_rejected():
     big = np.broadcast_to(np.uint8(0), (8000, 7000))  # a view: no 56 MB allocation
     with pytest.raises(InputError, match="too large"):
         load_image(big, **RES)

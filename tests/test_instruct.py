@@ -39,9 +39,18 @@ def edit(model, image, **kw):
 
 
 @pytest.mark.parametrize("size, expected", [((1024, 768), (512, 384)), ((1920, 1080), (512, 320)),
-                                            ((800, 530), (576, 384)), ((1000, 300), (640, 192)),
-                                            ((512, 512), (512, 512))])
+                                            ((512, 512), (512, 512)), ((2048, 1024), (512, 256))])
 def test_reference_input_sizes(size, expected):
+    assert instruct_size(*size, 512, 64) == expected
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((800, 530), (512, 320)),     # the reference: 576x384 (the short side rounded up pushes the long side over)
+    ((1000, 300), (512, 128)),    # the reference: 640x192
+    ((60000, 50), (512, 64)),     # the reference: 76800x64
+    ((50, 60000), (64, 512)),
+])
+def test_sizes_never_exceed_the_resolution(size, expected):
     assert instruct_size(*size, 512, 64) == expected
 
 
