@@ -9,11 +9,13 @@ import numpy as np
 from PIL import Image
 
 from pipelines.drag import DragParams, check_points, draw_points
+from pipelines.drag_points import parse_points
 from pipelines.errors import InputError
 from pipelines.inversion import prepare_image
 from pipelines.lora import SMOOTH_NAME
 
 from . import examples, masks
+from .uploads import SafeImage, SafeImageMask
 from .streaming import in_progress, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
@@ -43,16 +45,27 @@ def points_view(source: Image.Image, points: list) -> Image.Image:
     return draw_points(shown, pts[0::2], pts[1::2])
 
 
-def build_drag_tab(studio, sessions, stop) -> DragTab:
-    def source_of(path) -> Image.Image:
-        return prepare_image(studio.model, upload_path(path, "an image to drag"))
+def clicked_points(value) -> list[list[int]]:
+    """The points clicked so far, checked like the drag's own points (an odd count is a handle still waiting
+    for its target)."""
+    value = value or []
+    odd = isinstance(value, (list, tuple)) and len(value) % 2 == 1
+    points = parse_points(list(value) + [[0, 0]] if odd else value)
+    return [list(p) for p in (points[:-1] if odd else points)]
+
+
+def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
+    engine = engine or (lambda request: studio)
+
+    def source_of(path, request=None) -> Image.Image:
+        return prepare_image(engine(request).model, upload_path(path, "an image to drag"))
 
     with gr.Tab("Drag (DragDiffusion)", id="drag"):
         with gr.Row():
             with gr.Column():
-                r_image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
+                r_image = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
                                    elem_id="drag-input")
-                r_mask = gr.ImageMask(label="Editable region (paint; empty = whole image)", type="numpy",
+                r_mask = SafeImageMask(label="Editable region (paint; empty = whole image)", type="numpy",
                                       format="png", sources=[], elem_id="drag-mask",
                                       brush=gr.Brush(colors=["#ff28c8"], color_mode="fixed", default_size=24))
                 r_prompt = gr.Textbox(label="Prompt (optional: describing the image)", elem_id="drag-prompt")
@@ -98,32 +111,35 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                                         height=256, elem_id="drag-result")
                 r_status = gr.Markdown("", elem_id="drag-status")
 
-    def on_upload(path):
+    def on_upload(path, request: gr.Request):
         if not path:
             return None, [], None, ""
         try:
-            src = source_of(path)
+            src = source_of(path, request)
         except InputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         shown = masks.enlarge_for_display(src)
         return (np.asarray(shown), [], masks.editor_value(src, None),
                 f"Image ready ({src.width}x{src.height} model pixels): click a handle, then its target.")
 
-    def on_click(path, points, evt: gr.SelectData):
+    def on_click(path, points, evt: gr.SelectData, request: gr.Request):
         if not path:
             raise gr.Error("Upload an image first.", print_exception=False)
-        src = source_of(path)
+        src = source_of(path, request)
         k = _display_scale(src)
-        x, y = evt.index[0] // k, evt.index[1] // k
-        points = [list(p) for p in (points or [])] + [[int(x), int(y)]]
+        index = evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else None
+        if index is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in index):
+            raise InputError("Click on the image to place a point.")
+        x, y = int(index[0]) // k, int(index[1]) // k
+        points = clicked_points(points) + [[x, y]]
         kind = "handle" if len(points) % 2 else "target"
         return points_view(src, points), points, f"{kind} at ({x}, {y})" + ("" if kind == "target" else
                                                                            " · now click its target")
 
-    def edit_points(path, points, how):
-        points = list(points or [])
+    def edit_points(path, points, how, request=None):
+        points = clicked_points(points)
         points = points[:-1] if how == "undo" else []
-        return (points_view(source_of(path), points) if path else None), points, f"{len(points)} point(s)"
+        return (points_view(source_of(path, request), points) if path else None), points, f"{len(points)} point(s)"
 
     def run_drag(image, points, mask_value, prompt, lora_steps, lora_rank, lora_lr, iters, latent_lr, lam,
                  strength, block, r1, r2, smooth, warm, request: gr.Request):
@@ -147,16 +163,14 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
             return in_progress(ev, 2)
 
         def job():
-            src = source_of(image)
-            pts = [tuple(p) for p in (points or [])]
-            if len(pts) % 2:
-                raise InputError(f"{len(pts)} points: every handle needs a target (click one more point, or undo).")
+            src = source_of(image, request)
+            pts = parse_points(points)  # malformed JSON (a number, a string, odd pairs) -> a clear message
             handles, targets = check_points(pts[0::2], pts[1::2], src.size)
             p = DragParams(handles, targets, prompt or "", lora_steps=lora_steps, lora_rank=lora_rank,
                            lora_lr=lora_lr, drag_iterations=iters, latent_lr=latent_lr, mask_weight=lam,
                            inversion_strength=strength, feature_block=block, r1=r1, r2=r2, smooth_lora=bool(smooth),
                            warm_start=bool(warm))
-            yield from studio.drag(src, p, painted, session.drag_cache, token, session.preview)
+            yield from engine(request).drag(src, p, painted, session.drag_cache, token, session.preview)
 
         yield from stream(job(), render, stopped(4, 3), cancel=token)
 
@@ -164,9 +178,15 @@ def build_drag_tab(studio, sessions, stop) -> DragTab:
                    queue=False)
     r_points_img.select(on_click, [r_image, r_points], [r_points_img, r_points, r_status], api_visibility="private",
                         queue=False)
-    r_undo.click(lambda path, pts: edit_points(path, pts, "undo"), [r_image, r_points],
+    def undo_point(path, pts, request: gr.Request):
+        return edit_points(path, pts, "undo", request)
+
+    def clear_points(path, pts, request: gr.Request):
+        return edit_points(path, pts, "clear", request)
+
+    r_undo.click(undo_point, [r_image, r_points],
                  [r_points_img, r_points, r_status], api_visibility="private", queue=False)
-    r_clear.click(lambda path, pts: edit_points(path, pts, "clear"), [r_image, r_points],
+    r_clear.click(clear_points, [r_image, r_points],
                   [r_points_img, r_points, r_status], api_visibility="private", queue=False)
     inputs = [r_image, r_points, r_mask, r_prompt, r_lora_steps, r_lora_rank, r_lora_lr, r_iters, r_latent_lr,
               r_lambda, r_strength, r_block, r_r1, r_r2, r_smooth, r_warm]

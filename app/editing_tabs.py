@@ -10,10 +10,12 @@ from PIL import Image
 
 from pipelines.diffedit import DiffEditParams
 from pipelines.errors import InputError
+from pipelines.limits import get_limits
 from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 from pipelines.sdedit import SDEditParams
 
 from . import examples, masks
+from .uploads import SafeImage, SafeImageEditor, SafeImageMask
 from .streaming import in_progress, shown_preview, status_line, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # the same queue as every other GPU event
@@ -43,23 +45,24 @@ class EditingTabs:
     instruct_guidance: list  # [sT slider, sI slider]: a model switch sets them to its recommended scales
 
 
-def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
+def build_editing_tabs(studio, sessions, stop, engine=None) -> EditingTabs:
     """Adds the three tabs inside the caller's gr.Tabs and wires their events; `stop` is the studio's Stop
-    handler (cancels the session's job)."""
+    handler (cancels the session's job); `engine(request)` is the studio the request's session runs on."""
+    engine = engine or (lambda request: studio)
 
-    def model_image(img: Image.Image) -> Image.Image:
-        return masks.shrink_display(img, studio.model.resolution)
+    def model_image(img: Image.Image, request) -> Image.Image:
+        return masks.shrink_display(img, engine(request).model.resolution)
 
     # ---------------------------------------------------------------------------- InstructPix2Pix
     with gr.Tab("Instruct (InstructPix2Pix)", id="instruct"):
         with gr.Row():
             with gr.Column():
-                n_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                n_input = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"],
                                    elem_id="ip2p-input")
                 n_text = gr.Textbox(label="Edit instruction", placeholder="e.g. make the background blue",
                                     elem_id="ip2p-instruction")
                 with gr.Row():
-                    n_steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
+                    n_steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1, label="Steps")
                     n_sched = gr.Radio([(label, key) for key, label in SCHEDULERS.items()], value="euler_a",
                                        label="Sampler")
                 with gr.Row():
@@ -93,7 +96,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
         with gr.Row():
             with gr.Column():
                 # PNG, not the default WebP: a lossy alpha channel would grow the mask by its artefacts
-                d_editor = gr.ImageMask(label="Image and mask (paint to add, erase to remove)", type="numpy", format="png",
+                d_editor = SafeImageMask(label="Image and mask (paint to add, erase to remove)", type="numpy", format="png",
                                         sources=["upload", "clipboard"], elem_id="diffedit-editor",
                                         brush=gr.Brush(colors=["#ff28c8"], color_mode="fixed", default_size=24))
                 d_target = gr.Textbox(label="Target prompt (what the edited image shows)", elem_id="diffedit-target")
@@ -110,7 +113,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                         d_draws = gr.Slider(1, 32, value=10, step=1, label="Noise draws")
                         d_seed = gr.Number(0, label="Mask noise seed (-1 = random)", precision=0)
                     with gr.Row():
-                        d_steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
+                        d_steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1, label="Steps")
                         d_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():
                     d_mask_btn = gr.Button("1. Estimate mask", elem_id="diffedit-mask")
@@ -134,7 +137,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
     with gr.Tab("SDEdit (strokes)", id="sdedit"):
         with gr.Row():
             with gr.Column():
-                s_canvas = gr.ImageEditor(label="Canvas: paint strokes on the blank canvas or on an uploaded image",
+                s_canvas = SafeImageEditor(label="Canvas: paint strokes on the blank canvas or on an uploaded image",
                                           type="numpy", image_mode="RGBA", format="png", sources=["upload", "clipboard"],
                                           canvas_size=(masks.DISPLAY_SIDE, masks.DISPLAY_SIDE),
                                           brush=gr.Brush(colors=WORLD_COLOURS, default_size=32),
@@ -145,7 +148,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                                        info="Low: faithful to the strokes · high: realistic, less faithful",
                                        elem_id="sdedit-strength")
                 with gr.Row():
-                    s_steps = gr.Slider(1, 150, value=50, step=1, label="Steps (full schedule)")
+                    s_steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1, label="Steps (full schedule)")
                     s_guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():
                     s_seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
@@ -171,6 +174,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
         def render(ev, final):
             if final:
                 r = ev.result
+                session.keep_result("instruct", r.edited.image)
                 return (ev.preview, r.edited.image, r.params["seed"], r.params["text_guidance"],
                         r.params["image_guidance"], f"Done · {ev.message}")
             return in_progress(ev, 4)
@@ -179,7 +183,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
             path = upload_path(image, "an image to edit")
             p = InstructParams(instruction or "", text_g, image_g, steps, seed, scheduler,
                                randomize_seed=seed_mode == RANDOM_SEED, randomize_cfg=cfg_mode == RANDOM_CFG)
-            yield from studio.instruct(path, p, token, session.preview)
+            yield from engine(request).instruct(path, p, token, session.preview)
 
         yield from stream(job(), render, stopped(6, 5), cancel=token)
 
@@ -187,8 +191,8 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
         return DiffEditParams(target or "", source or "", threshold, mask_strength, draws, ratio, steps, guidance,
                               seed)
 
-    def editor_picture(editor) -> Image.Image:
-        return model_image(masks.require_picture(masks.background(editor), "an image to edit"))
+    def editor_picture(editor, request) -> Image.Image:
+        return model_image(masks.require_picture(masks.background(editor), "an image to edit"), request)
 
     def run_diffedit_mask(editor, target, source, threshold, ratio, mask_strength, draws, seed, steps, guidance,
                           request: gr.Request):
@@ -206,7 +210,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
             return gr.skip(), gr.skip(), status_line(ev)
 
         def job():
-            yield from studio.diffedit_mask(editor_picture(editor), diffedit_params(*settings), token, session.preview)
+            yield from engine(request).diffedit_mask(editor_picture(editor, request), diffedit_params(*settings), token, session.preview)
 
         yield from stream(job(), render, stopped(3, 2), cancel=token)
 
@@ -227,7 +231,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
             return in_progress(ev, 2)
 
         def job():
-            yield from studio.diffedit(editor_picture(editor), diffedit_params(*settings), hand_mask,
+            yield from engine(request).diffedit(editor_picture(editor, request), diffedit_params(*settings), hand_mask,
                                        session.diffedit_cache, token, session.preview)
 
         yield from stream(job(), render, stopped(4, 3), cancel=token)
@@ -256,7 +260,7 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                     raise InputError("Nothing is painted, so nothing would change: paint strokes where the image "
                                      "should change, or untick 'Keep unpainted regions'.")
             p = SDEditParams(prompt or "", neg or "", strength, steps, guidance, seed, repeats)
-            yield from studio.sdedit(model_image(guide), p, mask, token, session.preview)
+            yield from engine(request).sdedit(model_image(guide, request), p, mask, token, session.preview)
 
         yield from stream(job(), render, stopped(3, 2), cancel=token)
 
@@ -265,8 +269,15 @@ def build_editing_tabs(studio, sessions, stop) -> EditingTabs:
                           api_name="instruct", preprocess=False, **GPU)
     n_stop.click(stop, None, n_status, cancels=[n_event], api_name="instruct_stop", api_visibility="private",
                  queue=False)  # named: the bare name "stop" belongs to the Generate tab's public endpoint
-    n_reuse.click(lambda img: img if img else gr.skip(), [n_result], [n_input], api_visibility="private",
-                  queue=False)
+    def reuse_result(request: gr.Request):
+        """The last edit this session made becomes the input (kept server-side, never a client's path)."""
+        session = sessions.peek(request)
+        path = session.handoff_png("instruct") if session is not None else None
+        if path is None:
+            raise InputError("There is no edited image to reuse yet.")
+        return path
+
+    n_reuse.click(reuse_result, None, [n_input], api_visibility="private", queue=False)
 
     d_settings = [d_target, d_source, d_threshold, d_ratio, d_mask_strength, d_draws, d_seed, d_steps, d_guid]
     d_mask_event = d_mask_btn.click(run_diffedit_mask, [d_editor] + d_settings, [d_editor, d_heat, d_status],

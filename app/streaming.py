@@ -1,7 +1,9 @@
 """Renders pipeline jobs into Gradio updates: throttled previews, clear messages instead of tracebacks."""
 from __future__ import annotations
 
+import html
 import logging
+import secrets
 import time
 from typing import Callable, Iterator
 
@@ -10,8 +12,24 @@ import gradio as gr
 from pipelines.errors import InputError
 from pipelines.events import CancelToken, Cancelled, Progress
 
+from .uploads import client_path
+
 log = logging.getLogger(__name__)
 MIN_INTERVAL = 0.1  # seconds between streamed updates: each image update is an encode + file + fetch
+
+
+def incident_error(what: str = "job") -> gr.Error:
+    """An unexpected failure: the visitor gets a short message with an incident id; the traceback, paths and
+    exception type go to the server log under that id (call inside an except block)."""
+    incident = secrets.token_hex(4)
+    log.exception("%s failed (incident %s)", what, incident)
+    return gr.Error(f"Something went wrong (incident {incident}). Please try again; if it keeps happening, "
+                    f"report the incident id.", print_exception=False)
+
+
+def user_error(exc: Exception) -> gr.Error:
+    """The studio's own message (an InputError), escaped: Gradio shows error text as HTML."""
+    return gr.Error(html.escape(str(exc), quote=False), print_exception=False)
 
 
 def status_line(ev: Progress) -> str:
@@ -54,14 +72,16 @@ def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], s
                 last = now
                 yield render(ev, False)
     except InputError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise user_error(exc) from None
     except Cancelled:
         yield stopped()
-    except Exception as exc:  # noqa: BLE001 - never show a traceback in the UI
-        log.exception("job failed")
-        raise gr.Error(f"Something went wrong: {type(exc).__name__}: {exc}", print_exception=False) from None
+    except Exception:  # noqa: BLE001 - never show a traceback, path or exception type in the UI
+        raise incident_error() from None
     finally:
         job.close()
+        finish = getattr(cancel, "finish", None)
+        if finish is not None:
+            finish()  # the session is idle again (app/sessions.py)
 
 
 def stopped(n: int, status_index: int) -> Callable[[], tuple]:
@@ -74,9 +94,6 @@ def stopped(n: int, status_index: int) -> Callable[[], tuple]:
 
 
 def upload_path(image, what: str) -> str:
-    """The raw (unpreprocessed) upload's server path: the pipeline's own loader then reports corrupt or odd
-    files clearly. Missing upload -> a message asking for it."""
-    path = image.get("path") if isinstance(image, dict) else image
-    if not path:
-        raise InputError(f"Please upload {what}.")
-    return path
+    """The real path of an upload a handler received raw (preprocess=False): only files in Gradio's upload
+    folder are accepted (app/uploads.py); a missing upload -> a message asking for it."""
+    return client_path(image, what)

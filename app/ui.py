@@ -10,6 +10,7 @@ from pipelines.errors import InputError
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import ComparisonFrames, InterpolationParams, LoraComparison, comparison_labels
 from pipelines.instruct import recommended_guidance
+from pipelines.limits import get_limits
 from pipelines.inversion import METHODS as INVERSION_METHODS, InversionParams
 from pipelines.p2p import MODES as P2P_MODES, P2PSettings
 from pipelines.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
@@ -21,7 +22,10 @@ from pipelines.studio import Studio
 from . import examples
 from .drag_tab import build_drag_tab
 from .editing_tabs import build_editing_tabs
+from .guard import harden
+from .hosting import Hosting
 from .sessions import SessionRegistry
+from .uploads import SafeImage
 from .streaming import in_progress, shown_preview, status_line, stopped, stream, upload_path
 
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # one GPU job at a time, across all sessions
@@ -95,8 +99,20 @@ def rounded_metrics(metrics: dict, **extra) -> dict:
     return {**out, **extra}
 
 
-def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Blocks:
+def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting: Hosting | None = None) -> gr.Blocks:
+    """The studio's Blocks. `hosting` (app/hosting.py) says whether it is public and what its allow-lists hold;
+    by default it is local, with every model and LoRA source allowed."""
     sessions = sessions or SessionRegistry()
+    hosting = hosting or Hosting()
+
+    def engine(request) -> Studio:
+        """The studio as this session sees it: a hosted session runs on the allow-listed model it chose."""
+        if hosting.public:
+            session = sessions.peek(request)
+            chosen = studio.pool.get(session.model_id) if session is not None and session.model_id else None
+            if chosen is not None:
+                return studio.with_model(chosen)
+        return studio
 
     def model_status(m=None) -> str:
         m = m or studio.model
@@ -109,12 +125,12 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             text += f"\n\n**Loaded LoRA:** {', '.join(m.loras)}"
         return text
 
-    def lora_name(use_lora: bool, adapter: str | None = None):
+    def lora_name(use_lora: bool, adapter: str | None = None, request=None):
         """The adapter a job applies: none when unticked; else the one chosen in the adapter menu, which is the
         Smooth LoRA ("smooth") unless another was chosen (also for API calls that do not send the menu)."""
         if not use_lora:
             return None
-        m = studio.model
+        m = engine(request).model
         name = (adapter or "").strip() or SMOOTH_NAME
         if name in m.loras:
             return name
@@ -147,7 +163,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         return use, strength, menu
 
     def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
-        return gr.Slider(1, 150, value=default, step=1, label="Steps", elem_id=elem_id)
+        top = get_limits().max_steps  # the server refuses more, so the slider stops there
+        return gr.Slider(1, top, value=min(default, top), step=1, label="Steps", elem_id=elem_id)
 
     def inversion_controls(prefix: str, default: str = "nti"):
         """Inversion method, null-text inner iterations and the re-invert flag (Invert, Edit, real interpolation)."""
@@ -185,7 +202,9 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         return without, with_lora, plot, istd_off, istd_on, ratio
 
     def stop(request: gr.Request):
-        sessions.get(request).token.cancel()
+        session = sessions.peek(request)  # only the caller's own job; an unknown hash creates nothing
+        if session is not None:
+            session.token.cancel()
         # Said here too: Gradio's cancel (cancels=...) usually ends the event before the job's own
         # "Stopped." update is delivered, which would leave the last progress line showing.
         return "Stopped."
@@ -195,13 +214,22 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
         status_md = gr.Markdown(model_status(), elem_id="model-status")
         with gr.Accordion("Model and LoRA", open=False):
             with gr.Row():
-                model_dd = gr.Dropdown(model_choices(), value=studio.model.id, allow_custom_value=True,
-                                       label="Model (Hub id, local diffusers folder, or a listed one)", scale=4)
+                if hosting.public:  # only the host's allow-listed models
+                    model_dd = gr.Dropdown(hosting.models, value=studio.model.id, label="Model", scale=4)
+                else:
+                    model_dd = gr.Dropdown(model_choices(), value=studio.model.id, allow_custom_value=True,
+                                           label="Model (Hub id, local diffusers folder, or a listed one)", scale=4)
                 model_btn = gr.Button("Load model", scale=1)
             with gr.Row():
-                lora_src = gr.Textbox(SMOOTH_LORA_REPO, label="LoRA (.safetensors path, or Hub repo[:file])", scale=4,
-                                      elem_id="lora-source")
+                if hosting.public:
+                    lora_src = gr.Dropdown(list(hosting.loras), value=next(iter(hosting.loras), None),
+                                           label="LoRA (offered by this studio)", scale=4, elem_id="lora-source")
+                else:
+                    lora_src = gr.Textbox(SMOOTH_LORA_REPO, scale=4, elem_id="lora-source",
+                                          label="LoRA (.safetensors path, or Hub repo[:file]; to unload: its "
+                                                "adapter name)")
                 lora_btn = gr.Button("Load LoRA", scale=1, elem_id="lora-load")
+                lora_unload = gr.Button("Unload LoRA", scale=1, elem_id="lora-unload", visible=not hosting.public)
             load_status = gr.Markdown("", elem_id="load-status")
             preview_full = gr.Slider(0, 50, value=0, step=1, elem_id="preview-full-every",
                                      label="Previews: full VAE decode every k steps (0 = fast linear latent preview on every step)")
@@ -252,7 +280,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             i_w, i_h = size_slider("Width"), size_slider("Height")
                         i_lora, i_lora_s, i_adapter = lora_controls("int")
                         i_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)", elem_id="int-eta")
-                        i_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence", elem_id="int-frames")
+                        i_frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence", elem_id="int-frames")
                         with gr.Row():
                             i_run = gr.Button("Render frame", variant="primary", elem_id="int-frame")
                             i_seq = gr.Button("Render sequence", elem_id="int-seq")
@@ -279,9 +307,9 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 with gr.Row():
                     with gr.Column():
                         with gr.Row():
-                            r_image_a = gr.Image(label="Image A", type="filepath", sources=["upload", "clipboard"],
+                            r_image_a = SafeImage(label="Image A", type="filepath", sources=["upload", "clipboard"],
                                                  height=200, elem_id="rint-image-a")
-                            r_image_b = gr.Image(label="Image B", type="filepath", sources=["upload", "clipboard"],
+                            r_image_b = SafeImage(label="Image B", type="filepath", sources=["upload", "clipboard"],
                                                  height=200, elem_id="rint-image-b")
                         r_prompt_a = gr.Textbox(label="Prompt A (describing image A)", elem_id="rint-prompt-a")
                         r_prompt_b = gr.Textbox(label="Prompt B (describing image B; empty = prompt A)")
@@ -292,7 +320,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         r_lora, r_lora_s, r_adapter = lora_controls("rint")
                         r_eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)",
                                           elem_id="rint-eta")
-                        r_frames = gr.Slider(2, 64, value=11, step=1, label="Frames in sequence")
+                        r_frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence")
                         with gr.Row():
                             r_run = gr.Button("Render frame", variant="primary", elem_id="rint-frame")
                             r_seq = gr.Button("Render sequence", elem_id="rint-seq")
@@ -316,7 +344,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             with gr.Tab("Invert", id="invert"):
                 with gr.Row():
                     with gr.Column():
-                        v_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="inv-input")
+                        v_input = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="inv-input")
                         v_prompt = gr.Textbox(label="Prompt describing the image (empty = unconditional)")
                         v_method, v_inner, v_force = inversion_controls("inv")
                         with gr.Row():
@@ -347,7 +375,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             with gr.Tab("Edit (text)", id="edit"):
                 with gr.Row():
                     with gr.Column():
-                        e_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-input")
+                        e_input = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-input")
                         e_src = gr.Textbox(label="Source prompt (describing the image)", elem_id="edit-source-prompt")
                         e_tgt = gr.Textbox(label="Target prompt (describing the edit)", elem_id="edit-target-prompt")
                         e_method = gr.Radio([("Threshold r (prompt switch)", "threshold"), ("Prompt-to-Prompt", "p2p")],
@@ -390,31 +418,33 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                             e_mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200, elem_id="edit-mask")
                         e_status = gr.Markdown("", elem_id="edit-status")
 
-            editing = build_editing_tabs(studio, sessions, stop)
-            dragging = build_drag_tab(studio, sessions, stop)
+            editing = build_editing_tabs(studio, sessions, stop, engine)
+            dragging = build_drag_tab(studio, sessions, stop, engine)
 
         # -------------------------------------------------------------------- handlers
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
                          request: gr.Request = None):
-            token = sessions.get(request).new_job()
+            session = sessions.get(request)
+            token = session.new_job()
 
             def render(ev, final):
                 if final:
                     r = ev.result
+                    session.keep_result("generate", r.image)
                     return r.image, r.image, r.seed, f"Done · seed {r.seed}"
                 return in_progress(ev, 2)
 
             def job():
-                p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h, lora_name(use_lora, lora_adapter),
-                                   strength)
-                session = sessions.get(request)  # the drag cache keeps the trajectory: dragging it skips inversion
-                yield from studio.generate(p, token, session.preview, trajectories=session.drag_cache)
+                p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h,
+                                   lora_name(use_lora, lora_adapter, request), strength)
+                # the drag cache keeps the trajectory: dragging the result skips inversion
+                yield from engine(request).generate(p, token, session.preview, trajectories=session.drag_cache)
 
             yield from stream(job(), render, stopped(4, 3), cancel=token)
 
-        def interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, adapter):
+        def interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, adapter, request=None):
             return InterpolationParams(pa, pb or "", neg or "", sa, sb, steps, guidance, w, h,
-                                       lora_name(use_lora, adapter), strength)
+                                       lora_name(use_lora, adapter, request), strength)
 
         def run_frame(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, eta, lora_adapter=None,
                       request: gr.Request = None):
@@ -423,12 +453,13 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def render(ev, final):
                 if final:
+                    session.keep_result("frame", ev.result.image)
                     return ev.result.image, f"Frame at eta={float(eta):.2f} · seeds {ev.result.params['seed_a']} → {ev.result.params['seed_b']}"
                 return in_progress(ev, 0)
 
             def job():
-                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter)
-                yield from studio.interpolation_frame(p, eta, session.interpolation_cache, token, session.preview)
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter, request)
+                yield from engine(request).interpolation_frame(p, eta, session.interpolation_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(2, 1), cancel=token)
 
@@ -440,6 +471,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def render(ev, final):
                 if final:
                     r = ev.result
+                    session.keep_result("frame", r.frames[-1])
                     return (r.frames[-1], r.frames, r.gif_path, r.istd, distance_frame(r.distances),
                             f"{len(r.frames)} frames · ISTD {r.istd:.4f}", r.mp4_path)
                 frames = ev.partial if ev.partial is not None else gr.skip()
@@ -447,8 +479,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                         status_line(ev), gr.skip())
 
             def job():
-                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter)
-                yield from studio.interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, lora_adapter, request)
+                yield from engine(request).interpolation_sequence(p, n, session.interpolation_cache, token, session.preview,
                                                          gif_dir=session.out_dir)
 
             yield from stream(job(), render, stopped(7, 5), cancel=token)
@@ -479,8 +511,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             yield compare_cleared("Comparing: the sequence without the LoRA, then with it ...")
 
             def job():
-                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, True, strength, lora_adapter)
-                yield from studio.interpolation_compare(p, n, session.interpolation_cache, token, session.preview)
+                p = interp_params(pa, pb, neg, sa, sb, steps, guidance, w, h, True, strength, lora_adapter, request)
+                yield from engine(request).interpolation_compare(p, n, session.interpolation_cache, token, session.preview)
 
             yield from stream(job(), compare_render, stopped(7, 6), cancel=token)
 
@@ -505,9 +537,10 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
 
             def job():
                 path = upload_path(image, "an image to invert")
-                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora, lora_adapter), strength,
+                session.keep_result("invert_input", path)  # a checked upload: "Edit this image" passes it on
+                p = InversionParams(prompt or "", steps, inv_g, guidance, lora_name(use_lora, lora_adapter, request), strength,
                                     method=method, inner_steps=inner_steps, force=bool(force))
-                yield from studio.invert(path, p, session.inversion_cache, token, session.preview)
+                yield from engine(request).invert(path, p, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(6, 5), cancel=token)
 
@@ -535,14 +568,14 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                        reweight_scale=reweight_scale, blend_words=blend_words or "",
                                        blend_threshold=blend_threshold, keep_background=bool(blend_keep))
                 p = EditParams(source_prompt or "", target_prompt or "", method, r, steps, guidance, inversion,
-                               inner_steps, bool(force), lora_name(use_lora, lora_adapter), strength, settings)
-                yield from studio.edit(path, p, session.inversion_cache, token, session.preview)
+                               inner_steps, bool(force), lora_name(use_lora, lora_adapter, request), strength, settings)
+                yield from engine(request).edit(path, p, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(5, 4), cancel=token)
 
-        def real_params(pa, pb, inversion, inner_steps, force, steps, guidance, use_lora, strength, adapter):
+        def real_params(pa, pb, inversion, inner_steps, force, steps, guidance, use_lora, strength, adapter, request=None):
             return RealInterpolationParams(pa or "", pb or "", steps, guidance, inversion, inner_steps, bool(force),
-                                           lora_name(use_lora, adapter), strength)
+                                           lora_name(use_lora, adapter, request), strength)
 
         def run_real_frame(image_a, image_b, prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance,
                            use_lora, strength, eta, lora_adapter=None, request: gr.Request = None):
@@ -558,8 +591,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
                 p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength,
-                                lora_adapter)
-                yield from studio.real_interpolation_frame(a, b, p, eta, session.inversion_cache, token, session.preview)
+                                lora_adapter, request)
+                yield from engine(request).real_interpolation_frame(a, b, p, eta, session.inversion_cache, token, session.preview)
 
             yield from stream(job(), render, stopped(2, 1), cancel=token)
 
@@ -581,8 +614,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
                 p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, use_lora, strength,
-                                lora_adapter)
-                yield from studio.real_interpolation_sequence(a, b, p, n, session.inversion_cache, token,
+                                lora_adapter, request)
+                yield from engine(request).real_interpolation_sequence(a, b, p, n, session.inversion_cache, token,
                                                               session.preview, gif_dir=session.out_dir)
 
             yield from stream(job(), render, stopped(7, 6), cancel=token)
@@ -596,29 +629,50 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             def job():
                 a, b = upload_path(image_a, "image A"), upload_path(image_b, "image B")
                 p = real_params(prompt_a, prompt_b, inversion, inner_steps, force, steps, guidance, True, strength,
-                                lora_adapter)
-                yield from studio.real_interpolation_compare(a, b, p, n, session.inversion_cache, token,
+                                lora_adapter, request)
+                yield from engine(request).real_interpolation_compare(a, b, p, n, session.inversion_cache, token,
                                                              session.preview)
 
             yield from stream(job(), compare_render, stopped(7, 6), cancel=token)
 
-        def run_load_model(source):
+        def model_sizes(m):
+            if m is None:
+                return [gr.skip()] * 6
+            # One dict per slider: Gradio pops "value" from an update dict while postprocessing it, so a
+            # shared dict ([upd] * 4) would set the value of the first slider only.
+            return [gr.update(minimum=m.size_multiple, maximum=max(1024, m.resolution), step=m.size_multiple,
+                              value=m.resolution) for _ in range(4)] + \
+                [gr.update(value=v) for v in recommended_guidance(m)]
+
+        def run_load_model(source, request: gr.Request = None):
+            if hosting.public:
+                # hosted: the session picks one of the preloaded allow-listed models; nobody else is affected
+                source = hosting.check_model(source)
+                model = studio.pool.get(source)
+                if model is None:
+                    raise InputError(f"The model {source!r} is not available right now.")
+                sessions.get(request).model_id = source
+                yield model_status(model), f"Using {model.display_name} in this session.", *model_sizes(model)
+                return
+
             # The final event carries the new model; it is rendered before switch_model makes it studio.model.
             def render(ev, final):
-                return (model_status(ev.result) if final else gr.skip()), status_line(ev), *sizes(ev.result if final else None)
-
-            def sizes(m):
-                if m is None:
-                    return [gr.skip()] * 6
-                # One dict per slider: Gradio pops "value" from an update dict while postprocessing it, so a
-                # shared dict ([upd] * 4) would set the value of the first slider only.
-                return [gr.update(minimum=m.size_multiple, maximum=max(1024, m.resolution), step=m.size_multiple,
-                                  value=m.resolution) for _ in range(4)] + \
-                    [gr.update(value=v) for v in recommended_guidance(m)]
+                return (model_status(ev.result) if final else gr.skip()), status_line(ev), \
+                    *model_sizes(ev.result if final else None)
 
             yield from stream(studio.switch_model(source), render, lambda: (gr.skip(), "Stopped.", *[gr.skip()] * 6))
 
-        def run_load_lora(source):
+        def run_load_lora(source, request: gr.Request = None):
+            if hosting.public:
+                # hosted: allow-listed LoRAs are loaded at start and applied per request by name (disabled
+                # otherwise), so "loading" one only says how to use it
+                name = (source or "").strip()
+                hosting.check_lora(name)
+                if name not in engine(request).model.loras:
+                    raise InputError(f"The LoRA {name!r} is not available for this model.")
+                yield model_status(engine(request).model), (f"LoRA {name!r} is ready: tick the LoRA checkbox and "
+                                                            f"choose it in the LoRA adapter menu.")
+                return
             loaded = []
 
             def render(ev, final):
@@ -635,8 +689,21 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                 if before & (set(loaded) | (before - set(studio.model.loras))):
                     sessions.clear_inversions()
 
-        def refresh_lora_controls():
-            return lora_control_updates(studio.model, len(lora_checkboxes), len(compare_buttons), 1)
+        def run_unload_lora(name, request: gr.Request = None):
+            if hosting.public:
+                raise InputError("LoRAs are chosen by the host of this studio and cannot be unloaded here.")
+            name = (name or "").strip()
+
+            def render(ev, final):
+                return (model_status() if final else gr.skip()), status_line(ev)
+
+            try:
+                yield from stream(studio.unload_lora(name), render, lambda: (gr.skip(), "Stopped."))
+            finally:
+                sessions.clear_inversions()
+
+        def refresh_lora_controls(request: gr.Request = None):
+            return lora_control_updates(engine(request).model, len(lora_checkboxes), len(compare_buttons), 1)
 
         def adapter_chosen(adapter):
             return gr.update(label=use_label(adapter))
@@ -717,6 +784,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
                                                             api_visibility="private", queue=False)
         lora_btn.click(run_load_lora, [lora_src], [status_md, load_status], api_name="load_lora",
                        **GPU).then(refresh_lora_controls, None, lora_outputs, api_visibility="private", queue=False)
+        lora_unload.click(run_unload_lora, [lora_src], [status_md, load_status], api_name="unload_lora",
+                          **GPU).then(refresh_lora_controls, None, lora_outputs, api_visibility="private", queue=False)
         for use, menu in zip(lora_checkboxes, lora_menus):
             if menu is i_adapter or menu is r_adapter:
                 button = i_cmp if menu is i_adapter else r_cmp
@@ -724,34 +793,46 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             else:
                 menu.input(adapter_chosen, [menu], [use], api_visibility="private", queue=False)
 
-        def send_to_invert(image, prompt):
-            return image, prompt, gr.Tabs(selected="invert")
+        # Hand-offs between tabs pass what this session made (server-side), never a path the client sends.
+        def kept(request, key: str, what: str) -> str:
+            session = sessions.peek(request)
+            path = session.handoff_png(key) if session is not None else None
+            if path is None:
+                raise InputError(f"There is no {what} to send yet.")
+            return path
 
-        g_send.click(send_to_invert, [g_image, g_prompt], [v_input, v_prompt, tabs], api_visibility="private")
-        i_send.click(send_to_invert, [i_frame, i_prompt_a], [v_input, v_prompt, tabs], api_visibility="private")
+        def send_kept(key: str, what: str, tab: str):
+            def send(prompt, request: gr.Request):
+                return kept(request, key, what), prompt, gr.Tabs(selected=tab)
+            return send
 
-        def send_to_edit(image, prompt):
-            return image, prompt, gr.Tabs(selected="edit")
+        def send_generated_to_instruct(request: gr.Request):
+            return kept(request, "generate", "generated image"), gr.Tabs(selected="instruct")
 
-        g_send_edit.click(send_to_edit, [g_image, g_prompt], [e_input, e_src, tabs], api_visibility="private")
-        g_send_ip2p.click(lambda image: (image, gr.Tabs(selected="instruct")), [g_image],
-                          [editing.instruct_input, tabs], api_visibility="private")
+        hidden = dict(api_visibility="private")
+        g_send.click(send_kept("generate", "generated image", "invert"), [g_prompt], [v_input, v_prompt, tabs], **hidden)
+        i_send.click(send_kept("frame", "frame", "invert"), [i_prompt_a], [v_input, v_prompt, tabs], **hidden)
+        g_send_edit.click(send_kept("generate", "generated image", "edit"), [g_prompt], [e_input, e_src, tabs],
+                          **hidden)
+        g_send_ip2p.click(send_generated_to_instruct, None, [editing.instruct_input, tabs], **hidden)
         # the PNG as generated (lossless, model size): the drag pipeline recognises it and reuses its trajectory
-        g_send_drag.click(lambda image, prompt: (image, prompt, gr.Tabs(selected="drag")), [g_image, g_prompt],
-                          [dragging.image, dragging.prompt, tabs], api_visibility="private")
-        i_send_edit.click(send_to_edit, [i_frame, i_prompt_a], [e_input, e_src, tabs], api_visibility="private")
+        g_send_drag.click(send_kept("generate", "generated image", "drag"), [g_prompt],
+                          [dragging.image, dragging.prompt, tabs], **hidden)
+        i_send_edit.click(send_kept("frame", "frame", "edit"), [i_prompt_a], [e_input, e_src, tabs], **hidden)
 
-        def invert_to_edit(image, prompt, method, inner, steps, guidance, use_lora, strength, adapter):
-            # the same inversion settings, so the edit reuses the cached inversion of this image
-            return (image, prompt, method, inner, steps, guidance, gr.update(value=use_lora, label=use_label(adapter)),
-                    strength, adapter, gr.Tabs(selected="edit"))
+        def invert_to_edit(prompt, method, inner, steps, guidance, use_lora, strength, adapter, request: gr.Request):
+            # the inverted image and the same inversion settings, so the edit reuses the cached inversion
+            return (kept(request, "invert_input", "inverted image"), prompt, method, inner, steps, guidance,
+                    gr.update(value=use_lora, label=use_label(adapter)), strength, adapter, gr.Tabs(selected="edit"))
 
-        v_send_edit.click(invert_to_edit, [v_input, v_prompt, v_method, v_inner, v_steps, v_guid, v_lora, v_lora_s,
-                                           v_adapter],
+        v_send_edit.click(invert_to_edit, [v_prompt, v_method, v_inner, v_steps, v_guid, v_lora, v_lora_s, v_adapter],
                           [e_input, e_src, e_inv, e_inner, e_steps, e_guid, e_lora, e_lora_s, e_adapter, tabs],
-                          api_visibility="private")
+                          **hidden)
 
-        demo.load(model_status, None, status_md, api_visibility="private")
+        def page_status(request: gr.Request):
+            return model_status(engine(request).model)
+
+        demo.load(page_status, None, status_md, api_visibility="private")
         # the model may have changed since this page was built (another session loaded one)
         demo.load(refresh_lora_controls, None, lora_outputs, api_visibility="private", queue=False)
 
@@ -759,4 +840,5 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None) -> gr.Bl
             sessions.drop(request)
 
         demo.unload(drop_session)
+    harden(demo, sessions)
     return demo

@@ -2,6 +2,8 @@
 tiny random model. Components load once and are shared by every session."""
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from .events import Progress
 from .previews import LatentPreviewer, previewer_for
 from .tiny_model import TINY_ID, TINY_LABEL, ensure_tiny_model
 
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
 EMBEDDED_ID = "embedded"
@@ -179,8 +182,12 @@ def load_model(source: str, device: torch.device | None = None, dtype: torch.dty
             where, dtype=dtype, use_safetensors=True, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
-    except Exception as exc:  # noqa: BLE001 - any loading failure becomes a clear message
-        raise InputError(f"Could not load model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes a clear message; details to the log
+        log.warning("model %s did not load", model_id, exc_info=True)
+        offline = isinstance(exc, OSError) and ("cache" in str(exc) or "offline" in str(exc).lower())
+        why = ("it is not in the local cache and cannot be downloaded here" if offline else
+               "its files are missing, incomplete or not a Stable Diffusion 1.x diffusers model")
+        raise InputError(f"Could not load model {model_id!r}: {why}.") from exc
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype == torch.float16:

@@ -5,6 +5,7 @@ per-session, so no browser session can see another's data.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from pathlib import Path
@@ -43,7 +44,15 @@ class Studio:
     def __init__(self) -> None:
         self.model = None
         self.notice = ""            # e.g. why the requested model was not loaded at start-up
+        self.pool: dict = {}        # hosted mode: the allow-listed models, preloaded, by source
         self._lock = threading.Lock()
+
+    def with_model(self, model) -> "Studio":
+        """The same studio (same GPU lock) running its jobs on `model` instead of the active one: a hosted
+        session's own model choice, which never changes what other sessions run on."""
+        view = copy.copy(self)
+        view.model = model
+        return view
 
     # --- model management -------------------------------------------------------------------------
     def start(self, source: str | None = None) -> "Studio":
@@ -82,7 +91,7 @@ class Studio:
         name = name or adapter_name_for(source)
 
         def job(model):
-            yield Progress("loading LoRA", 0, 1, message=f"Loading {source}")
+            yield Progress("loading LoRA", 0, 1, message=f"Loading {Path(str(source)).name[:80]}")  # no server path
             adapter = load_lora(model, source, name)
             yield Progress("loaded", 1, 1, result=adapter, message=f"LoRA {adapter!r} loaded")
 

@@ -71,18 +71,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def app_url(studio, tmp_path_factory):
-    """The real Gradio app on 127.0.0.1 (queue as in app.py), serving the shared tiny-model studio."""
+    """The real Gradio app on 127.0.0.1 (queue and launch settings as in app.py), serving the shared tiny-model
+    studio."""
     saved_env = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "NO_PROXY", "no_proxy")}
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio_tmp"))  # uploads and outputs
     for k in ("NO_PROXY", "no_proxy"):  # clients must reach 127.0.0.1 directly, never via a proxy
         os.environ[k] = ",".join(filter(None, [os.environ.get(k), "127.0.0.1", "localhost"]))
+    from app.hosting import launch_kwargs, queue_kwargs
     from app.sessions import SessionRegistry
     from app.ui import build_demo
 
     demo = build_demo(studio, SessionRegistry())
-    demo.queue(max_size=32, default_concurrency_limit=1)
+    demo.queue(**queue_kwargs())  # the production settings of app.py
     demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                show_error=True)
+                **launch_kwargs())
     try:
         yield demo.local_url.rstrip("/") + "/"
     finally:

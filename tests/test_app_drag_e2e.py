@@ -60,8 +60,8 @@ def test_warm_start_without_a_region_says_why_it_was_skipped(client):
 
 
 @pytest.mark.parametrize("points, fragment", [
-    ([[20, 32]], "needs a target"),
-    ([[20, 32], [30, 32], [5, 5]], "needs a target"),
+    ([[20, 32]], "needs exactly one target"),
+    ([[20, 32], [30, 32], [5, 5]], "needs exactly one target"),
     ([[20, 32], [300, 32]], "outside"),
     ([], "point"),
 ])
