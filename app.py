@@ -48,9 +48,10 @@ def main() -> None:
             studio.notice = (studio.notice + " " if studio.notice else "") + f"LoRA not loaded: {exc}"
     if hosting.public:
         hosting.preload(studio)
-    demo = build_demo(studio, SessionRegistry(), hosting)
+    sessions = SessionRegistry()
+    demo = build_demo(studio, sessions, hosting)
     demo.queue(**queue_kwargs())
-    demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs())
+    demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(sessions))
 
 
 if __name__ == "__main__":

@@ -144,14 +144,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": b'{"detail": "Request too large."}'})
 
 
-def launch_kwargs() -> dict:
-    """`demo.launch` settings shared by app.py and the tests' production fixture."""
+def launch_kwargs(sessions=None) -> dict:
+    """`demo.launch` settings shared by app.py and the tests' production fixture; `sessions` is the demo's
+    SessionRegistry (its admission ledger hears about joins and stops, app/gateway.py)."""
     from starlette.middleware import Middleware
 
+    from .gateway import Gateway
+
+    admission = getattr(sessions, "admission", None)
     return dict(show_error=False, enable_monitoring=False, max_file_size=get_limits().max_upload_bytes,
                 blocked_paths=blocked_paths(), footer_links=["api", "settings"], ssr_mode=False,
-                app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=BODY_LIMIT)]})
+                app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=BODY_LIMIT),
+                                           Middleware(Gateway, admission=admission)]})
 
 
 def queue_kwargs() -> dict:
-    return dict(max_size=32, default_concurrency_limit=1)
+    # api_open=False: queued events only through the queue (/run/<name> would skip it and the admission check)
+    return dict(max_size=32, default_concurrency_limit=1, api_open=False)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,43 +159,104 @@ class Session:
         self.release()
 
 
+@dataclass
+class _Ticket:
+    session: str | None
+    since: float
+    event_id: str | None = None
+    running: bool = False
+
+
 class Admission:
-    """Counts each visitor's running and queued GPU jobs: admitted when a job joins the queue (the event's
-    validator), released when its handler ends; a ticket whose job never ran (client gone) expires after
-    ADMISSION_TTL."""
+    """Counts each visitor's running and queued GPU jobs. A ticket is taken when a job joins the queue (the
+    event's validator), learns its event id from the join's answer (`bind`) or when the handler starts, and is
+    given back when the handler ends (`finish`) or when the job is stopped while still queued (`withdraw`). A
+    queued ticket whose job never ran (client gone) stops counting after ADMISSION_TTL."""
 
     def __init__(self, max_jobs: int = JOBS_PER_VISITOR, ttl: float = ADMISSION_TTL):
         self.max_jobs = max_jobs
         self.ttl = ttl
-        self._tickets: dict[str, deque] = defaultdict(deque)
+        self._tickets: dict[str, list[_Ticket]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def _purge(self, visitor: str, now: float) -> deque:
+    def _live(self, visitor: str, now: float) -> list[_Ticket]:
         tickets = self._tickets[visitor]
-        while tickets and now - tickets[0] > self.ttl:
-            tickets.popleft()
+        tickets[:] = [t for t in tickets if t.running or now - t.since <= self.ttl]
         return tickets
 
-    def admit(self, visitor: str) -> bool:
+    def _drop_if_empty(self, visitor: str) -> None:
+        if not self._tickets.get(visitor):
+            self._tickets.pop(visitor, None)
+
+    def admit(self, visitor: str, session: str | None = None) -> bool:
         now = time.monotonic()
         with self._lock:
-            tickets = self._purge(visitor, now)
+            tickets = self._live(visitor, now)
             if len(tickets) >= self.max_jobs:
                 return False
-            tickets.append(now)
+            tickets.append(_Ticket(session, now))
             return True
 
-    def release(self, visitor: str) -> None:
+    def bind(self, session: str | None, event_id: str) -> None:
+        """The queue accepted a job of `session` as `event_id`: the newest ticket of that session without an id
+        takes it (tickets of one session are interchangeable until they have ids)."""
         with self._lock:
-            tickets = self._tickets.get(visitor)
-            if tickets:
-                tickets.popleft()
-            if not tickets:
-                self._tickets.pop(visitor, None)
+            if session is None or self._find(event_id) is not None:
+                return
+            for tickets in self._tickets.values():
+                for ticket in reversed(tickets):
+                    if ticket.session == session and ticket.event_id is None:
+                        ticket.event_id = event_id
+                        return
+
+    def _find(self, event_id: str | None):
+        if event_id is None:
+            return None
+        for visitor, tickets in self._tickets.items():
+            for ticket in tickets:
+                if ticket.event_id == event_id:
+                    return visitor, ticket
+        return None
+
+    def start(self, visitor: str, session: str | None, event_id: str | None) -> None:
+        """The handler of `event_id` begins: its ticket (or the oldest unbound one of its session) is running."""
+        with self._lock:
+            found = self._find(event_id)
+            if found is None:  # bound later than it started, or joined without a session (/call/<name>)
+                for ticket in self._tickets.get(visitor, []):
+                    if ticket.session in (session, None) and ticket.event_id is None and not ticket.running:
+                        ticket.event_id = event_id
+                        found = visitor, ticket
+                        break
+            if found is not None:
+                found[1].running = True
+
+    def finish(self, visitor: str, session: str | None, event_id: str | None) -> None:
+        """The handler ended (done, failed or stopped): its ticket is given back."""
+        with self._lock:
+            found = self._find(event_id)
+            if found is None:  # no id known (never bound): the oldest running ticket of that session
+                for ticket in self._tickets.get(visitor, []):
+                    if ticket.session == session and ticket.running:
+                        found = visitor, ticket
+                        break
+            if found is not None:
+                self._tickets[found[0]].remove(found[1])
+                self._drop_if_empty(found[0])
+
+    def withdraw(self, event_id: str) -> None:
+        """`event_id` was stopped: if it never started, its ticket is given back now (no handler will end)."""
+        with self._lock:
+            found = self._find(event_id)
+            if found is not None and not found[1].running:
+                self._tickets[found[0]].remove(found[1])
+                self._drop_if_empty(found[0])
 
     def held(self, visitor: str) -> int:
         with self._lock:
-            return len(self._purge(visitor, time.monotonic()))
+            n = len(self._live(visitor, time.monotonic()))
+            self._drop_if_empty(visitor)
+            return n
 
 
 class SessionRegistry:

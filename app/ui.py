@@ -102,7 +102,7 @@ def rounded_metrics(metrics: dict, **extra) -> dict:
 def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting: Hosting | None = None) -> gr.Blocks:
     """The studio's Blocks. `hosting` (app/hosting.py) says whether it is public and what its allow-lists hold;
     by default it is local, with every model and LoRA source allowed."""
-    sessions = sessions or SessionRegistry()
+    sessions = SessionRegistry() if sessions is None else sessions
     hosting = hosting or Hosting()
 
     def engine(request) -> Studio:

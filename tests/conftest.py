@@ -81,10 +81,11 @@ def app_url(studio, tmp_path_factory):
     from app.sessions import SessionRegistry
     from app.ui import build_demo
 
-    demo = build_demo(studio, SessionRegistry())
+    sessions = SessionRegistry()
+    demo = build_demo(studio, sessions)
     demo.queue(**queue_kwargs())  # the production settings of app.py
     demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                **launch_kwargs())
+                **launch_kwargs(sessions))
     try:
         yield demo.local_url.rstrip("/") + "/"
     finally:

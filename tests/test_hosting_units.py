@@ -112,12 +112,41 @@ def test_lru_cache_bytes_bound_and_measure():
 
 def test_admission_caps_jobs_per_visitor_and_expires():
     adm = Admission(max_jobs=2, ttl=60)
-    assert adm.admit("v") and adm.admit("v") and not adm.admit("v")
-    assert adm.admit("w")  # other visitors are not affected
-    adm.release("v")
-    assert adm.admit("v")
+    assert adm.admit("v", "s1") and adm.admit("v", "s1") and not adm.admit("v", "s2")
+    assert adm.admit("w", "s3")  # other visitors are not affected
+    adm.bind("s1", "e1")
+    adm.start("v", "s1", "e1")
+    adm.finish("v", "s1", "e1")
+    assert adm.held("v") == 1 and adm.admit("v", "s1")
     short = Admission(max_jobs=1, ttl=0.0)
-    assert short.admit("v") and short.admit("v")  # a ticket whose job never ran stops counting
+    assert short.admit("v") and short.admit("v")  # a queued ticket whose job never ran stops counting
+    short.start("v", None, "e9")  # a /call/<name> job: no session at join, its id only when it starts
+    assert short.held("v") == 1 and not short.admit("v")  # a running ticket never expires
+    short.finish("v", "generated-hash", "e9")
+    assert short.held("v") == 0
+
+
+def test_admission_gives_back_a_ticket_stopped_while_queued_only():
+    adm = Admission(max_jobs=3, ttl=60)
+    for s in ("a", "b", "c"):
+        assert adm.admit("v", s)
+    adm.bind("a", "ea")
+    adm.start("v", "a", "ea")           # running
+    adm.start("v", "b", "eb")           # started before its join was answered: bound at start
+    adm.bind("b", "eb")
+    adm.bind("c", "ec")                 # queued
+    adm.withdraw("ea")                  # stopping a running job: its handler gives the ticket back
+    adm.withdraw("eb")
+    adm.withdraw("unknown")             # a made-up id changes nothing
+    assert adm.held("v") == 3
+    adm.withdraw("ec")                  # stopped while queued: given back now
+    assert adm.held("v") == 2
+    adm.withdraw("ec")                  # twice: no effect
+    adm.finish("v", "c", "ec")          # nor a late end of a job that never ran
+    assert adm.held("v") == 2
+    adm.finish("v", "a", "ea")
+    adm.finish("v", "b", "eb")
+    assert adm.held("v") == 0
 
 
 def test_visitor_identity():
@@ -218,8 +247,11 @@ def test_hosted_allow_lists(monkeypatch):
 
 
 def test_launch_settings_hide_internals():
+    from app.hosting import queue_kwargs
+
     kw = launch_kwargs()
     assert kw["show_error"] is False and kw["enable_monitoring"] is False
+    assert queue_kwargs()["api_open"] is False  # GPU events only through the queue and its admission
     assert any(p.endswith(os.sep + "assets") for p in blocked_paths()) and kw["max_file_size"] > 0
 
 
@@ -281,3 +313,86 @@ def test_body_limit_refuses_large_json_but_not_uploads():
     run("/gradio_api/upload", [(b"content-length", b"1000")], [b"x" * 1000])  # uploads have Gradio's own cap
     run("/gradio_api/queue/join", [(b"content-length", b"50")], [b"x" * 50])
     assert calls[1:] == [1000, 50]
+
+
+# ---------------------------------------------------------------------------------------------- gateway
+def test_gateway_refuses_non_upload_paths_in_any_payload_shape(upload_dir, tmp_path):
+    from app.gateway import file_refusal
+    from app.uploads import NO_URLS
+
+    inside = _png(upload_dir / "a.png")
+    ok = {"path": str(inside), "meta": {"_type": "gradio.FileData"}, "url": "http://127.0.0.1/file=x"}
+    assert file_refusal({"data": [ok, "text", 3, None, {"background": ok, "layers": [ok], "composite": None}],
+                         "fn_index": 1, "session_hash": "h"}) is None
+    refused = NOT_UPLOADED.format(what="the image")
+    for bad in (str(tmp_path / "secret.png"), "/etc/passwd", str(upload_dir / ".." / "x.png"), str(upload_dir),
+                "", 5, "a\x00b"):
+        assert file_refusal({"data": [{"background": {"path": bad}, "layers": []}]}) == refused, bad
+    for url in ("https://example.com/cat.png", "HTTP://x/y", "data:image/png;base64,AAAA", "file:///etc/passwd",
+                "//evil.example/x.png", "s3://bucket/key"):
+        assert file_refusal({"data": [{"path": url, "meta": {"_type": "gradio.FileData"}}]}) == \
+            NO_URLS.format(what="the image"), url
+    deep = {"path": "/etc/passwd"}
+    for _ in range(30):
+        deep = [deep]
+    assert file_refusal({"data": deep}) == refused
+
+
+def test_gateway_public_detail_keeps_studio_messages_and_hides_internals():
+    from app.gateway import public_detail
+
+    assert public_detail(repr("Please upload the image.")) == "Please upload the image."  # a gr.Error's text
+    assert public_detail("Session hash not found.") == "Session hash not found."
+    assert public_detail("Cannot move /srv/app/README.md to the gradio cache dir because it was located in one "
+                         "of the blocked_paths (/srv/app/app, /srv/app/pipelines)").startswith("Please upload")
+    for internal in ('Could not preprocess input component at index 3 (named "run_generate"). Original error: '
+                     "TypeError: bad", "Wanted inputs: [<gradio.components.textbox.Textbox object at 0x7f>]",
+                     {"loc": ["body"], "msg": "x"}, "'unterminated"):
+        text = public_detail(internal)
+        assert text.startswith("Something went wrong (incident ") and "Error" not in text and "0x" not in text
+
+
+def test_gateway_tells_the_ledger_about_joins_and_stops():
+    import asyncio
+    import json
+
+    from app.gateway import Gateway
+
+    adm = Admission(max_jobs=2, ttl=60)
+    answers = {"/gradio_api/queue/join": (200, {"event_id": "e1"}), "/gradio_api/cancel": (200, {"success": True})}
+
+    async def app(scope, receive, send):
+        message = await receive()
+        json.loads(message["body"])
+        if scope["path"] == "/gradio_api/queue/join":
+            adm.admit("v", "h")  # what the event's validator does during the join
+        status, content = answers[scope["path"]]
+        body = json.dumps(content).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"1")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def post(path, content):
+        sent, queue = [], [{"type": "http.request", "body": json.dumps(content).encode(), "more_body": False}]
+
+        async def receive():
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(Gateway(app, admission=adm)({"type": "http", "method": "POST", "path": path, "headers": []},
+                                                receive, send))
+        return sent
+
+    sent = post("/gradio_api/queue/join", {"fn_index": 1, "data": ["x"], "session_hash": "h"})
+    assert json.loads(sent[1]["body"]) == {"event_id": "e1"}
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(sent[1]["body"])).encode()
+    assert adm.held("v") == 1
+    post("/gradio_api/cancel", {"fn_index": 1, "session_hash": "h", "event_id": "e1"})
+    assert adm.held("v") == 0  # stopped while queued: the ticket is back
+    answers["/gradio_api/queue/join"] = (400, {"detail": "Original error: KeyError at /srv/secret"})
+    sent = post("/gradio_api/queue/join", {"fn_index": 1, "data": ["x"], "session_hash": "h"})
+    detail = json.loads(sent[1]["body"])["detail"]
+    assert sent[0]["status"] == 400 and "/srv" not in detail and detail.startswith("Something went wrong")
+    sent = post("/gradio_api/call/invert", {"data": [{"path": "/etc/passwd"}]})
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["detail"].startswith("Please upload")
