@@ -33,6 +33,7 @@ class Limits:
     max_mask_draws: int = 64             # DiffEdit noise draws
     max_inner_steps: int = 50            # null-text inversion iterations per step
     max_loras: int = 8                   # LoRA adapters loaded on a model at once
+    max_prompt_chars: int = 2000         # one prompt (CLIP reads 77 tokens; tokenizing 2 MB takes seconds)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -11,10 +11,18 @@ MAX_SEED = 2**32 - 1
 
 
 def check_prompt(prompt, what: str = "prompt") -> str:
-    text = "" if prompt is None else str(prompt)
+    text = check_text_length("" if prompt is None else str(prompt), what)
     if not text.strip():
         raise InputError(f"Please enter a {what}: it is empty.")
     return text.strip()
+
+
+def check_text_length(text: str, what: str = "prompt") -> str:
+    """Any prompt (negative and empty ones too) is capped before it is tokenized."""
+    limit = get_limits().max_prompt_chars
+    if len(text) > limit:
+        raise InputError(f"The {what} is too long ({len(text)} characters; the limit is {limit}).")
+    return text
 
 
 def shown(value, limit: int = 40) -> str:

@@ -235,6 +235,9 @@ def test_every_sequence_refuses_too_many_frames(tiny_model, png, no_work):
      "Inner iterations must be between 1 and 50, got 51."),
     (lambda m, img: generate(m, GenerateParams("a cat", steps="9" * 5000)), "Steps must be between 1 and 150, got '999"),
     (lambda m, img: generate(m, GenerateParams("a cat", steps=10 ** 400)), "Steps must be a number"),
+    (lambda m, img: generate(m, GenerateParams("a cat " * 400)), "The prompt is too long (2400 characters; the "
+     "limit is 2000)."),
+    (lambda m, img: sdedit(m, img, SDEditParams("x" * 2001)), "The prompt is too long (2001 characters"),
 ])
 def test_other_caps_refuse_before_any_work(tiny_model, png, no_work, job, message):
     with no_work(), pytest.raises(InputError) as info:
@@ -571,3 +574,14 @@ def test_lora_messages_name_files_never_server_paths(model, probe, clean, tmp_pa
         assert str(tmp_path) not in text and "Error" not in text and "Traceback" not in text and len(text) < 200
     with pytest.raises(InputError, match="No LoRA given"):
         read_lora_file("  ")
+
+
+def test_long_negative_prompts_are_refused_before_the_unet(tiny_model):
+    calls = []
+    handle = tiny_model.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(InputError, match="too long"):
+            run_to_end(generate(tiny_model, GenerateParams("a cat", negative_prompt="blurry " * 100_000, steps=2)))
+    finally:
+        handle.remove()
+    assert not calls
