@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from pipelines.errors import InputError
 from pipelines.limits import get_limits
 
@@ -152,6 +154,9 @@ def launch_kwargs(sessions=None) -> dict:
     from .gateway import Gateway
 
     admission = getattr(sessions, "admission", None)
+    # Pillow's own bomb guard for any decoder Gradio runs itself: it refuses images over twice our pixel cap
+    # (our header checks refuse anything over the cap before decoding).
+    Image.MAX_IMAGE_PIXELS = get_limits().max_pixels
     return dict(show_error=False, enable_monitoring=False, max_file_size=get_limits().max_upload_bytes,
                 blocked_paths=blocked_paths(), footer_links=["api", "settings"], ssr_mode=False,
                 app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=BODY_LIMIT),

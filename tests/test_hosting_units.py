@@ -255,6 +255,22 @@ def test_launch_settings_hide_internals():
     assert any(p.endswith(os.sep + "assets") for p in blocked_paths()) and kw["max_file_size"] > 0
 
 
+def test_launch_settings_arm_pillows_bomb_guard_at_twice_the_pixel_cap(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from pipelines.limits import limits_set
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    buf = io.BytesIO()
+    Image.new("RGB", (150, 150)).save(buf, "PNG")  # 22500 px
+    with limits_set(max_pixels=10_000):
+        launch_kwargs()
+    with pytest.raises(Image.DecompressionBombError):  # a decoder outside the studio's own checks
+        Image.open(io.BytesIO(buf.getvalue()))
+
+
 # ---------------------------------------------------------------------------------------------- ZeroGPU
 def test_zero_gpu_wrapper_is_a_no_op_elsewhere_and_durations_are_capped(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
