@@ -46,16 +46,16 @@ from . import ddim
 from .cache import LRUCache
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
 from .masks import cells_to_image, latent_cells, paste_outside
 from .masks import user_mask as as_user_mask
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt, resolve_seed, shown
+from .validation import check_number, check_prompt, resolve_seed, shown, validate_common
 
 MAX_UNET_BATCH = 20        # latents per UNet call while estimating the mask (two branches per noise draw)
 CLIP_RATIO = 3.0           # diffusers' mask_thresholding_ratio: clip the map at 3x its mean

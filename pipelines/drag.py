@@ -75,16 +75,16 @@ from .drag_unet import (
 from .drag_warp import displacement_field, warp_region
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
 from .lora import SMOOTH_NAME
 from .masks import latent_cells, user_mask
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, preview_image, stream_steps
 from .text import encode_prompt
-from .validation import check_number, resolve_seed
+from .validation import check_number, resolve_seed, validate_common
 
 __all__ = ["DragParams", "DragResult", "check_points", "drag", "draw_points", "prepare_drag_mask"]
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .cache import LRUCache
+from .inversion import image_key
 
 SLOT = ("drag", "trajectories")
 KEEP = 8                      # trajectories kept per cache (each a few MB at most: steps+1 latents)
@@ -32,8 +33,6 @@ class Trajectory:
 
 
 def _key(model, image: Image.Image) -> tuple:
-    from .inversion import image_key  # late: inversion imports generate, which imports this module
-
     return (model.id, id(model.pipe), image_key(image.convert("RGB")))
 
 

@@ -22,7 +22,6 @@ from . import ddim, p2p
 from .cache import LRUCache
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .inversion import (
     InversionParams,
     inversion_cost,
@@ -34,9 +33,10 @@ from .latents import decode_to_pil
 from .lora import lora_applied
 from .masks import paste_outside
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt, shown
+from .validation import check_number, check_prompt, shown, validate_common
 
 EDIT_METHODS = ("threshold", "p2p")
 

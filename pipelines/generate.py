@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from PIL import Image
-
 from . import ddim
 from .drag_trajectory import Trajectory, store_trajectory
-from .errors import InputError
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
-from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt, check_size, resolve_seed
+from .validation import check_prompt, check_size, resolve_seed, validate_common
 
 
 @dataclass
@@ -29,27 +26,6 @@ class GenerateParams:
     height: int | None = None
     lora: str | None = None       # adapter name, None for the base model
     lora_strength: float = 1.0
-
-
-@dataclass
-class ImageResult:
-    image: Image.Image   # carries its parameters as PNG metadata
-    seed: int
-    params: dict
-
-
-def validate_common(model, steps, guidance, lora_strength):
-    if model.is_instruct:
-        raise InputError(f"{model.label} is an InstructPix2Pix model (its UNet needs an input image): use the "
-                         "Instruct tab, or load a text-to-image model for this.")
-    steps = check_number(steps, "Steps", 1, get_limits().max_steps, integer=True)
-    guidance = check_number(guidance, "Guidance", 0, 50)
-    strength = check_number(lora_strength, "LoRA strength", -2, 4)
-    return steps, guidance, strength
-
-
-def base_metadata(model, lora, strength) -> dict:
-    return {"model": model.id, "lora": lora or "none", "lora_strength": strength if lora else 0.0, "sampler": "DDIM (eta 0)"}
 
 
 def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None,

@@ -27,11 +27,11 @@ from PIL import Image, ImageOps
 from . import ddim
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult
 from .image_io import fit_size, load_rgb
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
 from .metadata import with_metadata
+from .results import ImageResult
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
 from .validation import check_number, resolve_seed, shown

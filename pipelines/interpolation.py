@@ -24,14 +24,14 @@ from . import ddim
 from .cache import LRUCache
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .latents import decode_to_pil, initial_noise
 from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
-from .validation import check_number, check_prompt, check_size, resolve_seed
+from .validation import check_number, check_prompt, check_size, resolve_seed, validate_common
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:

@@ -23,16 +23,16 @@ from . import ddim, nti
 from .cache import LRUCache
 from .errors import InputError
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .image_io import load_image
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
 from .lora import lora_applied
 from .metadata import with_metadata
 from .metrics import mse, psnr, ssim
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, step_preview, stream_steps
 from .text import encode_prompt
-from .validation import check_number, shown
+from .validation import check_number, shown, validate_common
 
 METHODS = {
     "ddim": "DDIM inversion",

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .cache import LRUCache
 from .events import CancelToken, Job, Progress
-from .generate import ImageResult, base_metadata, validate_common
 from .interpolation import (
     Endpoints,
     LoraComparison,
@@ -36,8 +35,9 @@ from .inversion import (
 )
 from .lora import lora_applied
 from .metadata import with_metadata
+from .results import ImageResult, base_metadata
 from .stream import PreviewOptions
-from .validation import check_number, check_prompt
+from .validation import check_number, check_prompt, validate_common
 
 
 @dataclass

@@ -75,3 +75,14 @@ def check_size(model, width, height) -> tuple[int, int]:
             raise InputError(f"{name} must be a multiple of {step} for this model, got {v}.")
         out.append(v)
     return out[0], out[1]
+
+
+def validate_common(model, steps, guidance, lora_strength):
+    """Steps, guidance and LoRA strength as every text-to-image-UNet task takes them; refuses InstructPix2Pix models."""
+    if model.is_instruct:
+        raise InputError(f"{model.label} is an InstructPix2Pix model (its UNet needs an input image): use the "
+                         "Instruct tab, or load a text-to-image model for this.")
+    steps = check_number(steps, "Steps", 1, get_limits().max_steps, integer=True)
+    guidance = check_number(guidance, "Guidance", 0, 50)
+    strength = check_number(lora_strength, "LoRA strength", -2, 4)
+    return steps, guidance, strength
