@@ -47,7 +47,8 @@ def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
     return eps_u + guidance * (eps_c - eps_u)
 
 
-def _alpha(sched: DDIMScheduler, t: int) -> torch.Tensor:
+def alpha_cumprod(sched: DDIMScheduler, t: int) -> torch.Tensor:
+    """alpha-bar at timestep t; t < 0 (the step past the last) gives the scheduler's final alpha-bar."""
     return sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
 
 
@@ -123,7 +124,7 @@ def invert(
             cancel.check()
         t = int(ascending[i])
         k = len(ascending) - 1 - i  # the sampling step index that undoes this inversion step
-        a_prev, a_t = _alpha(sched, t - stride), _alpha(sched, t)
+        a_prev, a_t = alpha_cumprod(sched, t - stride), alpha_cumprod(sched, t)
         eps = guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
         x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
         x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps

@@ -128,8 +128,8 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
     else:
         s = p.p2p
         meta.update(p2p_mode=s.mode, cross_replace_steps=s.cross_replace_steps, self_replace_steps=s.self_replace_steps,
-                    reweight_words=", ".join(p2p._as_words(s.reweight_words)), reweight_scale=s.reweight_scale,
-                    blend_words=", ".join(p2p._as_words(s.blend_words)), blend_threshold=s.blend_threshold,
+                    reweight_words=", ".join(p2p.as_words(s.reweight_words)), reweight_scale=s.reweight_scale,
+                    blend_words=", ".join(p2p.as_words(s.blend_words)), blend_threshold=s.blend_threshold,
                     blend_start=s.blend_start, keep_background=pasted)
     mask = None if cells is None else \
         Image.fromarray(cells.astype("uint8") * 255).resize(source.size, Image.NEAREST)

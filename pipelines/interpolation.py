@@ -197,7 +197,8 @@ def _meta(model, p: InterpolationParams, ends: Endpoints, eta: float, steps, gui
             "guidance": guidance, "size": f"{w}x{h}", "eta": 0.0, **base_metadata(model, p.lora, strength)}
 
 
-def _render(model, ends: Endpoints, eta: float, steps, guidance, cancel, offset, total, preview, stage):
+def render_frame(model, ends: Endpoints, eta: float, steps, guidance, cancel, offset, total, preview, stage):
+    """One frame at ratio eta of any endpoints: slerped noise, lerped prompt embeddings, DDIM; returns the image."""
     x_T = slerp(ends.noise_a, ends.noise_b, eta)
     cond = lerp(ends.cond_a, ends.cond_b, eta)
     states = ddim.sample(model.unet, x_T, cond, ends.uncond_at(eta), guidance, steps, model.scheduler_config, cancel)
@@ -214,7 +215,8 @@ def interpolation_frame(model, p: InterpolationParams, eta: float, cache: LRUCac
     ends, _ = _endpoints(model, p, cache, w, h)
     total = steps
     with lora_applied(model, p.lora, strength):
-        image = yield from _render(model, ends, eta, steps, guidance, cancel, 0, total, preview, f"frame eta={eta:.2f}")
+        image = yield from render_frame(model, ends, eta, steps, guidance, cancel, 0, total, preview,
+                                        f"frame eta={eta:.2f}")
     meta = _meta(model, p, ends, eta, steps, guidance, strength, w, h)
     result = ImageResult(with_metadata(image, meta), ends.seed_a, meta)
     yield Progress("done", total, total, preview=result.image, result=result)
@@ -265,8 +267,8 @@ def render_sequence(model, ends: Endpoints, n_frames: int, steps: int, guidance:
     etas = [k / (n_frames - 1) for k in range(n_frames)]
     frames = []
     for k, eta in enumerate(etas):
-        image = yield from _render(model, ends, eta, steps, guidance, cancel, offset + k * steps, total, preview,
-                                   f"frame {k + 1}/{n_frames}")
+        image = yield from render_frame(model, ends, eta, steps, guidance, cancel, offset + k * steps, total, preview,
+                                        f"frame {k + 1}/{n_frames}")
         frames.append(with_metadata(image, meta_for(eta)))
         yield Progress(f"frame {k + 1}/{n_frames}", offset + (k + 1) * steps, total, partial=list(frames))
     dists = adjacent_distances(frames)

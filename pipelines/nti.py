@@ -131,7 +131,7 @@ def optimise_nulls(
     nulls, losses = [], []
     for i, t in enumerate(sched.timesteps):
         t = int(t)
-        a_t, a_prev = ddim._alpha(sched, t), ddim._alpha(sched, t - stride)
+        a_t, a_prev = ddim.alpha_cumprod(sched, t), ddim.alpha_cumprod(sched, t - stride)
         target = trajectory[n - 1 - i]
         if cancel is not None:
             cancel.check()

@@ -297,7 +297,7 @@ def _check_fraction(name: str, value: float) -> None:
         raise InputError(f"{name} must be between 0 and 1 (got {value}).")
 
 
-def _as_words(words) -> tuple[str, ...]:
+def as_words(words) -> tuple[str, ...]:
     if isinstance(words, str):
         words = words.split(",")
     return tuple(w.strip() for w in words if w and w.strip())
@@ -324,8 +324,8 @@ def build_controller(tokenizer, source_prompt: str, target_prompt: str, settings
     if not -10.0 <= float(settings.reweight_scale) <= 10.0:
         raise InputError(f"Reweight scale must be between -10 and 10 (got {settings.reweight_scale}).")
 
-    reweight_words = _as_words(settings.reweight_words)
-    blend_words = _as_words(settings.blend_words)
+    reweight_words = as_words(settings.reweight_words)
+    blend_words = as_words(settings.blend_words)
     reweighting = bool(reweight_words) and float(settings.reweight_scale) != 1.0
     same = source.split() == target.split()
     if mode == "reweight" and not reweight_words:

@@ -17,12 +17,12 @@ from .events import CancelToken, Job, Progress
 from .interpolation import (
     Endpoints,
     LoraComparison,
-    _render,
     check_comparison_lora,
     check_frames,
     comparison_done,
     comparison_labels,
     comparison_part,
+    render_frame,
     render_sequence,
 )
 from .inversion import (
@@ -92,8 +92,8 @@ def real_interpolation_frame(model, image_a, image_b, p: RealInterpolationParams
     yield Progress("encoding images", 0, total, preview=a)
     with lora_applied(model, inv_p.lora, inv_p.lora_strength):
         ends, cached = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total)
-        image = yield from _render(model, ends, eta, inv_p.steps, inv_p.guidance, cancel, offset, total, preview,
-                                   f"frame eta={eta:.2f}")
+        image = yield from render_frame(model, ends, eta, inv_p.steps, inv_p.guidance, cancel, offset, total, preview,
+                                        f"frame eta={eta:.2f}")
     meta = _meta(model, a, b, prompt_a, prompt_b, inv_p, eta)
     result = ImageResult(with_metadata(image, meta), -1, meta)
     note = " (inversion reused from cache)" if cached else ""

@@ -18,7 +18,7 @@ TINY_LABEL = "tiny SD-architecture model (random weights, for testing)"
 TINY_VERSION = 4  # 4: + unet_instruct/
 
 # Words that get their own token; everything else falls back to byte-level pieces.
-_WORDS = (
+WORDS = (
     "a an the of on in at with and to is photo picture image painting plain background "
     "red green blue yellow orange purple pink white black gray grey brown cyan "
     "small large big tiny circle square triangle star left right top bottom centre center "
@@ -51,7 +51,7 @@ def _apply_bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def build_tokenizer_files(folder: Path, words=_WORDS) -> int:
+def build_tokenizer_files(folder: Path, words=WORDS) -> int:
     """Writes vocab.json and merges.txt for a CLIP BPE tokenizer in which each of `words` is one token and
     anything else splits into byte-level pieces (so unknown words still tokenize); returns the vocab size."""
     symbols = list(_bytes_to_unicode().values())

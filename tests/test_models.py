@@ -67,10 +67,10 @@ def test_tokenizer_loads_and_tokenizes_unknown_words(folder):
 def test_every_vocabulary_word_is_one_token(folder):
     from transformers import CLIPTokenizer
 
-    from pipelines.tiny_model import _WORDS
+    from pipelines.tiny_model import WORDS
 
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    split = [w for w in _WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
+    split = [w for w in WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
     assert split == []
 
 

@@ -107,9 +107,9 @@ def world_words(scenes: int = 4000) -> list[str]:
 def build_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from pipelines.tiny_model import _WORDS, build_tokenizer_files
+    from pipelines.tiny_model import WORDS, build_tokenizer_files
 
-    build_tokenizer_files(folder, world_words() + list(_WORDS))
+    build_tokenizer_files(folder, world_words() + list(WORDS))
     tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     tok.model_max_length = 77
     tok.save_pretrained(folder)
