@@ -45,14 +45,7 @@ from PIL import Image
 
 from . import ddim
 from .cache import LRUCache
-from .drag_lora import (
-    ADAPTER,
-    adapter_state,
-    adapters_active,
-    add_adapter,
-    peft_state_restored,
-    train_lora,
-)
+from .drag_lora import ADAPTER, adapter_state, add_adapter, train_lora
 from .drag_points import (
     REACHED,
     check_point_count,
@@ -81,6 +74,7 @@ from .limits import get_limits
 from .lora import SMOOTH_NAME
 from .masks import latent_cells, user_mask
 from .metadata import with_metadata
+from .peft_state import adapters_active, peft_state_restored
 from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, preview_image, stream_steps
 from .text import encode_prompt

@@ -1,126 +1,31 @@
 """DragDiffusion's identity-preserving LoRA: a peft adapter on the UNet's attention projections, trained for a
-few steps on the one image with its prompt, and the bookkeeping that makes every adapter change temporary.
-
-`peft_state_restored` snapshots the UNet's peft state (which adapters exist, which layers are wrapped, their
-enabled flags, active adapters and scales) and every parameter's requires_grad; on exit (normal, error or
-cancel) it deletes adapters added inside, unwraps layers that peft wrapped for them, and puts the rest back, so
-the UNet is the same module tree computing the same outputs. Trained adapters are cached as peft state dicts.
+few steps on the one image with its prompt. The drag adds it inside `peft_state_restored` (pipelines/peft_state.py),
+which removes it again however the drag ends. Trained adapters are cached as peft state dicts.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Generator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .events import CancelToken, Progress
 from .image_io import pil_to_tensor
+from .lora import DRAG_ADAPTER as ADAPTER
+from .peft_state import adapter_configs, freeze_lora, quiet_peft
 
-ADAPTER = "drag_image"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # every attention projection, self and cross (as the reference)
 BATCH = 4                                        # the reference's LoRA batch (copies of the one image)
 WEIGHT_DECAY = 1e-2                              # AdamW, as the reference
-_MISSING = object()
-
-
-def _adapters(unet) -> dict:
-    return dict(getattr(unet, "peft_config", None) or {})
-
-
-def _tuner_layers(unet) -> dict[str, BaseTunerLayer]:
-    return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
-
-
-def unwrap_unused_layers(unet) -> None:
-    """Puts the plain module back wherever a peft layer holds no adapter any more (after deleting adapters), and
-    drops peft's bookkeeping once none is left: the UNet is then the module tree it was before any adapter."""
-    for name, layer in _tuner_layers(unet).items():
-        if not any(len(getattr(layer, attr, None) or {}) for attr in layer.adapter_layer_names):
-            parent, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
-    if not _adapters(unet):
-        unet.__dict__.pop("peft_config", None)
-        unet.__dict__.pop("_hf_peft_config_loaded", None)
-
-
-@contextmanager
-def peft_state_restored(unet):
-    """Everything peft- and grad-related on `unet` is as before when the block exits, however it exits."""
-    adapters = set(_adapters(unet))
-    layers = {n: (m.disable_adapters, list(m.active_adapters), dict(getattr(m, "scaling", {})))
-              for n, m in _tuner_layers(unet).items()}
-    grads = {n: p.requires_grad for n, p in unet.named_parameters()}
-    flag = unet.__dict__.get("_hf_peft_config_loaded", _MISSING)
-    try:
-        yield
-    finally:
-        added = [a for a in _adapters(unet) if a not in adapters]
-        if added:
-            with quiet_peft():
-                unet.delete_adapters(added)
-        for name, layer in _tuner_layers(unet).items():
-            if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
-                parent, _, child = name.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
-        for name, layer in _tuner_layers(unet).items():
-            disabled, active, scaling = layers[name]
-            layer.set_adapter(active)           # also flips requires_grad: restored below
-            layer.enable_adapters(not disabled)
-            if hasattr(layer, "scaling"):
-                layer.scaling.update(scaling)
-        if not adapters:  # no adapter before: no peft bookkeeping either
-            if "peft_config" in unet.__dict__:
-                del unet.peft_config
-            if flag is _MISSING:
-                unet.__dict__.pop("_hf_peft_config_loaded", None)
-            else:
-                unet._hf_peft_config_loaded = flag
-        for name, p in unet.named_parameters():
-            p.requires_grad_(grads.get(name, False))
-
-
-@contextmanager
-def adapters_active(unet, weights: dict[str, float]):
-    """Switches exactly these adapters on at these weights, frozen (the drag only needs gradients w.r.t. the
-    latent); call inside `peft_state_restored`, which puts flags, scales and grads back."""
-    if not weights:
-        yield
-        return
-    unet.enable_lora()
-    unet.set_adapters(list(weights), [float(w) for w in weights.values()])
-    _freeze_lora(unet)
-    try:
-        yield
-    finally:
-        unet.disable_lora()
-
-
-@contextmanager
-def quiet_peft():
-    """peft warns that a second adapter joins a loaded one (the Smooth LoRA) and that deleting the active one
-    activates another: both are intended here (the flags are put back by peft_state_restored)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Already found a `peft_config`")
-        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-        yield
-
-
-def _freeze_lora(unet) -> None:
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.requires_grad_(False)
 
 
 def add_adapter(unet, rank: int, state_dict: dict | None = None, seed: int = 0) -> list[torch.nn.Parameter]:
     """Adds the per-image adapter (fp32 weights, so that fp16 UNets train it stably), optionally loading cached
     weights; returns its parameters. peft draws the initial lora_A from torch's global generator: it is seeded
     here (and the global state put back), so the same seed trains the same LoRA."""
-    if ADAPTER in _adapters(unet):
+    if ADAPTER in adapter_configs(unet):
         unet.delete_adapters(ADAPTER)
     device = next(unet.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quiet_peft():
@@ -153,7 +58,7 @@ def train_lora(model, source, cond: torch.Tensor, others: dict[str, float], step
     names = {ADAPTER: 1.0, **others}
     unet.enable_lora()
     unet.set_adapters(list(names), list(names.values()))
-    _freeze_lora(unet)
+    freeze_lora(unet)
     params = [p for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
     for p in params:
         p.requires_grad_(True)

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .drag_lora import ADAPTER as DRAG_ADAPTER
-from .drag_lora import quiet_peft, unwrap_unused_layers
 from .errors import InputError
 from .limits import Limits, get_limits
+from .peft_state import quiet_peft, unwrap_unused_layers
 from .validation import shown
 
 log = logging.getLogger(__name__)
@@ -28,6 +27,7 @@ SMOOTH_LORA_FILE = "smooth_lora.safetensors"
 SMOOTH_NAME = "smooth"
 MAX_LOADED_LORAS = Limits.max_loras   # the default; get_limits().max_loras is what is enforced
 NAME_LENGTH = 64
+DRAG_ADAPTER = "drag_image"   # the drag's temporary per-image LoRA (pipelines/drag_lora.py)
 # Names the studio itself uses: the drag's per-image adapter (created and deleted by every drag), peft's default
 # adapter, and the "none" that metadata and menus write for no LoRA. peft also stores adapters as keys of torch
 # ModuleDicts, which refuse keys that are attributes ("to", "eval", "forward", ...): see is_reserved.

@@ -1,0 +1,107 @@
+"""Temporary peft adapter changes on the shared UNet, and the bookkeeping that undoes them.
+
+`peft_state_restored` snapshots the UNet's peft state (which adapters exist, which layers are wrapped, their
+enabled flags, active adapters and scales) and every parameter's requires_grad; on exit (normal, error or
+cancel) it deletes adapters added inside, unwraps layers that peft wrapped for them, and puts the rest back, so
+the UNet is the same module tree computing the same outputs. The drag's per-image LoRA (pipelines/drag_lora.py)
+and LoRA unloading (pipelines/lora.py) both use it.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+_MISSING = object()
+
+
+def adapter_configs(unet) -> dict:
+    """The UNet's peft adapters by name (a copy; empty when peft never touched it)."""
+    return dict(getattr(unet, "peft_config", None) or {})
+
+
+def tuner_layers(unet) -> dict[str, BaseTunerLayer]:
+    """Every peft-wrapped layer of the UNet by module name."""
+    return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def unwrap_unused_layers(unet) -> None:
+    """Puts the plain module back wherever a peft layer holds no adapter any more (after deleting adapters), and
+    drops peft's bookkeeping once none is left: the UNet is then the module tree it was before any adapter."""
+    for name, layer in tuner_layers(unet).items():
+        if not any(len(getattr(layer, attr, None) or {}) for attr in layer.adapter_layer_names):
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+    if not adapter_configs(unet):
+        unet.__dict__.pop("peft_config", None)
+        unet.__dict__.pop("_hf_peft_config_loaded", None)
+
+
+@contextmanager
+def peft_state_restored(unet):
+    """Everything peft- and grad-related on `unet` is as before when the block exits, however it exits."""
+    adapters = set(adapter_configs(unet))
+    layers = {n: (m.disable_adapters, list(m.active_adapters), dict(getattr(m, "scaling", {})))
+              for n, m in tuner_layers(unet).items()}
+    grads = {n: p.requires_grad for n, p in unet.named_parameters()}
+    flag = unet.__dict__.get("_hf_peft_config_loaded", _MISSING)
+    try:
+        yield
+    finally:
+        added = [a for a in adapter_configs(unet) if a not in adapters]
+        if added:
+            with quiet_peft():
+                unet.delete_adapters(added)
+        for name, layer in tuner_layers(unet).items():
+            if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+        for name, layer in tuner_layers(unet).items():
+            disabled, active, scaling = layers[name]
+            layer.set_adapter(active)           # also flips requires_grad: restored below
+            layer.enable_adapters(not disabled)
+            if hasattr(layer, "scaling"):
+                layer.scaling.update(scaling)
+        if not adapters:  # no adapter before: no peft bookkeeping either
+            if "peft_config" in unet.__dict__:
+                del unet.peft_config
+            if flag is _MISSING:
+                unet.__dict__.pop("_hf_peft_config_loaded", None)
+            else:
+                unet._hf_peft_config_loaded = flag
+        for name, p in unet.named_parameters():
+            p.requires_grad_(grads.get(name, False))
+
+
+@contextmanager
+def adapters_active(unet, weights: dict[str, float]):
+    """Switches exactly these adapters on at these weights, frozen (the drag only needs gradients w.r.t. the
+    latent); call inside `peft_state_restored`, which puts flags, scales and grads back."""
+    if not weights:
+        yield
+        return
+    unet.enable_lora()
+    unet.set_adapters(list(weights), [float(w) for w in weights.values()])
+    freeze_lora(unet)
+    try:
+        yield
+    finally:
+        unet.disable_lora()
+
+
+@contextmanager
+def quiet_peft():
+    """peft warns that a second adapter joins a loaded one (the Smooth LoRA) and that deleting the active one
+    activates another: both are intended here (the flags are put back by peft_state_restored)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+        yield
+
+
+def freeze_lora(unet) -> None:
+    """Every LoRA weight of the UNet frozen (requires_grad False)."""
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(False)
