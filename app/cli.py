@@ -161,7 +161,7 @@ def add_param_options(parser: argparse.ArgumentParser, params_cls, skip=()) -> l
 
 
 def _parse_points(text: str) -> tuple[list, list]:
-    from pipelines.drag_points import parse_points
+    from pipelines.drag import parse_points
 
     try:
         numbers = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]

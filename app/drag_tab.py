@@ -1,5 +1,5 @@
 """The Drag tab (DragDiffusion): upload, paint the editable region, click handle/target points, watch the
-drag. UI only: the handlers render the pipeline's events (pipelines/drag.py)."""
+drag. UI only: the handlers render the pipeline's events (pipelines/drag/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +8,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.drag import DragParams, check_points, draw_points
-from pipelines.drag_points import parse_points
+from pipelines.drag import DragParams, check_points, draw_points, parse_points
 from pipelines.errors import InputError
 from pipelines.inversion import prepare_image
 from pipelines.lora import SMOOTH_NAME

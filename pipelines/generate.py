@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ddim
-from .drag_trajectory import Trajectory, store_trajectory
+from .drag.trajectory import Trajectory, store_trajectory
 from .events import CancelToken, Job, Progress
 from .latents import decode_to_pil, initial_noise
 from .lora import lora_applied
@@ -31,7 +31,7 @@ class GenerateParams:
 def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
              trajectories=None) -> Job:
     """`trajectories`: an optional LRUCache (the drag cache) that keeps this image's latent trajectory, so that
-    dragging it later skips inversion and LoRA (pipelines/drag_trajectory.py)."""
+    dragging it later skips inversion and LoRA (pipelines/drag/trajectory.py)."""
     prompt = check_prompt(p.prompt)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     width, height = check_size(model, p.width, p.height)

@@ -27,7 +27,7 @@ SMOOTH_LORA_FILE = "smooth_lora.safetensors"
 SMOOTH_NAME = "smooth"
 MAX_LOADED_LORAS = Limits.max_loras   # the default; get_limits().max_loras is what is enforced
 NAME_LENGTH = 64
-DRAG_ADAPTER = "drag_image"   # the drag's temporary per-image LoRA (pipelines/drag_lora.py)
+DRAG_ADAPTER = "drag_image"   # the drag's temporary per-image LoRA (pipelines/drag/lora.py)
 # Names the studio itself uses: the drag's per-image adapter (created and deleted by every drag), peft's default
 # adapter, and the "none" that metadata and menus write for no LoRA. peft also stores adapters as keys of torch
 # ModuleDicts, which refuse keys that are attributes ("to", "eval", "forward", ...): see is_reserved.

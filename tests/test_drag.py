@@ -1,4 +1,4 @@
-"""DragDiffusion (pipelines/drag.py and its helpers) on private copies of the tiny model: the point functions on
+"""DragDiffusion (the pipelines/drag package) on private copies of the tiny model: the point functions on
 synthetic feature maps, input checks, and whole drags, after which (finished, cancelled or closed) the UNet must
 be exactly the module it was: same outputs bit for bit, same attention processors, no peft adapter or wrapper,
 no parameter requiring grad. Also the per-image caches and the generated-image trajectory."""
@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from pipelines.cache import LRUCache
 from pipelines.drag import DragParams, check_points, drag, draw_points, prepare_drag_mask
-from pipelines.drag_points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
-from pipelines.drag_warp import displacement_field, warp_region
-from pipelines.drag_unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
+from pipelines.drag.points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
+from pipelines.drag.warp import displacement_field, warp_region
+from pipelines.drag.unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
                                  self_attention_layers)
 from pipelines.errors import InputError
 from pipelines.events import CancelToken, Cancelled, run_to_end

@@ -22,8 +22,8 @@ from PIL import Image, ImageFile
 
 from pipelines.diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from pipelines.drag import DragParams, drag
-from pipelines.drag_lora import ADAPTER
-from pipelines.drag_points import parse_points
+from pipelines.drag.lora import ADAPTER
+from pipelines.drag.points import parse_points
 from pipelines.edit import EditParams, text_edit
 from pipelines.errors import InputError
 from pipelines.events import run_to_end

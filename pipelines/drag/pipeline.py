@@ -1,19 +1,19 @@
 """DragDiffusion (Shi et al., CVPR 2024): move points of an image (handles) to new places (targets).
 
   1. LoRA     a per-image LoRA on the UNet's attention projections, trained on the image with its prompt, keeps
-              the drag faithful to it (pipelines/drag_lora.py); cached per image content and settings
+              the drag faithful to it (lora.py); cached per image content and settings
   2. invert   DDIM inversion with the shared core to step round(strength x steps) of the schedule (t = 681 of
               1000 at the defaults 0.7 x 50), with the prompt at guidance 1; cached
   3. drag     the inverted latent z_t is optimised (Adam): motion supervision pulls a (2 r1 + 1)^2 patch of UNet
               decoder features around each handle one unit step towards its target, a mask term keeps the
               one-step DDIM denoise of z_t outside the editable region, and after every step each handle is
-              re-found by nearest neighbour to its original feature within r2 (pipelines/drag_points.py); stop
+              re-found by nearest neighbour to its original feature within r2 (points.py); stop
               when every handle is within 2 feature pixels of its target or after the iteration limit
   4. denoise  [original z_t, dragged z_t] are denoised together with mutual self-attention: in the decoder's
-              self-attention layers both attend to the original's keys and values (pipelines/drag_unet.py)
+              self-attention layers both attend to the original's keys and values (unet.py)
 
 Warm start (`warm_start`, off by default as in the reference): before step 3 the painted region's inverted latent is
-carried along the drag (pipelines/drag_warp.py) and the handles start at their targets, so the optimisation only
+carried along the drag (warp.py) and the handles start at their targets, so the optimisation only
 corrects the move. On the embedded model's 16x16 latents, where one feature pixel per iteration is slow and
 colours drift on the way, it raised drag success from 0.55 to 0.95 on 20 held-out tuning scenes, and to 1.0 with
 no per-image LoRA (which remembers the old layout and pulls a carried object back); the eval table has the rest.
@@ -43,10 +43,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ddim
-from .cache import LRUCache
-from .drag_lora import ADAPTER, adapter_state, add_adapter, train_lora
-from .drag_points import (
+from .. import ddim
+from ..cache import LRUCache
+from ..errors import InputError
+from ..events import CancelToken, Job, Progress
+from ..inversion import image_key, prepare_image
+from ..latents import decode_to_pil, encode_image
+from ..limits import get_limits
+from ..lora import SMOOTH_NAME
+from ..masks import latent_cells, user_mask
+from ..metadata import with_metadata
+from ..peft_state import adapters_active, peft_state_restored
+from ..results import ImageResult, base_metadata
+from ..stream import PreviewOptions, preview_image, stream_steps
+from ..text import encode_prompt
+from ..validation import check_number, resolve_seed, validate_common
+from .lora import ADAPTER, adapter_state, add_adapter, train_lora
+from .points import (
     REACHED,
     check_point_count,
     check_points,
@@ -58,27 +71,14 @@ from .drag_points import (
     to_image,
     track_points,
 )
-from .drag_trajectory import find_trajectory
-from .drag_unet import (
+from .trajectory import find_trajectory
+from .unet import (
     feature_block_index,
     feature_hook,
     mutual_self_attention,
     upsample,
 )
-from .drag_warp import displacement_field, warp_region
-from .errors import InputError
-from .events import CancelToken, Job, Progress
-from .inversion import image_key, prepare_image
-from .latents import decode_to_pil, encode_image
-from .limits import get_limits
-from .lora import SMOOTH_NAME
-from .masks import latent_cells, user_mask
-from .metadata import with_metadata
-from .peft_state import adapters_active, peft_state_restored
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, preview_image, stream_steps
-from .text import encode_prompt
-from .validation import check_number, resolve_seed, validate_common
+from .warp import displacement_field, warp_region
 
 __all__ = ["DragParams", "DragResult", "check_points", "drag", "draw_points", "prepare_drag_mask"]
 
@@ -102,12 +102,12 @@ class DragParams:
     feature_block: int = 2               # SD1.5 numbering from the output end (module docstring)
     r1: int = 1
     r2: int = 3
-    warm_start: bool = False             # carry the painted region's latent along the drag first (drag_warp.py)
+    warm_start: bool = False             # carry the painted region's latent along the drag first (warp.py)
     smooth_lora: bool = False
     guidance: float = 1.0
     seed: int = 0                        # LoRA init and training noise; -1 = random
     mutual_attention_step: int = 0       # first denoising step (of those run) with the original's keys/values
-    mutual_attention_layer: int = 10     # first self-attention layer, SD1.5 numbering (drag_unet.mutual_layer_start)
+    mutual_attention_layer: int = 10     # first self-attention layer, SD1.5 numbering (unet.mutual_layer_start)
 
 
 @dataclass

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from .events import CancelToken, Progress
-from .image_io import pil_to_tensor
-from .lora import DRAG_ADAPTER as ADAPTER
-from .peft_state import adapter_configs, freeze_lora, quiet_peft
+from ..events import CancelToken, Progress
+from ..image_io import pil_to_tensor
+from ..lora import DRAG_ADAPTER as ADAPTER
+from ..peft_state import adapter_configs, freeze_lora, quiet_peft
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # every attention projection, self and cross (as the reference)
 BATCH = 4                                        # the reference's LoRA batch (copies of the one image)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .cache import LRUCache
-from .inversion import image_key
+from ..cache import LRUCache
+from ..inversion import image_key
 
 SLOT = ("drag", "trajectories")
 KEEP = 8                      # trajectories kept per cache (each a few MB at most: steps+1 latents)
