@@ -95,3 +95,21 @@ def app_url(studio, tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# Markers (pyproject.toml): tests that start the Gradio server are e2e, those that drive Chromium are browser;
+# both are slow, so `pytest -m "not slow"` (the fast lane) leaves them out. Other slow tests carry
+# @pytest.mark.slow themselves.
+_SERVER_FIXTURES = {"app_url", "app"}
+_BROWSER_FIXTURES = {"page", "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if names & (_SERVER_FIXTURES | _BROWSER_FIXTURES):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
