@@ -1,11 +1,12 @@
 """app/masks.py: reading ImageEditor / ImageMask values (painted region, picture, stroke composite) and the
-estimated-mask layer written back, without a browser."""
+estimated-mask layer written back, without a browser; and pipelines/masks.py's cell dilation (grow_cells)."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
 from app import masks
+from pipelines import masks as pipeline_masks
 
 
 def rgba(h, w, box=None, colour=(0, 0, 0), alpha=255):
@@ -64,3 +65,35 @@ def test_editor_value_draws_the_mask_as_a_translucent_layer():
     back = masks.painted(value)  # what Apply reads is exactly the estimate, at display size
     assert back[:, :128].all() and not back[:, 128:].any()
     assert (value["composite"][:, 128:] == (0, 255, 0)).all()
+
+
+# --- pipelines/masks.py: grow_cells is cv2.dilate with a (2r+1)^2 square ----------------------------------------
+
+def _grow_cells_loop(cells, r=1):
+    """The hand-written dilation grow_cells replaced: OR of every shift within r cells (nothing from outside)."""
+    out = cells.copy()
+    padded = np.pad(cells, r)
+    h, w = cells.shape
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def test_grow_cells_equals_the_shift_loop_on_random_masks():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        h, w = rng.integers(1, 40, 2)
+        cells = rng.random((h, w)) < rng.choice([0.01, 0.05, 0.2, 0.6])
+        r = int(rng.integers(0, 5))
+        got = pipeline_masks.grow_cells(cells, r)
+        assert got.dtype == bool and got.shape == cells.shape
+        assert np.array_equal(got, _grow_cells_loop(cells, r)), (trial, h, w, r)
+    # edges and corners grow only inward; the default is one cell; the input is left alone
+    cells = np.zeros((5, 6), bool)
+    cells[0, 0] = cells[4, 5] = True
+    before = cells.copy()
+    assert np.array_equal(pipeline_masks.grow_cells(cells), _grow_cells_loop(cells))
+    assert pipeline_masks.grow_cells(cells).sum() == 8 and np.array_equal(cells, before)
+    assert np.array_equal(pipeline_masks.grow_cells(np.ones((3, 3), bool), 2), np.ones((3, 3), bool))
+    assert not pipeline_masks.grow_cells(np.zeros((4, 4), bool), 3).any()
