@@ -295,8 +295,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
                             i_send_edit = gr.Button("Send frame to Edit")
                         i_gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="int-gallery")
                         i_gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
-                        # MPEG-4 part 2 ('mp4v'), which browsers may not play inline: offered as a download
-                        i_mp4 = gr.File(label="Animation (MP4, download)", interactive=False, height=90, elem_id="int-mp4")
+                        # H.264 / yuv420p MP4 (pipelines/video.py): browsers play it inline, Gradio needs no conversion
+                        i_mp4 = gr.Video(label="Animation (MP4)", interactive=False, elem_id="int-mp4")
                         i_istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])", interactive=False)
                         i_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances", x_title="frame pair k→k+1", y_title="L2 distance")
                         i_cmp_out = comparison_outputs("int")
@@ -333,7 +333,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
                         r_status = gr.Markdown("", elem_id="rint-status")
                         r_gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="rint-gallery")
                         r_gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
-                        r_mp4 = gr.File(label="Animation (MP4, download)", interactive=False, height=90, elem_id="rint-mp4")
+                        r_mp4 = gr.Video(label="Animation (MP4)", interactive=False, elem_id="rint-mp4")
                         r_istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])",
                                            interactive=False)
                         r_plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances",

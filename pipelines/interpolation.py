@@ -32,6 +32,7 @@ from .results import ImageResult, base_metadata
 from .stream import PreviewOptions, stream_steps
 from .text import encode_prompt
 from .validation import check_number, check_prompt, check_size, resolve_seed, validate_common
+from .video import write_gif, write_mp4
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -279,29 +280,3 @@ def render_sequence(model, ends: Endpoints, n_frames: int, steps: int, guidance:
     result = SequenceResult(frames, etas, dists.tolist(), float(dists.std()), gif, mp4)
     yield Progress("done", total, total, partial=list(frames), result=result, message=f"ISTD {result.istd:.4f}")
     return result
-
-
-def write_gif(frames: list, path: str | Path, fps: int = 8) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = [f.convert("RGB") for f in frames]
-    rgb[0].save(path, save_all=True, append_images=rgb[1:], duration=int(1000 / max(fps, 1)), loop=0)
-    return path
-
-
-def write_mp4(frames: list, path: str | Path, fps: int = 8) -> str | None:
-    """MPEG-4 video via OpenCV (headless build: the mp4v codec); None if this OpenCV cannot write one."""
-    import cv2
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w, h = frames[0].size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), max(int(fps), 1), (w, h))
-    if not writer.isOpened():
-        return None
-    try:
-        for f in frames:
-            writer.write(cv2.cvtColor(np.asarray(f.convert("RGB").resize((w, h))), cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    return str(path) if path.is_file() and path.stat().st_size > 0 else None

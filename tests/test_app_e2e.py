@@ -78,11 +78,12 @@ def app_error(call) -> str:
 
 
 def assert_mp4(path):
-    """An MPEG-4 file (ISO base media: an 'ftyp' box first)."""
+    """An H.264 MP4 browsers play inline (ISO base media: an 'ftyp' box first, an 'avc1' sample entry)."""
     assert path and str(path).endswith(".mp4"), path
     with open(path, "rb") as f:
-        head = f.read(12)
-    assert head[4:8] == b"ftyp", head
+        data = f.read()
+    assert data[4:8] == b"ftyp", data[:12]
+    assert b"avc1" in data
 
 
 def wait_for(cond, timeout=WAIT, interval=0.02, what="condition"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -171,3 +172,10 @@ def test_interpolation_sequence(tiny_model, tmp_path):
     assert res.gif_path and res.gif_path.endswith(".gif")
     with Image.open(res.gif_path) as gif:
         assert gif.n_frames == 5 and gif.size == (64, 64)
+    # the MP4 (pipelines/video.py): H.264 with the same 5 frames, 64 px scaled up 4x for the player
+    assert res.mp4_path and res.mp4_path.endswith(".mp4")
+    assert imageio_ffmpeg.count_frames_and_secs(res.mp4_path)[0] == 5
+    reader = imageio_ffmpeg.read_frames(res.mp4_path)
+    meta = next(reader)
+    reader.close()
+    assert meta["codec"].startswith("h264") and meta["size"] == (256, 256)
