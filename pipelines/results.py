@@ -15,4 +15,5 @@ class ImageResult:
 
 
 def base_metadata(model, lora, strength) -> dict:
-    return {"model": model.id, "lora": lora or "none", "lora_strength": strength if lora else 0.0, "sampler": "DDIM (eta 0)"}
+    return {"model": model.id, "lora": lora or "none", "lora_strength": strength if lora else 0.0,
+            "sampler": "DDIM (eta 0)"}

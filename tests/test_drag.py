@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines.cache import LRUCache
-from pipelines.drag import DragParams, check_points, drag, draw_points, prepare_drag_mask
+from pipelines.drag import DragParams, DragSettings, check_points, drag, draw_points, prepare_drag_mask, validate_drag
 from pipelines.drag.points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
 from pipelines.drag.warp import displacement_field, warp_region
 from pipelines.drag.unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
@@ -211,6 +211,16 @@ def test_bad_inputs_fail_before_any_unet_call(model, image):
         with pytest.raises(InputError, match="No image"):
             next(drag(model, None, DragParams([(1, 1)], [(5, 5)])))
     assert not calls
+
+
+def test_validated_settings_are_typed_and_frozen(model):
+    s = validate_drag(model, DragParams([(1, 1)], [(5, 5)], prompt="  a cat ", lora_steps=4.0, r1="2", seed=-1,
+                                        warm_start=1))
+    assert isinstance(s, DragSettings)
+    assert (s.prompt, s.lora_steps, s.r1, s.warm_start) == ("a cat", 4, 2, True)
+    assert type(s.lora_steps) is int and type(s.r1) is int and 0 <= s.seed < 2**32
+    with pytest.raises(AttributeError):
+        s.steps = 3   # frozen: the job cannot change what it validated
 
 
 def test_warm_start_carries_the_region_along_the_drag():

@@ -7,8 +7,9 @@
   unet.py         the UNet's decoder features (forward hook) and mutual self-attention
   warp.py         the warm start: the painted region's latent carried along the drag
 """
-from .pipeline import DragParams, DragResult, check_points, drag, draw_points, prepare_drag_mask
+from .pipeline import (DragParams, DragResult, DragSettings, check_points, drag, draw_points, prepare_drag_mask,
+                       validate_drag)
 from .points import parse_points
 
-__all__ = ["DragParams", "DragResult", "check_points", "drag", "draw_points", "parse_points",
-           "prepare_drag_mask"]
+__all__ = ["DragParams", "DragResult", "DragSettings", "check_points", "drag", "draw_points", "parse_points",
+           "prepare_drag_mask", "validate_drag"]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 
 from .. import ddim
@@ -80,7 +81,8 @@ from .unet import (
 )
 from .warp import displacement_field, warp_region
 
-__all__ = ["DragParams", "DragResult", "check_points", "drag", "draw_points", "prepare_drag_mask"]
+__all__ = ["DragParams", "DragResult", "DragSettings", "check_points", "drag", "draw_points", "prepare_drag_mask",
+           "validate_drag"]
 
 SUPERVISION_PER_LATENT = 4   # supervision grid = 4x the latent: the reference's sup_res 256 for SD's 64 latents
 PREVIEW_EVERY = 5         # drag iterations between previews (a preview costs a decode, not a UNet call)
@@ -122,9 +124,54 @@ class DragResult:
     lora_losses: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DragSettings:
+    """DragParams after validation (`validate_drag`): every number range-checked and typed, the seed resolved, the
+    prompt stripped. The job, its caches' keys and its metadata read these, never the raw DragParams."""
+    steps: int
+    guidance: float
+    inversion_strength: float
+    lora_steps: int
+    lora_rank: int
+    lora_lr: float
+    drag_iterations: int
+    latent_lr: float
+    mask_weight: float
+    feature_block: int
+    r1: int
+    r2: int
+    mutual_attention_step: int
+    mutual_attention_layer: int
+    seed: int
+    prompt: str
+    smooth_lora: bool
+    warm_start: bool
+
+
+@dataclass
+class _LatentDrag:
+    """Step 3's problem, built by `drag` and read by the optimisation and its previews: the latent at timestep t,
+    what the UNet is conditioned on there, where the features come from, and the points to move."""
+    z_t: torch.Tensor                       # the latent at t (inverted, cached, or from a trajectory)
+    cond: torch.Tensor
+    uncond: torch.Tensor | None             # None without guidance
+    guidance: float
+    sched: DDIMScheduler                    # the job's DDIM schedule
+    t: torch.Tensor                         # z_t's timestep
+    grid: tuple[int, int]                   # supervision grid (h, w)
+    block: int                              # index of the up block whose output are the features
+    keep: torch.Tensor | None               # the mask term's latent keep-weight (1, 1, h, w); None = no mask term
+    h_feat: list[tuple[float, float]]       # handles and targets on the grid
+    t_feat: list[tuple[float, float]]
+    size: tuple[int, int]                   # image (width, height)
+    handles: list[tuple[float, float]]      # image pixels, for the previews
+    targets: list[tuple[float, float]]
+    z_start: torch.Tensor | None = None     # a warm start (warp.py): the optimisation starts here
+
+
 # ----------------------------------------------------------------------------------------------- inputs
 
-def _validate(model, p: DragParams) -> dict:
+def validate_drag(model, p: DragParams) -> DragSettings:
     """Every number range-checked (InputError with a UI sentence) before any image is read or UNet run."""
     steps, guidance, _ = validate_common(model, p.steps, p.guidance, 1.0)
     strength = check_number(p.inversion_strength, "Inversion strength", 0, 1)
@@ -134,37 +181,35 @@ def _validate(model, p: DragParams) -> dict:
                          f"least {1 / steps:.2g}.")
     limits = get_limits()
     check_point_count(p.handles, p.targets)
-    v = {
-        "steps": steps, "guidance": guidance, "inversion_strength": strength,
-        "lora_steps": check_number(p.lora_steps, "LoRA steps", 0, limits.max_lora_steps, integer=True),
-        "lora_rank": check_number(p.lora_rank, "LoRA rank", 1, limits.max_lora_rank, integer=True),
-        "lora_lr": check_number(p.lora_lr, "LoRA learning rate", 0, 1),
-        "drag_iterations": check_number(p.drag_iterations, "Drag iterations", 0, limits.max_drag_iterations,
-                                        integer=True),
-        "latent_lr": check_number(p.latent_lr, "Latent learning rate", 0, 1),
-        "mask_weight": check_number(p.mask_weight, "Mask term lambda", 0, 100),
-        "feature_block": check_number(p.feature_block, "Feature block", 0, 3, integer=True),
-        "r1": check_number(p.r1, "r1 (supervision patch radius)", 0, 16, integer=True),
-        "r2": check_number(p.r2, "r2 (tracking radius)", 1, 32, integer=True),
-        "mutual_attention_step": check_number(p.mutual_attention_step, "Mutual attention step", 0, 1000,
-                                              integer=True),
-        "mutual_attention_layer": check_number(p.mutual_attention_layer, "Mutual attention layer", 0, 64,
-                                               integer=True),
-        "seed": resolve_seed(p.seed),
-        "prompt": (p.prompt or "").strip(),
-        "smooth_lora": bool(p.smooth_lora),
-        "warm_start": bool(p.warm_start),
-    }
-    if v["lora_steps"] and v["lora_lr"] <= 0:
+    s = DragSettings(
+        steps=steps, guidance=guidance, inversion_strength=strength,
+        lora_steps=check_number(p.lora_steps, "LoRA steps", 0, limits.max_lora_steps, integer=True),
+        lora_rank=check_number(p.lora_rank, "LoRA rank", 1, limits.max_lora_rank, integer=True),
+        lora_lr=check_number(p.lora_lr, "LoRA learning rate", 0, 1),
+        drag_iterations=check_number(p.drag_iterations, "Drag iterations", 0, limits.max_drag_iterations,
+                                     integer=True),
+        latent_lr=check_number(p.latent_lr, "Latent learning rate", 0, 1),
+        mask_weight=check_number(p.mask_weight, "Mask term lambda", 0, 100),
+        feature_block=check_number(p.feature_block, "Feature block", 0, 3, integer=True),
+        r1=check_number(p.r1, "r1 (supervision patch radius)", 0, 16, integer=True),
+        r2=check_number(p.r2, "r2 (tracking radius)", 1, 32, integer=True),
+        mutual_attention_step=check_number(p.mutual_attention_step, "Mutual attention step", 0, 1000, integer=True),
+        mutual_attention_layer=check_number(p.mutual_attention_layer, "Mutual attention layer", 0, 64, integer=True),
+        seed=resolve_seed(p.seed),
+        prompt=(p.prompt or "").strip(),
+        smooth_lora=bool(p.smooth_lora),
+        warm_start=bool(p.warm_start),
+    )
+    if s.lora_steps and s.lora_lr <= 0:
         raise InputError("The LoRA learning rate must be above 0 (or set LoRA steps to 0 for no LoRA).")
-    if v["drag_iterations"] and v["latent_lr"] <= 0:
+    if s.drag_iterations and s.latent_lr <= 0:
         raise InputError("The latent learning rate must be above 0.")
     if ADAPTER in model.loras:
         raise InputError(f"A loaded LoRA is named {ADAPTER!r}, the name the drag uses for its own: reload it under "
                          f"another name.")
-    if v["smooth_lora"] and SMOOTH_NAME not in model.loras:
+    if s.smooth_lora and SMOOTH_NAME not in model.loras:
         raise InputError("The Smooth LoRA is not loaded: load it first (Model and LoRA), or untick 'Use the Smooth LoRA during the drag'.")
-    return v
+    return s
 
 
 def prepare_drag_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.ndarray, torch.Tensor] | None:
@@ -228,18 +273,18 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
          preview: PreviewOptions | None = None) -> Job:
     """The DragDiffusion job; the last event's result is a DragResult. `image`: anything prepare_image takes;
     `mask`: None/empty = the whole image editable, else a bool/uint8 array or PIL image of any size."""
-    v = _validate(model, p)
+    s = validate_drag(model, p)
     opts = preview or PreviewOptions()
     source = prepare_image(model, image)
     handles, targets = check_points(p.handles, p.targets, source.size)
     masks = prepare_drag_mask(mask, source.size, model.vae_factor)
     unet, dev, dtype = model.unet, model.device, model.dtype
     notes = [] if masks is not None else ["no region painted (or all of it): the whole image is editable"]
-    warm = v["warm_start"] and masks is not None
-    if v["warm_start"] and masks is None:
+    warm = s.warm_start and masks is not None
+    if s.warm_start and masks is None:
         notes.append("warm start skipped: it moves the painted region, and none is painted")
 
-    smooth = {SMOOTH_NAME: 1.0} if v["smooth_lora"] else {}
+    smooth = {SMOOTH_NAME: 1.0} if s.smooth_lora else {}
     traj = find_trajectory(cache, model, source)
     if traj is not None and traj.lora and traj.lora not in model.loras:
         notes.append(f"the LoRA {traj.lora!r} this image was generated with is no longer loaded: inverting instead")
@@ -250,25 +295,25 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
         notes.append(f"generated here: starting from its own latent trajectory with its {steps} steps, prompt and "
                      f"guidance {guidance:g} (no LoRA, no inversion)")
     else:
-        steps, guidance = v["steps"], v["guidance"]
-        cond = encode_prompt(model, v["prompt"])
+        steps, guidance = s.steps, s.guidance
+        cond = encode_prompt(model, s.prompt)
         uncond = encode_prompt(model, "") if guidance != 1.0 else None
-    n_actual = min(steps, max(1, round(v["inversion_strength"] * steps)))
+    n_actual = min(steps, max(1, round(s.inversion_strength * steps)))
     start = steps - n_actual
     sched = ddim.make_scheduler(model.scheduler_config, steps)
     t = sched.timesteps[start]
-    use_lora = traj is None and v["lora_steps"] > 0
-    iters = v["drag_iterations"]
-    total = (v["lora_steps"] if use_lora else 0) + (0 if traj is not None else n_actual) + iters + n_actual
+    use_lora = traj is None and s.lora_steps > 0
+    iters = s.drag_iterations
+    total = (s.lora_steps if use_lora else 0) + (0 if traj is not None else n_actual) + iters + n_actual
     grid = (source.height // model.vae_factor * SUPERVISION_PER_LATENT,
             source.width // model.vae_factor * SUPERVISION_PER_LATENT)
     h_feat = [to_feature(h, source.size, grid) for h in handles]
     t_feat = [to_feature(g, source.size, grid) for g in targets]
-    block = feature_block_index(unet, v["feature_block"])
+    block = feature_block_index(unet, s.feature_block)
 
     key = image_key(source)
-    base = (model.id, id(model.pipe), key, v["prompt"], v["smooth_lora"], model.loras.get(SMOOTH_NAME))
-    lora_key = ("drag-lora", *base, v["lora_rank"], v["lora_lr"], v["lora_steps"], v["seed"]) if use_lora else None
+    base = (model.id, id(model.pipe), key, s.prompt, s.smooth_lora, model.loras.get(SMOOTH_NAME))
+    lora_key = ("drag-lora", *base, s.lora_rank, s.lora_lr, s.lora_steps, s.seed) if use_lora else None
     inv_key = ("drag-inversion", *base, steps, n_actual, lora_key)
     timings = {"lora": 0.0, "inversion": 0.0, "drag": 0.0, "denoise": 0.0}
     cached = {"lora": False, "inversion": False, "trajectory": traj is not None}
@@ -286,16 +331,16 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
             active[traj.lora] = traj.lora_strength
         if use_lora:
             state = None if cache is None else cache.get(lora_key)
-            add_adapter(unet, v["lora_rank"], state, v["seed"])
+            add_adapter(unet, s.lora_rank, state, s.seed)
             if state is None:
-                losses = yield from train_lora(model, source, cond, smooth, v["lora_steps"], v["lora_lr"], v["seed"],
+                losses = yield from train_lora(model, source, cond, smooth, s.lora_steps, s.lora_lr, s.seed,
                                                cancel, done, total)
                 if cache is not None:
                     cache.put(lora_key, adapter_state(unet))
             else:
                 cached["lora"] = True
-                yield Progress("LoRA (cached)", v["lora_steps"], total, message="per-image LoRA reused from cache")
-            done += v["lora_steps"]
+                yield Progress("LoRA (cached)", s.lora_steps, total, message="per-image LoRA reused from cache")
+            done += s.lora_steps
             active[ADAPTER] = 1.0
         _sync(dev)
         timings["lora"] = time.perf_counter() - t0
@@ -326,9 +371,11 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
             if warm:
                 field = displacement_field(handles, targets, tuple(z_t.shape[-2:]), 1.0 / model.vae_factor)
                 z_start = warp_region(z_t, field, 1.0 - masks[1])
-            z_opt, tracked, run, _ = yield from _optimise(
-                model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, h_feat, t_feat, v, cancel, opts,
-                source.size, handles, targets, done, total, z_start)
+            keep = None if masks is None or s.mask_weight == 0 else masks[1].to(z_t.device, torch.float32)
+            problem = _LatentDrag(z_t=z_t, cond=cond, uncond=uncond, guidance=guidance, sched=sched, t=t, grid=grid,
+                                  block=block, keep=keep, h_feat=h_feat, t_feat=t_feat, size=source.size,
+                                  handles=handles, targets=targets, z_start=z_start)
+            z_opt, tracked, run, _ = yield from _optimise(model, problem, s, cancel, opts, done, total)
             done += iters
             _sync(dev)
             timings["drag"] = time.perf_counter() - t0
@@ -338,7 +385,7 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
             x = torch.cat([z_t, z_opt.to(dtype)])
             cond2 = cond.expand(2, -1, -1)
             uncond2 = None if uncond is None else uncond.expand(2, -1, -1)
-            with mutual_self_attention(unet, v["mutual_attention_layer"], v["mutual_attention_step"]) as (ctl, layers):
+            with mutual_self_attention(unet, s.mutual_attention_layer, s.mutual_attention_step) as (ctl, layers):
                 def eps(x_t, tt, k):
                     ctl.step = k - start
                     return ddim.guided_eps(unet, x_t, tt, cond2, uncond2, guidance)
@@ -352,22 +399,22 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
     final = [to_image(h, source.size, grid) for h in tracked] if run else list(handles)
     hit = reached(tracked, t_feat)
     params = {
-        "task": "drag", "prompt": traj.prompt if traj is not None else v["prompt"],
+        "task": "drag", "prompt": traj.prompt if traj is not None else s.prompt,
         "handles": [list(map(float, h)) for h in handles], "targets": [list(map(float, g)) for g in targets],
         "final_handles": [[round(x, 2), round(y, 2)] for x, y in final],
         "start": "trajectory" if traj is not None else "inversion", "steps": steps, "steps_run": n_actual,
-        "start_timestep": int(t), "inversion_strength": v["inversion_strength"], "guidance": guidance,
-        "lora_steps": v["lora_steps"] if use_lora else 0, "lora_rank": v["lora_rank"], "lora_lr": v["lora_lr"],
-        "seed": v["seed"], "drag_iterations": iters, "iterations_run": run, "reached": hit,
-        "latent_lr": v["latent_lr"], "mask_weight": v["mask_weight"], "masked": masks is not None,
-        "feature_block": v["feature_block"], "feature_up_block": block, "supervision_grid": f"{grid[1]}x{grid[0]}",
-        "r1": v["r1"], "r2": v["r2"], "smooth_lora": v["smooth_lora"], "warm_start": warm,
-        "mutual_attention_step": v["mutual_attention_step"], "mutual_attention_layer": v["mutual_attention_layer"],
+        "start_timestep": int(t), "inversion_strength": s.inversion_strength, "guidance": guidance,
+        "lora_steps": s.lora_steps if use_lora else 0, "lora_rank": s.lora_rank, "lora_lr": s.lora_lr,
+        "seed": s.seed, "drag_iterations": iters, "iterations_run": run, "reached": hit,
+        "latent_lr": s.latent_lr, "mask_weight": s.mask_weight, "masked": masks is not None,
+        "feature_block": s.feature_block, "feature_up_block": block, "supervision_grid": f"{grid[1]}x{grid[0]}",
+        "r1": s.r1, "r2": s.r2, "smooth_lora": s.smooth_lora, "warm_start": warm,
+        "mutual_attention_step": s.mutual_attention_step, "mutual_attention_layer": s.mutual_attention_layer,
         "mutual_attention_layers": len(layers), "size": f"{source.width}x{source.height}", "eta": 0.0,
         **base_metadata(model, traj.lora if traj is not None else None,
                         traj.lora_strength if traj is not None else 0.0),
     }
-    result = DragResult(ImageResult(with_metadata(out, params), v["seed"], params), source, final, list(targets),
+    result = DragResult(ImageResult(with_metadata(out, params), s.seed, params), source, final, list(targets),
                         timings, cached, params, losses)
     reused = [k for k, c in cached.items() if c]
     msg = (f"{run} drag iteration(s), handles {'reached' if hit else 'did not reach'} their targets"
@@ -377,16 +424,16 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
                    message=msg)
 
 
-def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, h_feat, t_feat, v, cancel, opts,
-              size, handles, targets, offset, total, z_start=None):
-    """Motion supervision + point tracking on z_t (fp32 Adam). Returns (latent, tracked feature points,
+def _optimise(model, d: _LatentDrag, s: DragSettings, cancel: CancelToken | None, opts: PreviewOptions, offset: int,
+              total: int):
+    """Motion supervision + point tracking on d.z_t (fp32 Adam). Returns (latent, tracked feature points,
     iterations run, last loss); yields one event per iteration with the current handles (image px) as partial.
-    `z_start` (a warm start): the optimisation starts from it with the handles guessed at their targets and
+    `d.z_start` (a warm start): the optimisation starts from it with the handles guessed at their targets and
     re-found by tracking from the first iteration on; the original features and the mask term's reference
     still come from z_t."""
     unet, dtype = model.unet, model.dtype
-    iters, r1, r2, lam = v["drag_iterations"], v["r1"], v["r2"], v["mask_weight"]
-    keep = None if masks is None or lam == 0 else masks[1].to(z_t.device, torch.float32)
+    iters, r1, r2, lam = s.drag_iterations, s.r1, s.r2, s.mask_weight
+    z_t, z_start, keep, h_feat, t_feat, sched, t = d.z_t, d.z_start, d.keep, d.h_feat, d.t_feat, d.sched, d.t
     warm = z_start is not None
     current = list(t_feat) if warm else list(h_feat)
     z = (z_start if warm else z_t).detach().float().clone()
@@ -395,15 +442,15 @@ def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, 
     fp16 = model.device.type == "cuda" and dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     run, loss_value = 0, None
-    with feature_hook(unet, block) as store:
-        feats = _Features(unet, store, cond, uncond, guidance, t, grid)
+    with feature_hook(unet, d.block) as store:
+        feats = _Features(unet, store, d.cond, d.uncond, d.guidance, t, d.grid)
         if cancel is not None:
             cancel.check()
         with torch.no_grad():
             eps0, f0 = feats(z_t)
             prev0 = sched.step(eps0, t, z_t.float()).prev_sample
         z.requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=v["latent_lr"])
+        opt = torch.optim.Adam([z], lr=s.latent_lr)
         for it in range(iters):
             if cancel is not None:
                 cancel.check()
@@ -412,11 +459,10 @@ def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, 
                 if it > 0 or warm:
                     current = track_points(f0, f1.detach(), h_feat, current, r2)
                 run = it + 1
-                img_pts = [to_image(h, size, grid) for h in current]
+                img_pts = [to_image(h, d.size, d.grid) for h in current]
                 if reached(current, t_feat):
                     yield Progress("dragging", offset + iters, total, partial=img_pts,
-                                   preview=_preview_at(model, opts, sched, eps, t, z, size, handles, targets,
-                                                       img_pts, True),
+                                   preview=_preview_at(model, opts, d, eps, z, img_pts, True),
                                    message=f"iteration {run}: every handle reached its target")
                     break
                 loss = motion_supervision(f1, current, t_feat, r1)
@@ -432,16 +478,16 @@ def _optimise(model, z_t, cond, uncond, guidance, sched, t, grid, block, masks, 
                     loss_value = float(loss.detach())
             far = max(distance(h, g) for h, g in zip(current, t_feat))
             yield Progress("dragging", offset + run, total, partial=img_pts,
-                           preview=_preview_at(model, opts, sched, eps, t, z, size, handles, targets, img_pts,
+                           preview=_preview_at(model, opts, d, eps, z, img_pts,
                                                run % PREVIEW_EVERY == 0 or run == iters),
                            message=f"iteration {run}/{iters}: loss {loss_value if loss_value is not None else 0:.4f}, "
                                    f"farthest handle {far:.1f} feature px from its target")
     return z.detach(), current, run, loss_value
 
 
-def _preview_at(model, opts, sched, eps, t, z, size, handles, targets, current, due: bool):
+def _preview_at(model, opts: PreviewOptions, d: _LatentDrag, eps, z, current, due: bool):
     if not due or not (opts.every or opts.full_decode_every):
         return None
     with torch.no_grad():
-        x0 = sched.step(eps.detach(), t, z.detach()).pred_original_sample
-    return _drag_preview(model, opts, x0.to(model.dtype), size, handles, targets, current)
+        x0 = d.sched.step(eps.detach(), d.t, z.detach()).pred_original_sample
+    return _drag_preview(model, opts, x0.to(model.dtype), d.size, d.handles, d.targets, current)
