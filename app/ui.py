@@ -7,6 +7,7 @@ import gradio as gr
 
 from pipelines.edit import EditParams
 from pipelines.errors import InputError
+from pipelines.events import Kind
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import ComparisonFrames, InterpolationParams, LoraComparison, comparison_labels
 from pipelines.instruct import recommended_guidance
@@ -528,11 +529,11 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
                     note = " (inversion reused from cache)" if r.cached else ""
                     return (r.reconstruction.image, r.source, r.reconstruction.image, loss_frame(r.losses), metrics,
                             f"Done{note} · {ev.message}")
-                src = ev.preview if ev.stage == "encoding image" else gr.skip()
-                prev = ev.preview if ev.preview is not None and ev.stage != "encoding image" else gr.skip()
+                src = ev.preview if ev.kind is Kind.SOURCE else gr.skip()
+                prev = ev.preview if ev.preview is not None and ev.kind is not Kind.SOURCE else gr.skip()
                 # a new run starts with an empty loss plot; null-text fitting streams the curve so far
-                plot = (loss_frame(ev.partial) if ev.partial is not None and ev.stage == "fitting null-text"
-                        else loss_frame([]) if ev.stage == "encoding image" else gr.skip())
+                plot = (loss_frame(ev.partial) if ev.kind is Kind.LOSSES
+                        else loss_frame([]) if ev.kind is Kind.SOURCE else gr.skip())
                 return prev, src, gr.skip(), plot, gr.skip(), status_line(ev)
 
             def job():
@@ -584,7 +585,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
 
             def render(ev, final):
                 if final:
-                    note = " (inversion reused from cache)" if "from cache" in ev.message else ""
+                    note = " (inversion reused from cache)" if ev.cached else ""
                     return ev.result.image, f"Frame at eta={float(eta):.2f}{note}"
                 return in_progress(ev, 0)
 
@@ -607,7 +608,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
                     return (r.frames[-1], r.frames, r.gif_path, r.mp4_path, r.istd, distance_frame(r.distances),
                             f"{len(r.frames)} frames · ISTD {r.istd:.4f}")
                 # partial: the loss curve while fitting null-text, then the frames rendered so far
-                frames = ev.partial if ev.partial is not None and ev.stage.startswith("frame") else gr.skip()
+                frames = ev.partial if ev.kind is Kind.FRAMES else gr.skip()
                 return (shown_preview(ev), frames, gr.skip(), gr.skip(), gr.skip(),
                         gr.skip(), status_line(ev))
 

@@ -45,7 +45,7 @@ from PIL import Image
 from . import ddim
 from .cache import LRUCache
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .inversion import image_key, prepare_image
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
@@ -234,7 +234,8 @@ def _estimate_mask(model, source: Image.Image, z0: torch.Tensor, p: DiffEditPara
     result = DiffEditMask(source, mask, heat, overlay_image(source, mask), params)
     note = "the mask is empty: lower the threshold or paint the region to edit" if not mask.any() else \
         f"mask covers {100 * fraction:.1f}% of the image"
-    yield Progress("mask ready", offset + calls, total, preview=result.overlay, partial=result, message=note)
+    yield Progress("mask ready", offset + calls, total, preview=result.overlay, partial=result, message=note,
+                   kind=Kind.MASK)
     return result, latent
 
 
@@ -246,7 +247,7 @@ def diffedit_mask(model, image, p: DiffEditParams, cancel: CancelToken | None = 
     _check_prompts_differ(p)
     source = prepare_image(model, image)
     total = _mask_calls(p.mask_draws)
-    yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}")
+    yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}", kind=Kind.SOURCE)
     z0 = encode_image(model, source)
     result, _ = yield from _estimate_mask(model, source, z0, p, cancel, 0, total)
     yield Progress("done", total, total, preview=result.overlay, result=result,
@@ -313,7 +314,7 @@ def diffedit_edit(model, image, p: DiffEditParams, mask=None, cache: LRUCache | 
     steps, n = p.steps, encode_steps(p.encode_ratio, p.steps)
     mask_units = _mask_calls(p.mask_draws) if user_mask is None else 0
     total = mask_units + 2 * n
-    yield Progress("encoding image", 0, total, preview=source)
+    yield Progress("encoding image", 0, total, preview=source, kind=Kind.SOURCE)
     key = inversion_key(model, source, steps)
     hit = cache.get(key) if cache is not None else None
     z0 = hit.z0 if hit is not None else encode_image(model, source)

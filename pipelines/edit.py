@@ -21,7 +21,7 @@ from PIL import Image
 from . import ddim, p2p
 from .cache import LRUCache
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .inversion import (
     InversionParams,
     inversion_cost,
@@ -94,7 +94,7 @@ def text_edit(model, image, p: EditParams, cache: LRUCache | None = None, cancel
         controller = p2p.build_controller(model.tokenizer, src_prompt, tgt_prompt, p.p2p, steps, latent_hw)
     offset = inversion_cost(inv_p.method, steps)
     total = offset + steps
-    yield Progress("encoding image", 0, total, preview=source)
+    yield Progress("encoding image", 0, total, preview=source, kind=Kind.SOURCE)
     with lora_applied(model, p.lora, strength):
         inv, cached = yield from invert_images(model, [source], [src_prompt], inv_p, cache, cancel, preview,
                                                total=total)

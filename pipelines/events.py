@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Generator, Iterator
 
 from PIL import Image
@@ -34,6 +35,18 @@ class CancelToken:
             raise Cancelled("cancelled by the user")
 
 
+class Kind(str, Enum):
+    """What an event carries besides its progress, so a UI switches on the kind, never on stage text."""
+
+    STEP = "step"          # progress; `preview` (if any) is the predicted x0 now
+    SOURCE = "source"      # `preview` is the input image as the model sees it (first event of an image job)
+    LOSSES = "losses"      # `partial` is the loss curve so far (null-text fitting)
+    FRAMES = "frames"      # `partial` is the list of frames finished so far (interpolation)
+    MASK = "mask"          # `partial` is the estimated mask (DiffEdit)
+    RESULTS = "results"    # `partial` is the list of results finished so far (SDEdit repeats)
+    POINTS = "points"      # `partial` is the drag's handle points now
+
+
 @dataclass
 class Progress:
     """One event of a long operation.
@@ -43,6 +56,8 @@ class Progress:
     preview: a cheap image of the predicted x0 (None when this event carries none)
     partial: intermediate results a UI may show before the end (e.g. a finished frame)
     result:  the final result object; set only on the last event
+    kind:    what `preview` and `partial` hold (Kind)
+    cached:  the job reused cached work (an inversion, a LoRA) instead of computing it
     """
 
     stage: str
@@ -52,6 +67,8 @@ class Progress:
     partial: Any = None
     result: Any = None
     message: str = ""
+    kind: Kind = Kind.STEP
+    cached: bool = False
 
     @property
     def done(self) -> bool:

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from . import ddim
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .image_io import fit_size, load_rgb
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
@@ -168,7 +168,7 @@ def instruct_edit(model, image, p: InstructParams, cancel: CancelToken | None = 
         yield Progress("done", total, total, preview=source, result=result,
                        message="Empty instruction: the input is returned unchanged.")
         return
-    yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}")
+    yield Progress("encoding image", 0, total, preview=source, message=f"seed {p.seed}", kind=Kind.SOURCE)
     cond, uncond = encode_prompt(model, p.instruction), encode_prompt(model, "")
     img_lat = encode_image(model, source, scaled=False)  # unscaled, as IP2P was trained
     sched = make_scheduler(model, p.scheduler, p.steps)

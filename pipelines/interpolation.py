@@ -23,7 +23,7 @@ import torch
 from . import ddim
 from .cache import LRUCache
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .latents import decode_to_pil, initial_noise
 from .limits import get_limits
 from .lora import lora_applied
@@ -154,7 +154,7 @@ def comparison_part(job: Job, with_lora: bool, label: str) -> Job:
                 return stop.value
             if ev.done:
                 continue
-            partial = (ComparisonFrames(with_lora, ev.partial) if ev.partial is not None and ev.stage.startswith("frame")
+            partial = (ComparisonFrames(with_lora, ev.partial) if ev.kind is Kind.FRAMES
                        else ev.partial)
             yield replace(ev, stage=f"{label}: {ev.stage}", partial=partial)
     finally:
@@ -271,12 +271,14 @@ def render_sequence(model, ends: Endpoints, n_frames: int, steps: int, guidance:
         image = yield from render_frame(model, ends, eta, steps, guidance, cancel, offset + k * steps, total, preview,
                                         f"frame {k + 1}/{n_frames}")
         frames.append(with_metadata(image, meta_for(eta)))
-        yield Progress(f"frame {k + 1}/{n_frames}", offset + (k + 1) * steps, total, partial=list(frames))
+        yield Progress(f"frame {k + 1}/{n_frames}", offset + (k + 1) * steps, total, partial=list(frames),
+                       kind=Kind.FRAMES)
     dists = adjacent_distances(frames)
     gif = mp4 = None
     if out_stem is not None:
         gif = str(write_gif(frames, out_stem.with_suffix(".gif"), fps))
         mp4 = write_mp4(frames, out_stem.with_suffix(".mp4"), fps)
     result = SequenceResult(frames, etas, dists.tolist(), float(dists.std()), gif, mp4)
-    yield Progress("done", total, total, partial=list(frames), result=result, message=f"ISTD {result.istd:.4f}")
+    yield Progress("done", total, total, partial=list(frames), result=result, message=f"ISTD {result.istd:.4f}",
+                   kind=Kind.FRAMES)
     return result

@@ -22,7 +22,7 @@ from PIL import Image
 from . import ddim, nti
 from .cache import LRUCache
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .image_io import load_image
 from .latents import decode_to_pil, encode_image
 from .limits import get_limits
@@ -169,7 +169,7 @@ def _stream_nti(model, job, offset: int, total: int, opts: PreviewOptions | None
         if tag == "null":
             curve.append(float(sum(ev.losses)))
             yield Progress("fitting null-text", offset + done, total, preview=image, partial=list(curve),
-                           message=f"step loss {curve[-1]:.2e} after {ev.iterations} iteration(s)")
+                           kind=Kind.LOSSES, message=f"step loss {curve[-1]:.2e} after {ev.iterations} iteration(s)")
         else:
             stage = "inverting" if tag == "pivot" else "reconstructing"
             yield Progress(stage, offset + done, total, preview=image)
@@ -183,7 +183,7 @@ def invert_and_reconstruct(model, image, p: InversionParams, cache: LRUCache | N
     source = prepare_image(model, image)
     prompt = (p.prompt or "").strip()
     total = inversion_cost(method, steps) + (steps if method == "ddim" else 0)
-    yield Progress("encoding image", 0, total, preview=source)
+    yield Progress("encoding image", 0, total, preview=source, kind=Kind.SOURCE)
     with lora_applied(model, p.lora, strength):
         inv, cached = yield from invert_images(model, [source], [prompt], p, cache, cancel, preview, total=total)
         if inv.reconstruction is None:  # DDIM: sample back at the reconstruction guidance

@@ -97,7 +97,8 @@ def real_interpolation_frame(model, image_a, image_b, p: RealInterpolationParams
     meta = _meta(model, a, b, prompt_a, prompt_b, inv_p, eta)
     result = ImageResult(with_metadata(image, meta), -1, meta)
     note = " (inversion reused from cache)" if cached else ""
-    yield Progress("done", total, total, preview=result.image, result=result, message=f"frame at eta={eta:.2f}{note}")
+    yield Progress("done", total, total, preview=result.image, result=result, message=f"frame at eta={eta:.2f}{note}",
+                   cached=cached)
 
 
 def real_interpolation_sequence(model, image_a, image_b, p: RealInterpolationParams, n_frames: int = 11,

@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import ddim
 from .errors import InputError
-from .events import CancelToken, Job, Progress
+from .events import CancelToken, Job, Kind, Progress
 from .inversion import prepare_image
 from .latents import decode_to_pil, encode_image, initial_noise
 from .limits import get_limits
@@ -162,7 +162,7 @@ def sdedit(model, image, p: SDEditParams, mask=None, cancel: CancelToken | None 
     seeds = [(seed + k) % (MAX_SEED + 1) for k in range(repeats)]
 
     total = repeats * steps_run + 1
-    yield Progress("encoding image", 0, total, preview=source,
+    yield Progress("encoding image", 0, total, preview=source, kind=Kind.SOURCE,
                    message=f"{steps_run} of {steps} steps from t={start_t}")
     z0 = encode_image(model, source)
     cond = encode_prompt(model, prompt)
@@ -186,7 +186,7 @@ def sdedit(model, image, p: SDEditParams, mask=None, cancel: CancelToken | None 
             m = {**meta, "seed": s, "repeat": k + 1, "repeats": repeats}
             results.append(ImageResult(with_metadata(out, m), s, m))
             yield Progress(f"repeat {k + 1}/{repeats}: done", (k + 1) * steps_run, total, preview=out,
-                           partial=list(results), message=f"seed {s}")
+                           partial=list(results), message=f"seed {s}", kind=Kind.RESULTS)
     params = {**meta, "seed": seeds[0], "seeds": seeds, "repeats": repeats}
     result = SDEditResult(results, source, image_mask, params)
     yield Progress("done", total, total, preview=results[0].image, result=result,
