@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from pipelines.errors import InputError
@@ -215,29 +216,20 @@ def load_rgb(source) -> Image.Image:
     return rgb
 
 
+# diffusers' own pre/post-processing, so the studio's pixels match a stock pipeline's (no resizing: images are
+# sized by prepare_image / check_size before they get here).
+_VAE_IMAGES = VaeImageProcessor(do_resize=False)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL -> (1, 3, H, W) float32 in [-1, 1], the same arithmetic as diffusers'
-    VaeImageProcessor (x / 255 in float32, then 2x - 1)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)[None] / 255.0
-    # (1, H, W, 3) viewed as NCHW, the very layout diffusers produces: convolutions pick their algorithm by
-    # memory layout, so a contiguous copy would encode ~1e-4 differently from diffusers' pipelines
-    t = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    return 2.0 * t - 1.0
+    """PIL -> (1, 3, H, W) float32 in [-1, 1], as a diffusers pipeline feeds its VAE."""
+    return _VAE_IMAGES.preprocess(img.convert("RGB"))
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image.
-
-    Mirrors diffusers' postprocess + numpy_to_pil exactly (denormalise in the
-    tensor's dtype, then float32 ``(x * 255).round()``) so outputs are
-    pixel-identical to a stock pipeline.
-    """
-    if x.ndim == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"expected a batch of one image, got shape {tuple(x.shape)}")
-        x = x[0]
-    if x.ndim != 3 or x.shape[0] != 3:
+    """(1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB PIL image, as a diffusers pipeline returns its output."""
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"expected shape (1,3,H,W) or (3,H,W), got {tuple(x.shape)}")
-    x = (x.detach() / 2 + 0.5).clamp(0, 1)
-    arr = x.cpu().permute(1, 2, 0).float().numpy()
-    return Image.fromarray((arr * 255).round().astype(np.uint8), "RGB")
+    return _VAE_IMAGES.postprocess(x.detach(), output_type="pil")[0]
