@@ -23,6 +23,7 @@ def photo(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_generate_writes_the_studio_result_with_its_parameters(tmp_path, studio, capsys):
     out = tmp_path / "sub" / "g.png"
     code = main(["generate", "--model", "tiny-random", "--prompt", "a red circle", "--steps", "3", "--seed", "5",
@@ -36,6 +37,7 @@ def test_generate_writes_the_studio_result_with_its_parameters(tmp_path, studio,
     assert meta["seed"] == 5 and meta["steps"] == 3 and meta["guidance"] == 4 and meta["prompt"] == "a red circle"
 
 
+@pytest.mark.slow
 def test_sdedit_repeats_write_numbered_files(tmp_path, photo, studio):
     out = tmp_path / "s.png"
     code = main(["sdedit", "--model", "tiny-random", "--image", str(photo), "--prompt", "a blue square",
@@ -50,6 +52,7 @@ def test_sdedit_repeats_write_numbered_files(tmp_path, photo, studio):
     assert read_metadata(files[0])["seed"] != read_metadata(files[1])["seed"]
 
 
+@pytest.mark.slow
 def test_invert_and_drag_write_an_image_of_the_input_size(tmp_path, photo):
     recon, dragged = tmp_path / "r.png", tmp_path / "d.png"
     assert main(["invert", "--model", "tiny-random", "--image", str(photo), "--steps", "4", "--out", str(recon),
@@ -103,6 +106,7 @@ def test_bool_options_take_words():
         parser.parse_args(["drag", "--image", "i.png", "--points", "1,2,3,4", "--out", "o.png", "--warm-start", "2"])
 
 
+@pytest.mark.slow
 def test_interpolate_writes_one_png_per_frame_whose_ends_are_the_seeds_images(tmp_path, studio):
     out = tmp_path / "f.png"
     assert main(["interpolate", "--model", "tiny-random", "--prompt-a", "a red circle", "--prompt-b", "a red circle",

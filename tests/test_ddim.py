@@ -32,6 +32,7 @@ def unet_calls(tiny_model):
 
 # --- inversion round trip -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_inversion_round_trip_at_guidance_1_and_drift_at_7_5(tiny_model):
     m = tiny_model
     z0 = encode_image(m, _smooth_picture())

@@ -309,6 +309,7 @@ def _recolour(scene, caption):
     return target, new
 
 
+@pytest.mark.slow
 def test_recolour_mask_finds_the_object_on_the_embedded_model(embedded):
     """Recolouring the object of the first 8 held-out one-object scenes (source = the true caption; 20 steps,
     4 draws, strength 0.5, threshold 0.5). Measured IoU with the true object mask:
@@ -333,6 +334,7 @@ def test_recolour_mask_finds_the_object_on_the_embedded_model(embedded):
     assert p[:, 0].mean() > 0.6 and p[:, 0].mean() > d[:, 0].mean()  # the paper's rescale: tighter
 
 
+@pytest.mark.slow
 def test_recolour_edit_changes_the_object_and_keeps_the_background(embedded):
     """Three held-out scenes recoloured to red (measured: cyan, cyan and white objects read red; black reads
     orange): at least two must read the new colour, and every output is the input, bit-exact, outside the edit."""

@@ -37,6 +37,7 @@ def test_source_steps_follow_t_greater_than_rT():
     assert source_steps(0.7, 10) == 3 and source_steps(0.75, 10) == 3
 
 
+@pytest.mark.slow
 def test_r_that_never_switches_reproduces_the_nti_reconstruction_exactly(tiny_model):
     img = _image(tiny_model)
     cache = LRUCache(4)
@@ -54,6 +55,7 @@ def test_r_that_never_switches_reproduces_the_nti_reconstruction_exactly(tiny_mo
     assert full.edited.image.info["parameters"]  # metadata travels with the PNG
 
 
+@pytest.mark.slow
 def test_p2p_edit_restores_processors_and_keeps_the_source_branch(tiny_model):
     unet = tiny_model.unet
     before = dict(unet.attn_processors)
@@ -72,6 +74,7 @@ def test_p2p_edit_restores_processors_and_keeps_the_source_branch(tiny_model):
     assert res.params["p2p_mode"] == "replace" and res.params["cross_replace_steps"] == 1.0
 
 
+@pytest.mark.slow
 def test_p2p_local_blend_pastes_the_input_back_outside_its_region(tiny_model):
     img = _image(tiny_model, 2)
     cache = LRUCache(4)
@@ -132,6 +135,7 @@ def test_bad_edit_inputs_give_clear_messages(tiny_model, kw, message):
         run_to_end(text_edit(tiny_model, _image(tiny_model), _edit(**kw)))
 
 
+@pytest.mark.slow
 def test_real_interpolation_endpoints_reconstruct_each_image(tiny_model, tmp_path):
     a, b = _image(tiny_model, 3), _image(tiny_model, 4, size=(48, 80))  # any sizes: B is resized to A's
     p = RealInterpolationParams("a red circle", "a blue square", steps=STEPS, guidance=7.5, inversion="nti",

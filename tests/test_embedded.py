@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -16,6 +17,8 @@ from pipelines.events import run_to_end
 from pipelines.generate import GenerateParams, generate
 from training import evaluation, world
 from training.checker import check
+
+pytestmark = pytest.mark.slow  # semantic checks on the committed model (loads it, runs it at 64 px)
 
 FOLDER = models.EMBEDDED_DIR
 

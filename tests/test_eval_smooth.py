@@ -90,6 +90,7 @@ def test_pairs_are_different_held_out_captions_with_their_own_seeds():
 
 
 @pytest.mark.parametrize("lora", [None, SMOOTH_NAME])
+@pytest.mark.slow
 def test_batched_frames_are_the_studio_frames(smooth, lora):
     model, pairs = smooth, eval_smooth.interpolation_pairs(2)
     with lora_applied(model, lora):  # chunks of 3 frames: batches that straddle the two pairs
@@ -102,6 +103,7 @@ def test_batched_frames_are_the_studio_frames(smooth, lora):
             assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_istd_rows_are_istd_of_the_frames(smooth):
     model, pairs = smooth, eval_smooth.interpolation_pairs(2)
     res = eval_smooth.seed_interpolation(model, pairs, SMOOTH_NAME, n_frames=4, steps=3, keep_frames=True)
@@ -123,6 +125,7 @@ def test_a_model_without_a_smooth_lora_gets_one_row(tiny_model):
     assert rows[0].value == 0 and rows[0].target == ">= 1" and rows[0].passed is False
 
 
+@pytest.mark.slow
 def test_the_group_measures_both_and_switches_the_lora_off_again(smooth):
     model = smooth
     base = unet_probe(model)
@@ -146,6 +149,7 @@ def test_the_group_measures_both_and_switches_the_lora_off_again(smooth):
     assert all(math.isfinite(r.value) for r in rows if "PSNR" not in r.metric)  # PSNR may be inf on identity
 
 
+@pytest.mark.slow
 def test_the_ablation_runs_end_to_end(lora_files, tmp_path):
     import smooth_ablation
 

@@ -45,6 +45,7 @@ def tiny_run(tmp_path_factory):
     return json.loads(out.read_text()), before
 
 
+@pytest.mark.slow
 def test_every_figure_is_measured_with_positive_finite_timings(tiny_run):
     report, _ = tiny_run
     assert report["mode"] == "tiny" and report["environment"]["device"] == "cpu"

@@ -486,6 +486,7 @@ def test_names_are_sanitised_and_derived_reserved_names_renamed(model, lora_file
     assert ADAPTER not in model.unet.peft_config
 
 
+@pytest.mark.slow
 def test_at_most_eight_loras_and_reloading_one_is_allowed(model, lora_file, probe, clean, tmp_path):
     assert MAX_LOADED_LORAS == get_limits().max_loras == 8
     for k in range(8):

@@ -36,6 +36,7 @@ def _latent_error(model, image, prompt, method, guidance=7.5, steps=STEPS, **kw)
     return float((z_rec - inv.z0).pow(2).mean()), res
 
 
+@pytest.mark.slow
 def test_nti_beats_ddim_inversion_at_guidance_7_5(tiny_model):
     img = _image(tiny_model)
     ddim_err, _ = _latent_error(tiny_model, img, "a red circle", "ddim")
@@ -50,6 +51,7 @@ def test_nti_beats_ddim_inversion_at_guidance_7_5(tiny_model):
     assert len(ref.losses) == STEPS and all(np.isfinite(ref.losses))
 
 
+@pytest.mark.slow
 def test_negative_prompt_inversion_follows_the_guidance_1_pivot(tiny_model):
     """With null = prompt embedding, guided sampling at any w equals the w=1 reconstruction: no optimisation."""
     img = _image(tiny_model, 1)
@@ -66,6 +68,7 @@ def _recon(model, inv, guidance):
     return z
 
 
+@pytest.mark.slow
 def test_reconstruction_from_cached_nulls_matches_the_fit(tiny_model):
     """Sampling again with the fitted per-step nulls reproduces the reconstruction the fit reported."""
     _, res = _latent_error(tiny_model, _image(tiny_model, 2), "a green star", "nti")
@@ -73,6 +76,7 @@ def test_reconstruction_from_cached_nulls_matches_the_fit(tiny_model):
     assert torch.allclose(again, res.inversion.reconstruction, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_early_stop_and_inner_step_cap(tiny_model):
     model = tiny_model
     z0 = encode_image(model, _image(model, 3))
@@ -86,6 +90,7 @@ def test_early_stop_and_inner_step_cap(tiny_model):
     assert loose.counter.backward == STEPS  # one update, then the (huge) threshold stops every step
 
 
+@pytest.mark.slow
 def test_shared_null_dual_inversion_reconstructs_both_endpoints(tiny_model):
     model = tiny_model
     z0 = torch.cat([encode_image(model, _image(model, s)) for s in (4, 5)])
@@ -112,6 +117,7 @@ def test_shared_null_dual_inversion_reconstructs_both_endpoints(tiny_model):
         assert err < base / 2, (traj_err, drift)
 
 
+@pytest.mark.slow
 def test_any_step_count_and_non_square_size(tiny_model):
     img = _image(tiny_model, 6, size=(48, 32))
     res = run_to_end(invert_and_reconstruct(tiny_model, img, InversionParams(
@@ -123,6 +129,7 @@ def test_any_step_count_and_non_square_size(tiny_model):
     assert len(res.inversion.uncond) == 60
 
 
+@pytest.mark.slow
 def test_inversion_cache_is_bounded_and_reinvert_forces_a_new_one(tiny_model):
     cache = LRUCache(2)
     p = InversionParams(prompt="a red circle", steps=2, guidance=7.5, method="nti", inner_steps=1)

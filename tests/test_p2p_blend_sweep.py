@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from eval_embedded import recolour_prompts  # noqa: E402
@@ -18,6 +20,7 @@ def test_tuning_edits_are_not_the_eval_edits():
     assert all(src != tgt for _, _, src, tgt in tuning)  # a colour word was swapped
 
 
+@pytest.mark.slow
 def test_pasting_the_input_back_keeps_what_lies_outside_the_blend_region(embedded):
     # the first tuning edit is one where, with the plain decode, the whole image changes (13 dB at 0.7, 23 dB
     # pasted) although the blend keeps every latent outside its region: the decoder spreads the object's new

@@ -66,6 +66,7 @@ def _img2img(model):
     return pipe
 
 
+@pytest.mark.slow
 def test_global_sdedit_equals_diffusers_img2img(tiny_model):
     """Both start from the same z0: img2img takes 4-channel input as latents as they are (no VAE sampling), so
     its first generator draw is the noise, as ours is. Our VAE encoding (posterior mean) is compared with
@@ -162,6 +163,7 @@ def test_all_true_mask_is_global_and_all_false_is_refused(tiny_model):
 
 # ------------------------------------------------------------------------------------------------ repeats
 
+@pytest.mark.slow
 def test_repeats_use_consecutive_seeds_and_reproduce(tiny_model):
     image = _image(tiny_model, 8)
     events = list(sdedit(tiny_model, image, _params(seed=100, repeats=3)))
@@ -241,6 +243,7 @@ def _stroke_image() -> Image.Image:
     return img
 
 
+@pytest.mark.slow
 def test_embedded_strokes_become_a_clean_circle_and_strength_trades_faithfulness(embedded):
     """Realism: the crude blob is far from any world shape (its best template match, the circle, overlaps it
     0.79; a rendered circle scores 0.94+); SDEdit turns it into a clean red circle in the centre (circle overlap

@@ -70,6 +70,7 @@ def image_a(own):
 
 # --- cancellation ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cancelled_job_leaves_no_trace(own, probe, image_a):
     from pipelines.lora import lora_applied
 

@@ -185,6 +185,7 @@ def _agreement(seeds, size: int, degrade: bool) -> dict[str, float]:
     return {name: hits[name] / totals[name] for name in ATTRIBUTES}
 
 
+@pytest.mark.slow
 def test_checker_agrees_with_the_ground_truth_on_held_out_scenes():
     runs = {
         "64 clean": (_agreement(range(HELD, HELD + 1000), 64, degrade=False), 0.99),
@@ -239,6 +240,7 @@ def _rounded_shape_reads(transform, seeds) -> float:
     return hits / total
 
 
+@pytest.mark.slow
 def test_checker_reads_shapes_whose_corners_a_model_rounds_off():
     """Model outputs round corners and pinch edges more than a 3x3 blur does. Two stand-ins with known ground
     truth: a Gaussian blur of sigma 1.5 px, and a trip through a 16x16 image (the latent's resolution) and
