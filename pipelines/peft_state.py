@@ -13,9 +13,6 @@ from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-_MISSING = object()
-
-
 def adapter_configs(unet) -> dict:
     """The UNet's peft adapters by name (a copy; empty when peft never touched it)."""
     return dict(getattr(unet, "peft_config", None) or {})
@@ -27,15 +24,17 @@ def tuner_layers(unet) -> dict[str, BaseTunerLayer]:
 
 
 def unwrap_unused_layers(unet) -> None:
-    """Puts the plain module back wherever a peft layer holds no adapter any more (after deleting adapters), and
-    drops peft's bookkeeping once none is left: the UNet is then the module tree it was before any adapter."""
+    """Puts the plain module back wherever a peft layer holds no adapter any more (after deleting adapters); once
+    no adapter is left, diffusers' `unload_lora` removes every peft layer and peft's bookkeeping: the UNet is then
+    the module tree it was before any adapter."""
+    if not adapter_configs(unet):
+        if tuner_layers(unet) or getattr(unet, "peft_config", None) is not None:
+            unet.unload_lora()
+        return
     for name, layer in tuner_layers(unet).items():
         if not any(len(getattr(layer, attr, None) or {}) for attr in layer.adapter_layer_names):
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
-    if not adapter_configs(unet):
-        unet.__dict__.pop("peft_config", None)
-        unet.__dict__.pop("_hf_peft_config_loaded", None)
 
 
 @contextmanager
@@ -45,7 +44,6 @@ def peft_state_restored(unet):
     layers = {n: (m.disable_adapters, list(m.active_adapters), dict(getattr(m, "scaling", {})))
               for n, m in tuner_layers(unet).items()}
     grads = {n: p.requires_grad for n, p in unet.named_parameters()}
-    flag = unet.__dict__.get("_hf_peft_config_loaded", _MISSING)
     try:
         yield
     finally:
@@ -53,6 +51,8 @@ def peft_state_restored(unet):
         if added:
             with quiet_peft():
                 unet.delete_adapters(added)
+        if not adapters:  # no adapter before: no peft layer or bookkeeping either
+            unwrap_unused_layers(unet)
         for name, layer in tuner_layers(unet).items():
             if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
                 parent, _, child = name.rpartition(".")
@@ -63,13 +63,6 @@ def peft_state_restored(unet):
             layer.enable_adapters(not disabled)
             if hasattr(layer, "scaling"):
                 layer.scaling.update(scaling)
-        if not adapters:  # no adapter before: no peft bookkeeping either
-            if "peft_config" in unet.__dict__:
-                del unet.peft_config
-            if flag is _MISSING:
-                unet.__dict__.pop("_hf_peft_config_loaded", None)
-            else:
-                unet._hf_peft_config_loaded = flag
         for name, p in unet.named_parameters():
             p.requires_grad_(grads.get(name, False))
 

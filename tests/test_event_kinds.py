@@ -38,6 +38,16 @@ def test_sequences_send_the_frames_so_far_and_repeats_their_results(tiny_model):
     assert [len(ev.partial) for ev in events if ev.kind is Kind.RESULTS][:2] == [1, 2]
 
 
+def test_the_drag_sends_its_handles_as_points(tiny_model):
+    from pipelines.drag import DragParams, drag
+
+    p = DragParams(handles=[(20, 20)], targets=[(28, 20)], lora_steps=0, drag_iterations=2, steps=4)
+    events = list(drag(tiny_model, _photo(4), p))
+    points = [ev.partial for ev in events if ev.kind is Kind.POINTS]
+    assert len(points) >= 2 and all(len(pts) == 1 and len(pts[0]) == 2 for pts in points)
+    assert events[-1].done and events[-1].kind is Kind.POINTS
+
+
 def test_a_reused_inversion_is_flagged_on_the_event(tiny_model):
     cache = LRUCache(4)
     p = RealInterpolationParams("a red circle", "a blue square", steps=2, inversion="ddim")

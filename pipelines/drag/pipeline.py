@@ -47,7 +47,7 @@ from PIL import Image
 from .. import ddim
 from ..cache import LRUCache
 from ..errors import InputError
-from ..events import CancelToken, Job, Progress
+from ..events import CancelToken, Job, Kind, Progress
 from ..inversion import image_key, prepare_image
 from ..latents import decode_to_pil, encode_image
 from ..limits import get_limits
@@ -421,7 +421,7 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
            f"{' (within ' + format(REACHED, 'g') + ' feature px)' if hit else ''}"
            f"{'; reused ' + ', '.join(reused) if reused else ''}{'; ' + '; '.join(notes) if notes else ''}")
     yield Progress("done", total, total, preview=draw_points(out, final, targets), partial=final, result=result,
-                   message=msg)
+                   message=msg, kind=Kind.POINTS)
 
 
 def _optimise(model, d: _LatentDrag, s: DragSettings, cancel: CancelToken | None, opts: PreviewOptions, offset: int,
@@ -461,7 +461,7 @@ def _optimise(model, d: _LatentDrag, s: DragSettings, cancel: CancelToken | None
                 run = it + 1
                 img_pts = [to_image(h, d.size, d.grid) for h in current]
                 if reached(current, t_feat):
-                    yield Progress("dragging", offset + iters, total, partial=img_pts,
+                    yield Progress("dragging", offset + iters, total, partial=img_pts, kind=Kind.POINTS,
                                    preview=_preview_at(model, opts, d, eps, z, img_pts, True),
                                    message=f"iteration {run}: every handle reached its target")
                     break
@@ -477,7 +477,7 @@ def _optimise(model, d: _LatentDrag, s: DragSettings, cancel: CancelToken | None
                     opt.zero_grad(set_to_none=True)
                     loss_value = float(loss.detach())
             far = max(distance(h, g) for h, g in zip(current, t_feat))
-            yield Progress("dragging", offset + run, total, partial=img_pts,
+            yield Progress("dragging", offset + run, total, partial=img_pts, kind=Kind.POINTS,
                            preview=_preview_at(model, opts, d, eps, z, img_pts,
                                                run % PREVIEW_EVERY == 0 or run == iters),
                            message=f"iteration {run}/{iters}: loss {loss_value if loss_value is not None else 0:.4f}, "
