@@ -52,6 +52,14 @@ def alpha_cumprod(sched: DDIMScheduler, t: int) -> torch.Tensor:
     return sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
 
 
+def move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor):
+    """The deterministic DDIM update (eta 0) from noise level alpha-bar `a_from` to `a_to`, written out so that
+    gradients flow through it: towards less noise it is DDIMScheduler.step's update, towards more it is DDIM
+    inversion. Returns (x at a_to, the predicted x0)."""
+    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps, x0
+
+
 @torch.no_grad()
 def sample(
     unet, x_T: torch.Tensor, cond: Embeds, uncond: Embeds | None, guidance: float, steps: int, scheduler_config,
@@ -126,6 +134,5 @@ def invert(
         k = len(ascending) - 1 - i  # the sampling step index that undoes this inversion step
         a_prev, a_t = alpha_cumprod(sched, t - stride), alpha_cumprod(sched, t)
         eps = guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
-        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
-        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        x, x0 = move(x, eps, a_prev, a_t)
         yield StepState(i, n, t, x, x0)

@@ -94,12 +94,6 @@ def pivot_trajectory(unet, z0: torch.Tensor, cond: torch.Tensor, steps: int, sch
     return traj
 
 
-def _ddim_step(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor):
-    """One deterministic DDIM step (eta 0) written out, so gradients flow through it; returns (z_prev, x0)."""
-    x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
-
-
 def optimise_nulls(
     unet, trajectory: Sequence[torch.Tensor], cond: torch.Tensor, null_init: torch.Tensor, guidance: float,
     steps: int, scheduler_config, schedule: NullSchedule = REFERENCE, groups: Sequence[Sequence[int]] | None = None,
@@ -154,7 +148,7 @@ def optimise_nulls(
             with torch.enable_grad():
                 eps_u = unet(z[rows], t, encoder_hidden_states=null_rows).sample
                 eps = eps_u + guidance * (eps_c[rows] - eps_u)
-                z_prev, _ = _ddim_step(z[rows], eps, a_t, a_prev)
+                z_prev, _ = ddim.move(z[rows], eps, a_t, a_prev)
                 per_image = (z_prev.float() - target[rows].float()).pow(2).mean(dim=(1, 2, 3))
                 group_loss = {g: per_image[[rows.index(b) for b in groups[g]]].sum() for g in active}
                 grads = torch.autograd.grad(sum(group_loss.values()), [params[g] for g in active])
