@@ -160,8 +160,9 @@ def main(argv=None) -> dict:
         rows = [compare(stage, loss_history(stage, 0, Path(tmp))) for stage in stages]
     for r in rows:
         print(f"{r['stage']:<10} first {K}: {r['first_k_mean']:.4f} vs {r['reference_first_k_mean']:.4f} "
-              f"(tol {r['first_k_tolerance']:.4f})  last {K}: {r['last_k_mean']:.4f} vs {r['reference_last_k_mean']:.4f} "
-              f"(tol {r['last_k_tolerance']:.4f})  max step diff {r['max_step_abs_diff']:.2e}, "
+              f"(tol {r['first_k_tolerance']:.4f})  last {K}: {r['last_k_mean']:.4f} "
+              f"vs {r['reference_last_k_mean']:.4f} (tol {r['last_k_tolerance']:.4f})  "
+              f"max step diff {r['max_step_abs_diff']:.2e}, "
               f"{r['identical_steps']}/{r['steps']} steps identical  {'ok' if r['ok'] else 'OUT OF TOLERANCE'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

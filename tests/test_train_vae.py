@@ -38,10 +38,41 @@ def test_resume_continues_steps_weights_and_optimizer(run):
     weights_5 = load_file(out / "checkpoint" / "model.safetensors")
     assert weights_5.keys() == weights_3.keys()
     assert any(not torch.equal(weights_3[k], weights_5[k]) for k in weights_3)
-    optimizer = load_file(out / "checkpoint" / "optimizer.safetensors")
-    steps = {float(v) for k, v in optimizer.items() if k.endswith(".step")}
+    optimizer = optimizer_state(out)
+    steps = {float(v["step"]) for v in optimizer["state"].values()}
     assert steps == {5.0}  # Adam's moments went on from the checkpoint rather than restarting
-    assert any(k.endswith(".exp_avg_sq") for k in optimizer)
+    assert all("exp_avg_sq" in v for v in optimizer["state"].values())
+
+
+def optimizer_state(out) -> dict:
+    """The optimizer state accelerate's save_state wrote into out/checkpoint."""
+    return torch.load(out / "checkpoint" / "optimizer.bin", weights_only=True)
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    """Nested state dicts (tensors, numbers, lists) equal to the bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+class Stop(Exception):
+    pass
+
+
+def stopped_after_checkpoint(monkeypatch, module, at: int):
+    """Makes the trainer `module` stop (raise Stop) right after it writes its checkpoint at step `at`, as a run killed
+    there would leave it."""
+    real = module.checkpoint.save_state
+
+    def save(accelerator, out, summary):
+        real(accelerator, out, summary)
+        if summary["step"] == at:
+            raise Stop
+
+    monkeypatch.setattr(module.checkpoint, "save_state", save)
 
 
 def test_explicit_cpu_device_stops_and_resumes_exactly_like_the_default(run, tmp_path):
@@ -51,21 +82,46 @@ def test_explicit_cpu_device_stops_and_resumes_exactly_like_the_default(run, tmp
     with torch.random.fork_rng():
         main(["--out", str(out), "--steps", "3", "--device", "cpu", *TINY])
         main(["--out", str(out), "--steps", "5", "--resume", "--device", "cpu", *TINY])
-    for name in ("model", "optimizer"):
-        mine = load_file(out / "checkpoint" / f"{name}.safetensors")
-        default = load_file(run[0] / "checkpoint" / f"{name}.safetensors")
-        assert mine.keys() == default.keys() and all(torch.equal(mine[k], default[k]) for k in mine), name
+    mine = load_file(out / "checkpoint" / "model.safetensors")
+    default = load_file(run[0] / "checkpoint" / "model.safetensors")
+    assert mine.keys() == default.keys() and all(torch.equal(mine[k], default[k]) for k in mine)
+    assert tensors_equal(optimizer_state(out), optimizer_state(run[0]))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert (state["step"], state["args"]["device"]) == (5, "cpu")
+
+
+def test_a_run_stopped_mid_way_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    """Killed after its step-3 checkpoint of a 5-step budget, then resumed: the same weights, Adam state and exported
+    VAE as the run that was never stopped (learning rate, batches and noise all go on from the checkpoint)."""
+    from training import train_vae
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    argv = [*TINY, "--checkpoint-every", "3", "--steps", "5"]
+    with torch.random.fork_rng():
+        main(["--out", str(whole), *argv])
+    with torch.random.fork_rng(), monkeypatch.context() as m:
+        stopped_after_checkpoint(m, train_vae, 3)
+        with pytest.raises(Stop):
+            main(["--out", str(parts), *argv])
+    assert json.loads((parts / "checkpoint" / "state.json").read_text())["step"] == 3 and not (parts / "vae").exists()
+    with torch.random.fork_rng():
+        main(["--out", str(parts), *argv, "--resume"])
+    for name in ("checkpoint/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(whole / name), load_file(parts / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert tensors_equal(optimizer_state(whole), optimizer_state(parts))
 
 
 def test_outputs_are_safetensors_and_load_in_diffusers(run):
     from diffusers import AutoencoderKL
 
     out = run[0]
-    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file() and "checkpoint" not in p.parts}
     assert suffixes <= {".safetensors", ".json", ".jsonl"}, suffixes
     assert not list(out.glob("*.partial")) and not (out / "checkpoint.old").exists()
+    # the checkpoint is accelerate's save_state folder, with a readable summary
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+            "state.json"} <= {p.name for p in (out / "checkpoint").iterdir()}
     vae = AutoencoderKL.from_pretrained(out / "vae")
     factor = float(vae.config.scaling_factor)
     assert math.isfinite(factor) and factor > 0

@@ -1,12 +1,13 @@
-"""What every trainer here shares about a run: its set-up (threads, device, output folder, seeds) and its
-budget-based schedule. A budget (--steps and/or --minutes) is for the WHOLE run, resumed parts included, so
-the learning rate follows the same curve whether or not the run was interrupted."""
+"""What every trainer here shares about a run: its set-up (threads, the `accelerate` Accelerator for the device and
+precision, output folder, seeds) and its budget-based schedule. A budget (--steps and/or --minutes) is for the WHOLE
+run, resumed parts included, so the learning rate follows the same curve whether or not the run was interrupted."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,13 @@ def run_parser(doc: str, *, batch: int, lr: float, warmup: int, checkpoint_every
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cpu, cuda, cuda:0, ...); data is made on the CPU and moved, "
-                        "random draws stay on the CPU, checkpoints are device-independent")
+                        "random draws stay on the CPU, checkpoints are device-independent. Under `accelerate launch` "
+                        "(several GPUs) accelerate places the processes: give --device cuda")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--bf16", action="store_true",
-                   help="run the networks' forward passes under bfloat16 autocast (weights, optimiser and losses "
-                        "stay float32); benchmarks/bench_train_steps.py measures what it saves per network")
+                   help="accelerate's bf16 mixed precision: the networks' forward passes under bfloat16 autocast "
+                        "(weights, optimiser and losses stay float32); benchmarks/bench_train_steps.py measures what "
+                        "it saves per network")
     return p
 
 
@@ -52,6 +55,47 @@ def autocast(device, bf16: bool):
     plain_attention = sdpa_kernel([SDPBackend.MATH]) if bf16 and kind == "cpu" else contextlib.nullcontext()
     with torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(bf16)), plain_attention:
         yield
+
+
+@contextlib.contextmanager
+def precision(accelerator):
+    """`autocast` for a run on accelerate: the Accelerator's mixed precision (--bf16: bfloat16 autocast, the same
+    torch.autocast) around a forward pass, and on the CPU under bfloat16 the plain attention kernel, for the reason
+    `autocast` gives."""
+    bf16 = accelerator.mixed_precision == "bf16"
+    plain_attention = sdpa_kernel([SDPBackend.MATH]) if bf16 and accelerator.device.type == "cpu" \
+        else contextlib.nullcontext()
+    with accelerator.autocast(), plain_attention:
+        yield
+
+
+@contextlib.contextmanager
+def own_accelerate_state():
+    """accelerate keeps one process-wide state; training/recipe.py (and the tests) run several trainers in one
+    process, each with its own precision, so each run starts from a fresh one and leaves none behind (as
+    train_smooth_lora.py does)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def accelerator_for(args):
+    """The run's Accelerator: one process on --device, or one of the processes `accelerate launch` started (it
+    places them on their GPUs). --bf16 is accelerate's bf16 mixed precision. The learning-rate schedule steps once
+    per optimiser step whatever the number of processes, since the budget counts optimiser steps."""
+    from accelerate import Accelerator
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device.index)  # one process: accelerate's "cuda" is then this GPU
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if args.bf16 else "no",
+                       step_scheduler_with_optimizer=False)
 
 
 def parse_run_args(p: argparse.ArgumentParser, argv, unless: str | None = None) -> argparse.Namespace:
@@ -90,15 +134,19 @@ def device_problem(name: str) -> str | None:
     return None
 
 
-def start_run(args) -> tuple[Path, np.random.Generator]:
-    """Threads, output folder and seeds from the common arguments; returns (out, numpy generator). Every
-    torch draw of the training steps is made on the CPU generator seeded here (and moved to --device), so a
-    run draws the same numbers on any device and resumes from the CPU rng state in its checkpoint."""
+def start_accelerated_run(args):
+    """Threads, the Accelerator, output folder and seeds from the common arguments; returns (accelerator, out, numpy
+    generator). Every torch draw of the training steps is made on the CPU generator seeded here (and moved to the
+    device), so a run draws the same numbers on any device, and resumes from the CPU generator state accelerate's
+    checkpoint holds. Each process of a multi-process run seeds both generators with --seed + its index."""
+    from accelerate.utils import set_seed
+
     torch.set_num_threads(args.threads)
+    accelerator = accelerator_for(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    return out, np.random.default_rng(args.seed)
+    set_seed(args.seed, device_specific=True)
+    return accelerator, out, np.random.default_rng(args.seed + accelerator.process_index)
 
 
 def cpu_randn(like: torch.Tensor) -> torch.Tensor:
@@ -117,10 +165,20 @@ def progress_of(args, step: int, elapsed: float) -> float:
     return max(parts)
 
 
-def lr_at(args, step: int, progress: float, floor: float) -> float:
-    """Linear warm-up over --warmup steps, then cosine decay to `floor` x --lr at the end of the budget."""
+def lr_factor(args, step: int, progress: float, floor: float) -> float:
+    """Linear warm-up over --warmup steps, then cosine decay to `floor` (times --lr) at the end of the budget."""
     warm = min(1.0, (step + 1) / max(1, args.warmup))
-    return args.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def lr_schedule(optimizer, args, floor: float, run):
+    """The learning-rate schedule as a torch LambdaLR (each group's lr times lr_factor), stepped after each optimiser
+    step and checkpointed by accelerate. diffusers' get_scheduler has no schedule for it: its cosine decays to zero
+    (this one to `floor`) over a step count fixed up front, where a --minutes budget makes progress a matter of wall
+    time (progress_of, with the time `run` has spent)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, lambda step: lr_factor(args, step, progress_of(args, step, run.seconds()), floor))
 
 
 def log_row(out: Path, row: dict, bar) -> None:
@@ -135,16 +193,15 @@ def smoothed(running: float | None, value: float, keep: float = 0.98) -> float:
     return value if running is None else keep * running + (1 - keep) * value
 
 
-def after_step(args, out: Path, bar, step: int, start: float, look, save, **shown) -> None:
-    """The bookkeeping every trainer does after an optimiser step: the progress bar (with `shown`), a held-out
-    row every --eval-every steps (`look()` measures it), a checkpoint (`save()`) every --checkpoint-every."""
-    import time
-
+def after_optimizer_step(args, out: Path, bar, run, look, save, main: bool = True, **shown) -> None:
+    """The bookkeeping every trainer does after an optimiser step (`run`: its checkpoint.RunState): the progress bar
+    (with `shown`), a held-out row every --eval-every steps (`look()` measures it; the main process only), a
+    checkpoint (`save()`, every process) every --checkpoint-every."""
     bar.update(1)
     bar.set_postfix(**shown)
-    if step % args.eval_every == 0:
-        log_row(out, {"step": step, "minutes": round((time.time() - start) / 60, 2), **look()}, bar)
-    if step % args.checkpoint_every == 0:
+    if main and run.step % args.eval_every == 0:
+        log_row(out, {"step": run.step, "minutes": round(run.seconds() / 60, 2), **look()}, bar)
+    if run.step % args.checkpoint_every == 0:
         save()
 
 
@@ -211,3 +268,36 @@ def parse_factors(text: str, allowed, what: str) -> dict[str, float]:
             raise ValueError(f"--oversample: {part!r} is not {what}")
         factors[name] = factor
     return factors
+
+
+# ----------------------------------------------- the trainers not yet on accelerate (removed once none is left)
+
+
+def start_run(args) -> tuple[Path, np.random.Generator]:
+    """Threads, output folder and seeds from the common arguments; returns (out, numpy generator). Every
+    torch draw of the training steps is made on the CPU generator seeded here (and moved to --device), so a
+    run draws the same numbers on any device and resumes from the CPU rng state in its checkpoint."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    return out, np.random.default_rng(args.seed)
+
+
+def lr_at(args, step: int, progress: float, floor: float) -> float:
+    """Linear warm-up over --warmup steps, then cosine decay to `floor` x --lr at the end of the budget."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    return args.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def after_step(args, out: Path, bar, step: int, start: float, look, save, **shown) -> None:
+    """The bookkeeping every trainer does after an optimiser step: the progress bar (with `shown`), a held-out
+    row every --eval-every steps (`look()` measures it), a checkpoint (`save()`) every --checkpoint-every."""
+    import time
+
+    bar.update(1)
+    bar.set_postfix(**shown)
+    if step % args.eval_every == 0:
+        log_row(out, {"step": step, "minutes": round((time.time() - start) / 60, 2), **look()}, bar)
+    if step % args.checkpoint_every == 0:
+        save()

@@ -9,11 +9,14 @@ Stage 2 is what SD did for its ft-MSE decoder: the encoder (and so every latent,
 stays exactly as stage 1 left it, so the UNet can train on stage-1 latents while the decoder improves.
 
 --steps / --minutes are the budget of the WHOLE run (resumed parts included), so the learning-rate
-schedule is the same whether or not the run was interrupted. Checkpoints are safetensors + JSON only.
+schedule is the same whether or not the run was interrupted. The run is an `accelerate` one (Accelerator,
+save_state / load_state checkpoints, --bf16 as its bf16 mixed precision): `accelerate launch --multi_gpu
+--num_processes N training/train_vae.py ... --device cuda` trains on N GPUs, each drawing its own batches.
 `--device cuda` trains on a GPU (batches are made on the CPU and moved); checkpoints are device-independent.
 
 Writes into --out:
-  checkpoint/   model.safetensors, optimizer.safetensors, state.json (step, time, rng states, args)
+  checkpoint/   accelerate's save_state folder (model.safetensors, optimizer.bin, scheduler.bin, random states,
+                custom_checkpoint_0.pkl: step, time, batch generators) and state.json (a readable summary)
   history.jsonl PSNR on held-out data as training goes
   vae/          the diffusers folder (safetensors), with a data-derived scaling_factor
   vae_eval.json held-out world and photo PSNR;  latent_rgb.json  the latent preview fit
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,8 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
 
 from training import checkpoint, data  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, autocast, cpu_randn, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_optimizer_step, autocast, cpu_randn, lr_schedule, own_accelerate_state, parse_run_args, precision,
+    progress_of, run_parser, smoothed, start_accelerated_run)
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.
@@ -157,33 +160,20 @@ def evaluate(vae, world_images: torch.Tensor, photo_images: torch.Tensor, shapes
             "photo_images": len(p), "shape_round_trip": round(shape, 3), "shape_scenes": shapes}
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(out: Path, vae, opt, step: int, elapsed: float, rng: np.random.Generator, args,
-                    running_psnr: float | None = None) -> None:
-    checkpoint.save(out, {"model": vae.state_dict()}, opt, rng,
-                    {"step": step, "elapsed_s": elapsed, "running_psnr": running_psnr, "args": vars(args),
-                     "arch": arch_of(args)})
-
-
-def load_checkpoint(out: Path, vae, opt, rng: np.random.Generator) -> dict:
-    """Restores weights, optimizer and rng states in place; returns the JSON state (step, elapsed_s, ...)."""
-    state, modules = checkpoint.load(out, opt, rng)
-    vae.load_state_dict(modules["model"])
-    return state
-
-
 # --------------------------------------------------------------------------------------------- training
 
 
 LR_FLOOR = 0.02  # cosine decay to 2% of --lr
 
 
-def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None, forward_precision=None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """`refined`, optional: (unscaled latents, their target images) decoded beside the batch; its images join
-    the reconstruction terms (the KL and anchor terms are about the encoder and leave them out)."""
-    with torch.set_grad_enabled(not args.freeze_encoder), autocast(args.device, args.bf16):
+    the reconstruction terms (the KL and anchor terms are about the encoder and leave them out).
+    `forward_precision()`: the context of the encoder and decoder passes (default: --bf16's autocast on
+    --device; the trainer passes its Accelerator's, schedule.precision)."""
+    forward_precision = forward_precision or (lambda: autocast(args.device, args.bf16))
+    with torch.set_grad_enabled(not args.freeze_encoder), forward_precision():
         posterior = vae.encode(x).latent_dist
     if posterior.parameters.dtype != torch.float32:  # under --bf16: the sample, KL and anchor terms stay float32
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -194,7 +184,7 @@ def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torc
     z = posterior.mean + posterior.std * cpu_randn(posterior.mean)
     if refined is not None:
         z, x = torch.cat([z, refined[0]]), torch.cat([x, refined[1]])
-    with autocast(args.device, args.bf16):
+    with forward_precision():
         y = vae.decode(z).sample.float()
     loss = (y - x).abs().mean() + F.mse_loss(y, x)
     if anchor is not None and args.anchor_weight:
@@ -211,6 +201,22 @@ def loss_fn(vae, x: torch.Tensor, args, anchor=None, refined=None) -> tuple[torc
     if args.worst_weight:
         loss = loss + args.worst_weight * worst_pixels_l1(y, x, args.worst_fraction)
     return loss, y[:len(posterior.mean)]
+
+
+class Objective(torch.nn.Module):
+    """The VAE with loss_fn as its forward, the module accelerate prepares: under several processes its gradients are
+    averaged through DistributedDataParallel, which needs the loss computed inside the wrapped module's forward
+    (encode and decode are not forward). Precision is loss_fn's: the Accelerator's autocast around the encoder and
+    decoder passes only (prepare's autocast of the whole forward is switched off), the rest in float32 as before."""
+
+    def __init__(self, vae, args, anchor=None, forward_precision=None):
+        super().__init__()
+        self.vae, self.args, self.forward_precision = vae, args, forward_precision
+        self._anchor = [anchor]  # frozen and not a submodule: neither trained, checkpointed nor wrapped
+
+    def forward(self, x: torch.Tensor, refined=None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            return loss_fn(self.vae, x, self.args, self._anchor[0], refined, self.forward_precision)
 
 
 def worst_pixels_l1(y: torch.Tensor, x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -252,8 +258,14 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out, rng = start_run(args)
-    device = torch.device(args.device)
+    with own_accelerate_state():
+        return _train(args)
+
+
+def _train(args) -> dict:
+    accelerator, out, rng = start_accelerated_run(args)
+    device = accelerator.device
+    main_process = accelerator.is_main_process
     if args.init_from:
         from diffusers import AutoencoderKL
 
@@ -273,12 +285,15 @@ def main(argv=None) -> dict:
     if args.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    vae.to(device)  # before the optimizer, so its states (and those it resumes) live beside the parameters
-    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    step, elapsed, running = 0, 0.0, None
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
+    run = checkpoint.RunState(rng, accelerator.process_index)
+    run.running = {"psnr": None}
+    objective = Objective(vae, args, anchor, lambda: precision(accelerator))
+    objective, opt, lr = accelerator.prepare(objective, opt, lr_schedule(opt, args, LR_FLOOR, run))
+    accelerator.register_for_checkpointing(run)
     if args.resume:
-        state = load_checkpoint(out, vae, opt, rng)
-        step, elapsed, running = int(state["step"]), float(state["elapsed_s"]), state.get("running_psnr")
+        checkpoint.load_state(accelerator, out)
     eval_world = 32 if args.tiny else 64  # a quick look during training; the final eval uses --eval-world
     world_eval, photo_eval = data.world_eval_set(args.eval_world), data.photo_eval_set()
     refined = None
@@ -290,37 +305,43 @@ def main(argv=None) -> dict:
         refined = load_file(args.refined)
         refined = (refined["latents"].float() / vae.config.scaling_factor, data.to_tensor(refined["images"].numpy()))
     n_refined = round(args.batch * args.refined_share) if refined else 0
-    vae.train()
+    objective.train()
 
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    start = time.time() - elapsed
-    while progress_of(args, step, time.time() - start) < 1.0:
-        progress = progress_of(args, step, time.time() - start)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(args, step, progress, LR_FLOOR)
+    def save():
+        checkpoint.save_state(accelerator, out, checkpoint.summary(run, args, opt, ["vae"], arch=arch_of(args),
+                                                             running_psnr=run.running["psnr"]))
+
+    def look():
+        return {**evaluate(vae, world_eval[:eval_world], photo_eval, 8 if args.tiny else 64),
+                "train_psnr_running": round(run.running["psnr"], 3)}
+
+    bar = tqdm(total=args.steps, initial=run.step, disable=args.no_progress or not main_process, dynamic_ncols=True)
+    run.begin()
+    while progress_of(args, run.step, run.seconds()) < 1.0:
         x = data.mixed_batch(rng, args.batch - n_refined, args.photo_fraction).to(device)
         extra = None
         if n_refined:
             pick = torch.from_numpy(rng.integers(0, len(refined[0]), n_refined))
             extra = (refined[0][pick].to(device), refined[1][pick].to(device))
-        loss, y = loss_fn(vae, x, args, anchor, extra)
+        loss, y = objective(x, extra)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trained, 1.0)
         opt.step()
-        step += 1
-        batch_psnr = float(psnr_per_image(y.detach(), x).mean())
-        running = smoothed(running, batch_psnr, keep=0.95)
-        after_step(args, out, bar, step, start, look=lambda: {
-            **evaluate(vae, world_eval[:eval_world], photo_eval, 8 if args.tiny else 64),
-            "train_psnr_running": round(running, 3)},
-            save=lambda: save_checkpoint(out, vae, opt, step, time.time() - start, rng, args, running),
-            loss=f"{loss.item():.4f}", psnr=f"{running:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        lr.step()
+        run.step += 1
+        batch_psnr = float(accelerator.gather(psnr_per_image(y.detach(), x).mean()[None]).mean())
+        run.running["psnr"] = smoothed(run.running["psnr"], batch_psnr, keep=0.95)
+        after_optimizer_step(args, out, bar, run, look, save, main_process, loss=f"{loss.item():.4f}",
+                   psnr=f"{run.running['psnr']:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
     bar.close()
-    elapsed = time.time() - start
-    save_checkpoint(out, vae, opt, step, elapsed, rng, args, running)
-    report = export(out, vae, args, world_eval, photo_eval, step, elapsed)
-    print(json.dumps({k: v for k, v in report.items() if k != "photo_sources"}), flush=True)
+    save()
+    report = {}
+    if main_process:
+        report = export(out, vae, args, world_eval, photo_eval, run.step, run.seconds())
+        print(json.dumps({k: v for k, v in report.items() if k != "photo_sources"}), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return report
 
 
