@@ -1,16 +1,17 @@
-"""Renders pipeline jobs into Gradio updates: throttled previews, clear messages instead of tracebacks."""
+"""Streams pipeline jobs as Gradio updates: throttled previews, Stop, clear messages instead of tracebacks (the
+runner in app/runner.py renders each event into the event's outputs)."""
 from __future__ import annotations
 
 import html
 import logging
 import secrets
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
 from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, Progress
+from pipelines.events import Cancelled, CancelToken, Progress
 
 from .uploads import client_path
 
@@ -35,17 +36,6 @@ def user_error(exc: Exception) -> gr.Error:
 def status_line(ev: Progress) -> str:
     text = f"{ev.stage}: step {ev.step}/{ev.total}" if ev.total else ev.stage
     return f"{text} · {ev.message}" if ev.message else text
-
-
-def shown_preview(ev: Progress):
-    """The event's preview image, or gr.skip() so the one on screen stays when the event has none."""
-    return ev.preview if ev.preview is not None else gr.skip()
-
-
-def in_progress(ev: Progress, kept: int) -> tuple:
-    """The usual progress update of a handler whose outputs are (preview, `kept` result outputs, status):
-    the preview if any, the results left as they are, the status line."""
-    return (shown_preview(ev), *[gr.skip()] * kept, status_line(ev))
 
 
 def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], stopped: Callable[[], tuple],
@@ -82,15 +72,6 @@ def stream(job: Iterator[Progress], render: Callable[[Progress, bool], tuple], s
         finish = getattr(cancel, "finish", None)
         if finish is not None:
             finish()  # the session is idle again (app/sessions.py)
-
-
-def stopped(n: int, status_index: int) -> Callable[[], tuple]:
-    """What a handler with n outputs shows after Stop: "Stopped." in its status, everything else kept."""
-    def make():
-        out = [gr.skip()] * n
-        out[status_index] = "Stopped."
-        return tuple(out)
-    return make
 
 
 def upload_path(image, what: str) -> str:

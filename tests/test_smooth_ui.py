@@ -207,7 +207,8 @@ def _components(demo, kind):
 def test_lora_controls_default_to_the_smooth_lora(model, smooth, tiny_model):
     import gradio as gr
 
-    from app.ui import SMOOTH_LABEL, build_demo
+    from app.context import SMOOTH_LABEL
+    from app.ui import build_demo
     from pipelines.studio import Studio
 
     with_smooth, without = Studio(), Studio()
@@ -229,7 +230,7 @@ def test_lora_controls_default_to_the_smooth_lora(model, smooth, tiny_model):
 
 
 def test_control_updates_after_another_adapter_is_loaded(model, smooth, tmp_path, probe, base_out):
-    from app.ui import SMOOTH_LABEL, compare_label, lora_control_updates, use_label
+    from app.context import SMOOTH_LABEL, compare_label, lora_control_updates, use_label
 
     name = load_lora(model, str(make_peft_lora(model.unet, tmp_path / "later_style.safetensors")))
     try:
@@ -250,7 +251,7 @@ def test_control_updates_after_another_adapter_is_loaded(model, smooth, tmp_path
 
 
 def test_control_updates_without_the_smooth_lora(tiny_model):
-    from app.ui import lora_control_updates
+    from app.context import lora_control_updates
 
     upd = lora_control_updates(tiny_model, 1, 1, 1)
     assert upd[0]["value"] is False and upd[1]["choices"] == [] and upd[1]["value"] is None

@@ -13,11 +13,12 @@ from pipelines.errors import InputError
 from pipelines.inversion import prepare_image
 from pipelines.lora import SMOOTH_NAME
 
-from . import examples, masks
-from .uploads import SafeImage, SafeImageMask
-from .streaming import in_progress, stopped, stream, upload_path
+from .. import examples, masks
+from ..context import Context
+from ..runner import GPU, Outputs
+from ..streaming import upload_path
+from ..uploads import SafeImage, SafeImageMask
 
-GPU = dict(concurrency_id="gpu", concurrency_limit=1)
 DRAG_HELP = """**1.** Upload an image (or send one from Generate). **2.** Optionally paint the region that may
 change (nothing painted = the whole image). **3.** Click a handle point (red), then its target (blue); repeat
 for more pairs. **4.** Drag. A per-image LoRA is trained first (cached for this image and settings), then the
@@ -53,11 +54,9 @@ def clicked_points(value) -> list[list[int]]:
     return [list(p) for p in (points[:-1] if odd else points)]
 
 
-def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
-    engine = engine or (lambda request: studio)
-
+def build(ctx: Context) -> DragTab:
     def source_of(path, request=None) -> Image.Image:
-        return prepare_image(engine(request).model, upload_path(path, "an image to drag"))
+        return prepare_image(ctx.engine(request).model, upload_path(path, "an image to drag"))
 
     with gr.Tab("Drag (DragDiffusion)", id="drag"):
         with gr.Row():
@@ -78,11 +77,14 @@ def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
                         r_latent_lr = gr.Number(0.01, label="Latent learning rate")
                         r_lambda = gr.Slider(0, 1, value=0.1, step=0.01, label="Mask term lambda")
                     with gr.Row():
-                        r_strength = gr.Slider(0.1, 1.0, value=0.7, step=0.02, label="Inversion strength (of 50 steps)")
-                        r_block = gr.Slider(0, 3, value=DragParams.feature_block, step=1, label="Feature block (UNet up block)")
+                        r_strength = gr.Slider(0.1, 1.0, value=0.7, step=0.02,
+                                               label="Inversion strength (of 50 steps)")
+                        r_block = gr.Slider(0, 3, value=DragParams.feature_block, step=1,
+                                            label="Feature block (UNet up block)")
                         r_r1 = gr.Slider(0, 5, value=1, step=1, label="r1 (supervision patch)")
                         r_r2 = gr.Slider(1, 10, value=3, step=1, label="r2 (tracking radius)")
-                    r_smooth = gr.Checkbox(SMOOTH_NAME in studio.model.loras, label="Use the Smooth LoRA during the drag",
+                    r_smooth = gr.Checkbox(SMOOTH_NAME in ctx.studio.model.loras,
+                                           label="Use the Smooth LoRA during the drag",
                                            info="Ticked when the model has the Smooth LoRA (else load it in "
                                                 "'Model and LoRA')", elem_id="drag-smooth")
                     r_warm = gr.Checkbox(False, label="Warm start: carry the painted region along the drag first",
@@ -140,28 +142,13 @@ def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
         points = points[:-1] if how == "undo" else []
         return (points_view(source_of(path, request), points) if path else None), points, f"{len(points)} point(s)"
 
+    out = Outputs(preview=r_preview, original=r_original, dragged=r_result, status=r_status)
+
     def run_drag(image, points, mask_value, prompt, lora_steps, lora_rank, lora_lr, iters, latent_lr, lam,
                  strength, block, r1, r2, smooth, warm, request: gr.Request):
-        session = sessions.get(request)
-        token = session.new_job()
         painted = masks.painted(mask_value)
 
-        def render(ev, final):
-            if final:
-                r = ev.result
-                t = r.timings
-                cached = [k for k, v in r.cached.items() if v]
-                note = f" · reused: {', '.join(cached)}" if cached else ""
-                region = "" if painted is not None else " · no region painted: the whole image was editable"
-                if warm:
-                    region += (" · warm start" if r.params.get("warm_start") else
-                               " (so no warm start: paint the region to carry)")
-                return (ev.preview, r.source, r.image.image,
-                        f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
-                        f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
-            return in_progress(ev, 2)
-
-        def job():
+        def work(session, token):
             src = source_of(image, request)
             pts = parse_points(points)  # malformed JSON (a number, a string, odd pairs) -> a clear message
             handles, targets = check_points(pts[0::2], pts[1::2], src.size)
@@ -169,14 +156,28 @@ def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
                            lora_lr=lora_lr, drag_iterations=iters, latent_lr=latent_lr, mask_weight=lam,
                            inversion_strength=strength, feature_block=block, r1=r1, r2=r2, smooth_lora=bool(smooth),
                            warm_start=bool(warm))
-            yield from engine(request).drag(src, p, painted, session.drag_cache, token, session.preview)
+            yield from ctx.engine(request).drag(src, p, painted, session.drag_cache, token, session.preview)
 
-        yield from stream(job(), render, stopped(4, 3), cancel=token)
+        def done(ev, session):
+            r = ev.result
+            t = r.timings
+            cached = [k for k, v in r.cached.items() if v]
+            note = f" · reused: {', '.join(cached)}" if cached else ""
+            region = "" if painted is not None else " · no region painted: the whole image was editable"
+            if warm:
+                region += (" · warm start" if r.params.get("warm_start") else
+                           " (so no warm start: paint the region to carry)")
+            return dict(preview=ev.preview, original=r.source, dragged=r.image.image,
+                        status=f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
+                               f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
+
+        yield from ctx.run(request, out, work, done)
 
     r_image.change(on_upload, [r_image], [r_points_img, r_points, r_mask, r_status], api_visibility="private",
                    queue=False)
     r_points_img.select(on_click, [r_image, r_points], [r_points_img, r_points, r_status], api_visibility="private",
                         queue=False)
+
     def undo_point(path, pts, request: gr.Request):
         return edit_points(path, pts, "undo", request)
 
@@ -191,6 +192,7 @@ def build_drag_tab(studio, sessions, stop, engine=None) -> DragTab:
               r_lambda, r_strength, r_block, r_r1, r_r2, r_smooth, r_warm]
     # preprocessed (unlike the other image tabs): the mask editor's value must arrive as arrays; the upload was
     # already read by the pipeline's own loader when it changed (on_upload), so a bad file never gets this far
-    event = r_run.click(run_drag, inputs, [r_preview, r_original, r_result, r_status], api_name="drag", **GPU)
-    r_stop.click(stop, None, r_status, cancels=[event], api_name="drag_stop", api_visibility="private", queue=False)
+    event = r_run.click(run_drag, inputs, out, api_name="drag", **GPU)
+    ctx.stop_button(r_stop, r_status, [event], api_name="drag_stop")
+    ctx.drag_smooth.append(r_smooth)  # its default follows the active model (app/tabs/models.py)
     return DragTab(r_image, r_prompt, r_smooth)

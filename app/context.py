@@ -1,0 +1,190 @@
+"""What every tab shares: the studio and which model a request runs on, the sessions, the hosting settings, the
+job runner, the hand-off store, and the controls that follow the active model (sizes, LoRA controls) so the
+model panel can update them in every tab."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from pipelines.errors import InputError
+from pipelines.inversion import METHODS as INVERSION_METHODS
+from pipelines.limits import get_limits
+from pipelines.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
+from pipelines.studio import Studio
+
+from . import runner
+from .hosting import Hosting
+from .sessions import SessionRegistry
+
+SMOOTH_LABEL = "Use the Smooth LoRA"
+COMPARE_SMOOTH_LABEL = "Compare with and without the Smooth LoRA"
+
+
+# ------------------------------------------------------------------ which LoRA the LoRA controls apply
+def default_adapter(model) -> str | None:
+    """What the adapter menu starts on: the Smooth LoRA when the model has it, else the last adapter loaded."""
+    if SMOOTH_NAME in model.loras:
+        return SMOOTH_NAME
+    return list(model.loras)[-1] if model.loras else None
+
+
+def use_label(adapter: str | None) -> str:
+    """The checkbox says which adapter it applies."""
+    return SMOOTH_LABEL if not adapter or adapter == SMOOTH_NAME else f"Use the LoRA '{adapter}'"
+
+
+def compare_label(adapter: str | None) -> str:
+    return COMPARE_SMOOTH_LABEL if not adapter or adapter == SMOOTH_NAME else f"Compare with and without '{adapter}'"
+
+
+def adapter_menu_visible(model) -> bool:
+    """The menu is only needed when there is something other than the Smooth LoRA to choose."""
+    return any(name != SMOOTH_NAME for name in model.loras)
+
+
+def lora_control_updates(model, n_controls: int, n_compare: int, n_drag: int) -> list:
+    """After a model or LoRA load (and on page load): every tab's checkbox and adapter menu back to the model's
+    defaults (ticked when it has the Smooth LoRA), the compare buttons' labels, the Drag tab's Smooth checkbox.
+    One dict per component: Gradio pops keys from update dicts, so they must not be shared."""
+    adapter = default_adapter(model)
+    smooth = SMOOTH_NAME in model.loras
+    out = []
+    for _ in range(n_controls):
+        out.append(gr.update(value=smooth, label=use_label(adapter)))
+        out.append(gr.update(choices=list(model.loras), value=adapter, visible=adapter_menu_visible(model)))
+    out += [gr.update(value=compare_label(adapter)) for _ in range(n_compare)]
+    out += [gr.update(value=smooth) for _ in range(n_drag)]
+    return out
+
+
+@dataclass
+class LoraControls:
+    use: gr.Checkbox
+    strength: gr.Slider
+    menu: gr.Dropdown
+    compare: gr.Button | None = None   # the tab's "Compare with and without" button, whose label names the adapter
+
+
+# ------------------------------------------------------------------ shared controls without state
+def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
+    top = get_limits().max_steps  # the server refuses more, so the slider stops there
+    return gr.Slider(1, top, value=min(default, top), step=1, label="Steps", elem_id=elem_id)
+
+
+def inversion_controls(prefix: str, default: str = "nti"):
+    """Inversion method, null-text inner iterations and the re-invert flag (Invert, Edit, real interpolation)."""
+    method = gr.Radio([(label, key) for key, label in INVERSION_METHODS.items()], value=default,
+                      label="Inversion method", elem_id=f"{prefix}-method")
+    with gr.Row():
+        inner = gr.Slider(1, 20, value=10, step=1, label="Inner iterations (NTI)",
+                          info="Most optimisation iterations per step (null-text methods only)")
+        force = gr.Checkbox(False, label="Re-invert (ignore cached inversion)")
+    return method, inner, force
+
+
+class Context:
+    """Built once per demo by app/ui.py and passed to every tab's build(ctx)."""
+
+    def __init__(self, studio: Studio, sessions: SessionRegistry, hosting: Hosting):
+        self.studio, self.sessions, self.hosting = studio, sessions, hosting
+        self.tabs: gr.Tabs | None = None   # the tab strip: hand-offs select a tab
+        self.stop = runner.stopper(sessions)
+        # controls that follow the active model, in the order the tabs made them
+        self.sizes: list[gr.Slider] = []             # width/height sliders: the model's size range and default
+        self.guidance: list[gr.Slider] = []          # set to the model's recommended guidance (Instruct's sT, sI)
+        self.loras: list[LoraControls] = []
+        self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
+
+    # -------------------------------------------------------------- the model a request runs on
+    def engine(self, request) -> Studio:
+        """The studio as this session sees it: a hosted session runs on the allow-listed model it chose."""
+        if self.hosting.public:
+            session = self.sessions.peek(request)
+            chosen = self.studio.pool.get(session.model_id) if session is not None and session.model_id else None
+            if chosen is not None:
+                return self.studio.with_model(chosen)
+        return self.studio
+
+    def model_status(self, m=None) -> str:
+        m = m or self.studio.model
+        text = f"**Active model:** {m.display_name}"
+        if m.random_weights and "random weights" not in m.label:
+            text += " · ⚠️ random weights, for testing"
+        if self.studio.notice and m is self.studio.model:
+            text += f"\n\n{self.studio.notice}"
+        if m.loras:
+            text += f"\n\n**Loaded LoRA:** {', '.join(m.loras)}"
+        return text
+
+    def lora_name(self, use_lora: bool, adapter: str | None = None, request=None):
+        """The adapter a job applies: none when unticked; else the one chosen in the adapter menu, which is the
+        Smooth LoRA ("smooth") unless another was chosen (also for API calls that do not send the menu)."""
+        if not use_lora:
+            return None
+        m = self.engine(request).model
+        name = (adapter or "").strip() or SMOOTH_NAME
+        if name in m.loras:
+            return name
+        loaded = (f" Loaded: {', '.join(repr(n) for n in m.loras)} (choose one in the LoRA adapter menu)."
+                  if m.loras else "")
+        if name == SMOOTH_NAME:
+            raise InputError(f"The Smooth LoRA is not loaded for {m.label}: load it in 'Model and LoRA' (the Hub repo "
+                             f"{SMOOTH_LORA_REPO}, or a {SMOOTH_LORA_FILE} file), or untick "
+                             f"'{SMOOTH_LABEL}'.{loaded}")
+        raise InputError(f"LoRA {name!r} is not loaded for {m.label}: load it in 'Model and LoRA' first.{loaded}")
+
+    # -------------------------------------------------------------- jobs
+    def run(self, request, out: runner.Outputs, work, done, show=None, start: dict | None = None):
+        """A GPU handler's job for the request's session (app/runner.py run)."""
+        return runner.run(self.sessions, request, out, work, done, show, start)
+
+    def stop_button(self, button: gr.Button, status, events: list, **kwargs) -> None:
+        """Stop cancels the session's job and these events; hidden unless kwargs name a public endpoint."""
+        kwargs = {"api_visibility": "private", **kwargs}
+        button.click(self.stop, None, status, cancels=events, queue=False, **kwargs)
+
+    def kept(self, request, key: str, what: str) -> str:
+        """What this session made under `key` (hand-offs pass it server-side, never a path the client sends)."""
+        session = self.sessions.peek(request)
+        path = session.handoff_png(key) if session is not None else None
+        if path is None:
+            raise InputError(f"There is no {what} to send yet.")
+        return path
+
+    # -------------------------------------------------------------- controls that follow the model
+    def size_slider(self, label: str) -> gr.Slider:
+        m = self.studio.model
+        slider = gr.Slider(m.size_multiple, max(1024, m.resolution), value=m.resolution, step=m.size_multiple,
+                           label=label)
+        self.sizes.append(slider)
+        return slider
+
+    def lora_controls(self, prefix: str) -> LoraControls:
+        """Use-LoRA checkbox (ticked when the model has the Smooth LoRA), strength, and the adapter menu (shown
+        when an adapter other than the Smooth LoRA is loaded); the checkbox's label names the adapter."""
+        m = self.studio.model
+        adapter = default_adapter(m)
+        with gr.Row():
+            use = gr.Checkbox(SMOOTH_NAME in m.loras, label=use_label(adapter), elem_id=f"{prefix}-use-lora")
+            strength = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA strength")
+            menu = gr.Dropdown(list(m.loras), value=adapter, allow_custom_value=True, label="LoRA adapter",
+                               info="Which loaded adapter the checkbox applies", visible=adapter_menu_visible(m),
+                               elem_id=f"{prefix}-lora-adapter")
+        controls = LoraControls(use, strength, menu)
+        self.loras.append(controls)
+        return controls
+
+    def compare_button(self, prefix: str, lora: LoraControls) -> gr.Button:
+        """The LoRA comparison's button; its label names the adapter of `lora`'s menu."""
+        lora.compare = gr.Button(compare_label(default_adapter(self.studio.model)), elem_id=f"{prefix}-compare")
+        return lora.compare
+
+    def lora_outputs(self) -> list:
+        """Every control lora_control_updates sets, in its order."""
+        return ([c for lora in self.loras for c in (lora.use, lora.menu)] +
+                [lora.compare for lora in self.loras if lora.compare is not None] + self.drag_smooth)
+
+    def lora_updates(self, request=None) -> list:
+        return lora_control_updates(self.engine(request).model, len(self.loras),
+                                    sum(lora.compare is not None for lora in self.loras), len(self.drag_smooth))
