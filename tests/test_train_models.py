@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_train_vae import Stop, optimizer_state, stopped_after_checkpoint, tensors_equal  # checkpoint helpers
 from training import schedule, train_instruct, train_unet, world
 
 TINY = ["--tiny", "--threads", "1", "--batch", "4", "--samples", "48", "--checkpoint-every", "2",
@@ -23,7 +24,7 @@ def base_run(tmp_path_factory, tiny_model):
     vae = str(tiny_model.folder / "vae")
     with torch.random.fork_rng():
         train_unet.main(["--out", str(out), "--vae", vae, "--steps", "2", *TINY])
-        weights_2 = load_file(out / "checkpoint" / "unet.safetensors")
+        weights_2 = load_file(out / "checkpoint" / "model.safetensors")
         report = train_unet.main(["--out", str(out), "--vae", vae, "--steps", "3", "--resume", *TINY])
     return out, report, weights_2
 
@@ -35,11 +36,15 @@ def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
     out, report, weights_2 = base_run
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert report["step"] == state["step"] == 3
-    weights_3 = load_file(out / "checkpoint" / "unet.safetensors")
+    assert state["models"] == {"unet": "model.safetensors", "text_encoder": "model_1.safetensors"}
+    weights_3 = load_file(out / "checkpoint" / "model.safetensors")
     assert any(not torch.equal(weights_2[k], weights_3[k]) for k in weights_2)
-    optimizer = load_file(out / "checkpoint" / "optimizer.safetensors")
-    assert {float(v) for k, v in optimizer.items() if k.endswith(".step")} == {3.0}
-    assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl", ".txt"}
+    assert "conv_in.weight" in weights_3 and any(k.endswith("token_embedding.weight") for k in load_file(
+        out / "checkpoint" / "model_1.safetensors"))
+    optimizer = optimizer_state(out)
+    assert {float(v["step"]) for v in optimizer["state"].values()} == {3.0}
+    assert {p.suffix for p in out.rglob("*") if p.is_file() and "checkpoint" not in p.parts} <= {
+        ".safetensors", ".json", ".jsonl", ".txt"}
     model = run_to_end(load_model(str(out / "model")))
     assert not model.random_weights and "embedded" in model.label
     assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
@@ -48,6 +53,31 @@ def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
         0.00085, 0.012, "scaled_linear", 1000)
     data = load_file(out / "data" / "latents.safetensors")
     assert data["latents"].shape == (48, 4, 16, 16) and data["ids"].shape == (48, 77)
+
+
+def test_a_unet_run_stopped_mid_way_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """Killed after its step-2 checkpoint of a 4-step budget, then resumed: the same UNet, text encoder, Adam state and
+    exported (EMA) model as the run that was never stopped."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    argv = ["--vae", str(tiny_model.folder / "vae"), *TINY, "--steps", "4", "--data-dir", str(tmp_path / "data")]
+    with torch.random.fork_rng():
+        train_unet.main(["--out", str(whole), *argv])
+    with torch.random.fork_rng(), monkeypatch.context() as m:
+        stopped_after_checkpoint(m, train_unet, 2)
+        with pytest.raises(Stop):
+            train_unet.main(["--out", str(parts), *argv])
+    with torch.random.fork_rng():
+        train_unet.main(["--out", str(parts), *argv, "--resume"])
+    for name in ("checkpoint/model.safetensors", "checkpoint/model_1.safetensors",
+                 "model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/model.safetensors"):
+        a, b = load_file(whole / name), load_file(parts / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert tensors_equal(optimizer_state(whole), optimizer_state(parts))
+    # the export holds the EMA weights, not the last ones
+    live, ema = load_file(whole / "checkpoint/model.safetensors"), load_file(
+        whole / "model/unet/diffusion_pytorch_model.safetensors")
+    assert not torch.equal(live["conv_in.weight"], ema["conv_in.weight"])
 
 
 def test_world_tokenizer_keeps_world_words_whole_and_still_splits_unknown_words(base_run):
@@ -181,7 +211,7 @@ def test_unet_on_a_frozen_pretrained_text_encoder_starts_from_the_given_unet(bas
         out = tmp_path / "unet"
         train_unet.main(["--out", str(out), "--vae", str(tiny_model.folder / "vae"), "--steps", "2", "--lr", "0",
                          "--text-encoder", str(text_run), "--init-unet", str(base_run[0] / "model" / "unet"), *TINY])
-    assert not (out / "checkpoint" / "text_encoder.safetensors").exists()
+    assert not (out / "checkpoint" / "model_1.safetensors").exists()  # the frozen encoder is not checkpointed
     exported = CLIPTextModel.from_pretrained(out / "model" / "text_encoder").state_dict()
     frozen = CLIPTextModel.from_pretrained(text_run / "text_encoder").state_dict()
     assert all(torch.equal(exported[k], frozen[k]) for k in frozen)

@@ -5,24 +5,28 @@
 
 Recipe (SD's, scaled down): epsilon prediction on SD1.5's noise schedule (scaled_linear 0.00085-0.012,
 1000 steps), uniform timesteps, 10% empty captions so classifier-free guidance works, AdamW, cosine LR,
-EMA weights for export. The CLIP text encoder trains from scratch jointly with the UNet (one loss); the
+EMA weights (diffusers' EMAModel) for export. The CLIP text encoder trains from scratch jointly with the UNet (one loss); the
 tokenizer is a CLIP BPE tokenizer built from the world's vocabulary (other words still split into pieces).
 Latents come from the frozen VAE encoder once, cached in --out/data (safetensors).
 
-Writes into --out: checkpoint/ (resume), history.jsonl (held-out checker accuracy as training goes),
-model/ (a complete diffusers StableDiffusionPipeline folder with the EMA weights).
+Writes into --out: checkpoint/ (accelerate's save_state folder, for --resume: the UNet (model.safetensors), the
+trained text encoder (model_1.safetensors), optimizer, LR schedule, random states, step and EMA weights),
+history.jsonl (held-out checker accuracy as training goes), model/ (a complete diffusers StableDiffusionPipeline
+folder with the EMA weights).
 
 `--device cuda` trains on a GPU (the cached latents stay on the CPU; each batch, its noise and timesteps are
-drawn there as on a CPU run, then moved); checkpoints are device-independent.
+drawn there as on a CPU run, then moved); checkpoints are device-independent. The run is an `accelerate` one:
+`accelerate launch --multi_gpu --num_processes N training/train_unet.py ... --device cuda` trains on N GPUs, each
+process drawing its own batches (--seed + its index); --bf16 is accelerate's bf16 mixed precision.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +39,9 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    add_data_dir, after_step, autocast, cache_source, cpu_randn, data_dir, load_cache, lr_at, parse_run_args,
-    progress_of, run_parser, save_cache, smoothed, start_run)
+    add_data_dir, after_optimizer_step, cache_source, cpu_randn, data_dir, load_cache, lr_schedule,
+    own_accelerate_state, parse_run_args, precision, progress_of, run_parser, save_cache, smoothed,
+    start_accelerated_run)
 from training.text_states import FrozenTextStates  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs
@@ -261,7 +266,7 @@ def noised(z0: torch.Tensor, alphas_cumprod: torch.Tensor, high_t_share: float):
 
 
 def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 0.0, max_weight: float = 1.0,
-                   pixel_weight: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
+                   pixel_weight: torch.Tensor | None = None, forward_precision=contextlib.nullcontext) -> torch.Tensor:
     """SD's objective, predict the noise added at a drawn timestep, with each sample's squared error weighted
     by 1/SNR(t) clipped to [1, max_weight] (weights normalised over the batch). 1/SNR turns the epsilon error
     into the error of the implied clean image; at high noise that is what decides the global content, and
@@ -271,9 +276,10 @@ def diffusion_loss(unet, encode, alphas_cumprod, z0, ids, high_t_share: float = 
 
     `pixel_weight` (B, h, w), optional: each sample's error is a weighted mean over its latent pixels.
     `encode(ids)` gives the text states (a live text encoder's, or training.text_states' when it is frozen).
-    `bf16`: the networks run under bfloat16 autocast; the loss stays float32."""
+    `forward_precision()`: the networks' context (the trainer's is schedule.precision: --bf16's autocast); the loss
+    stays float32."""
     zt, t, noise = noised(z0, alphas_cumprod, high_t_share)
-    with autocast(z0.device, bf16):
+    with forward_precision():
         emb = encode(ids)
         pred = unet(zt, t, encoder_hidden_states=emb).sample.float()
     per_sample = pixel_mean((pred - noise).pow(2), pixel_weight)
@@ -321,25 +327,33 @@ def quick_eval(args, unet, text_encoder, tokenizer, vae) -> dict:
 
 
 def main(argv=None) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler
-
     args = parse_args(argv)
-    out, rng = start_run(args)
-    device = torch.device(args.device)
+    with own_accelerate_state():
+        return _train(args)
+
+
+def _train(args) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers.training_utils import EMAModel
+
+    accelerator, out, rng = start_accelerated_run(args)
+    device = accelerator.device
+    main_process = accelerator.is_main_process
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False).to(device)
-    if args.text_encoder:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(Path(args.text_encoder) / "tokenizer")
-    else:
-        tokenizer = build_tokenizer(out / "tokenizer")
     cache = data_dir(args)
-    data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    with accelerator.main_process_first():  # the main process writes the tokenizer and caches, the others read them
+        if args.text_encoder or not main_process:
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(Path(args.text_encoder or out) / "tokenizer")
+        else:
+            tokenizer = build_tokenizer(out / "tokenizer")
+        data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress and main_process)
+        object_maps = build_object_maps(cache, args.samples, args.seed, data["latents"].shape[-1]) \
+            if args.object_weight else None
     latents = data["latents"]
     ids_all = data["ids"].long()
-    object_maps = build_object_maps(cache, args.samples, args.seed, latents.shape[-1]) \
-        if args.object_weight else None
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     factors = parse_factors(args.oversample)
     draw_p = draw_weights((scene for _, scene in training_scenes(args.samples, args.seed)), factors) \
@@ -355,73 +369,78 @@ def main(argv=None) -> dict:
         from diffusers import UNet2DConditionModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_unet).float().state_dict())
-    unet.to(device), text_encoder.to(device)  # before the optimizer: its states live beside the parameters
+    # what the quick looks sample with and the export saves: copies that receive the EMA weights (never prepared, so
+    # they run in float32 whatever --bf16 says)
+    eval_unet = copy.deepcopy(unet).requires_grad_(False).to(device)
+    eval_text = copy.deepcopy(text_encoder).requires_grad_(False).to(device) if train_text else text_encoder
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, elapsed = 0, 0.0
-    grown = False
+    run = checkpoint.RunState(rng, accelerator.process_index)
+    run.running = {"loss": None}
+    lr = lr_schedule(opt, args, LR_FLOOR, run)
+    if train_text:
+        unet, text_encoder, opt, lr = accelerator.prepare(unet, text_encoder, opt, lr)
+    else:
+        unet, opt, lr = accelerator.prepare(unet, opt, lr)
+        text_encoder.to(device)
+    networks = [accelerator.unwrap_model(unet)] + ([accelerator.unwrap_model(text_encoder)] if train_text else [])
+    emas = [EMAModel(net.parameters(), decay=args.ema, foreach=True) for net in networks]
+    accelerator.register_for_checkpointing(run, *emas)
     if args.resume:
-        state, modules = checkpoint.load(out, None, rng)
-        grown = _load_grown(unet, modules["unet"])
-        if train_text:
-            text_encoder.load_state_dict(modules["text_encoder"])
-        if grown:  # new parameters: Adam's moments start afresh for all
-            print(f"resumed into a grown UNet (new: {', '.join(sorted(grown))}); optimizer state reset", flush=True)
-        else:
-            checkpoint.load_optimizer(out, opt, state)
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if train_text else text_encoder
-    if args.resume:
-        _load_grown(ema_unet, modules["ema_unet"])
-        if train_text:
-            ema_text.load_state_dict(modules["ema_text_encoder"])
+        checkpoint.load_state(accelerator, out)
+        for ema in emas:
+            ema.to(device)  # loaded onto the CPU
     alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
     # a frozen text encoder gives every caption the same states all run long: encode each distinct one once
     encode = (lambda t: text_encoder(t)[0]) if train_text else \
         FrozenTextStates(text_encoder, torch.cat([ids_all, empty[None]]), device)
 
+    def with_ema():
+        """The eval copies, holding the EMA weights."""
+        for ema, copy_ in zip(emas, [eval_unet, eval_text]):
+            ema.copy_to(copy_.parameters())
+        return eval_unet, eval_text
+
     def save():
-        modules = {"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict()}
-        if train_text:
-            modules |= {"text_encoder": text_encoder.state_dict(), "ema_text_encoder": ema_text.state_dict()}
-        checkpoint.save(out, modules, opt, rng, {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
+        checkpoint.save_state(accelerator, out, checkpoint.summary(
+            run, args, opt, ["unet", "text_encoder"] if train_text else ["unet"],
+            ema=["unet", "text_encoder"] if train_text else ["unet"]))
+
+    def look():
+        return {"loss": round(run.running["loss"], 4), **quick_eval(args, *with_ema(), tokenizer, vae)}
 
     unet.train(), text_encoder.train(train_text)
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    start = time.time() - elapsed
-    running = None
-    while progress_of(args, step, time.time() - start) < 1.0:
-        progress = progress_of(args, step, time.time() - start)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(args, step, progress, LR_FLOOR)
+    bar = tqdm(total=args.steps, initial=run.step, disable=args.no_progress or not main_process, dynamic_ncols=True)
+    run.begin()
+    while progress_of(args, run.step, run.seconds()) < 1.0:
         idx = torch.from_numpy(rng.integers(0, len(latents), args.batch) if draw_p is None else
                                rng.choice(len(latents), args.batch, p=draw_p))
         ids = ids_all[idx].clone()
         ids[torch.from_numpy(rng.random(args.batch) < args.cond_drop)] = empty
         weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
         loss = diffusion_loss(unet, encode, alphas_cumprod, latents[idx].float().to(device), ids.to(device),
-                              args.high_t_share, args.max_weight, weight, args.bf16)
+                              args.high_t_share, args.max_weight, weight, lambda: precision(accelerator))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        if train_text:
-            ema_update(ema_text, text_encoder, decay)
-        running = smoothed(running, loss.item())
-        after_step(args, out, bar, step, start, save=save, loss=f"{running:.4f}",
-                   lr=f"{opt.param_groups[0]['lr']:.1e}", look=lambda: {
-                       "loss": round(running, 4), **quick_eval(args, ema_unet, ema_text, tokenizer, vae)})
+        lr.step()
+        run.step += 1
+        for ema, net in zip(emas, networks):
+            ema.step(net.parameters())
+        run.running["loss"] = smoothed(run.running["loss"], float(accelerator.gather(loss.detach()[None]).mean()))
+        after_optimizer_step(args, out, bar, run, look, save, main_process, loss=f"{run.running['loss']:.4f}",
+                             lr=f"{opt.param_groups[0]['lr']:.1e}")
     bar.close()
     save()
-    folder = export(out, args, ema_unet, ema_text, tokenizer, args.vae)
-    report = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": running,
-              "unet_params": sum(p.numel() for p in unet.parameters()),
-              "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()), "model": str(folder)}
-    print(json.dumps(report), flush=True)
+    report = {"step": run.step, "minutes": round(run.seconds() / 60, 2), "loss": run.running["loss"],
+              "unet_params": sum(p.numel() for p in eval_unet.parameters()),
+              "text_encoder_params": sum(p.numel() for p in eval_text.parameters())}
+    if main_process:
+        report["model"] = str(export(out, args, *with_ema(), tokenizer, args.vae))
+        print(json.dumps(report), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return report
 
 
