@@ -21,8 +21,10 @@ from pipelines.limits import MB, get_limits
 
 MIN_SIDE = 8  # smaller images carry no usable content for a VAE (8x downsampling)
 # Decoders Pillow may try on an upload: the common web formats. Others (EPS would run Ghostscript, and a long tail
-# of rarely used parsers) are never opened, so they read as "not an image".
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+# of rarely used parsers) are never opened, so they read as "not an image". Pillow's JPEG opener also reads MPO
+# (multi-picture JPEGs from phones); "MPO" has no opener of its own, and naming it here made Image.open fail on
+# every format listed after it.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 _NOT_AN_IMAGE = "The uploaded file is not an image I can read (cannot identify image file)."
 
@@ -114,9 +116,38 @@ def _open(source) -> Image.Image:
     # max_pixels check rejects the image. We do not touch the global warning
     # filters: they are not thread-safe and Gradio handlers run in threads.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        size = _header_size(fp)
+        if size is not None:
+            _check_size(*size)  # says how large, as for any image over our cap
         raise InputError("The image is too large (its header claims too many pixels).") from exc
     except Exception as exc:  # decoders raise many types on bad input
         raise InputError(_NOT_AN_IMAGE) from exc
+
+
+def _header_size(fp) -> tuple[int, int] | None:
+    """The stored size of an image that Pillow's bomb guard refused to open: the format's registered opener
+    (Image.register_open's registry) still reads the header, which is all a size message needs."""
+    for fmt in FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None:
+            continue
+        try:
+            with open(fp, "rb") if isinstance(fp, Path) else _rewound(fp) as f:
+                if accept is not None and not accept(f.read(16)):
+                    continue
+                f.seek(0)
+                img = factory(f, "")
+                size = img.size
+                img.close()
+                return size
+        except Exception:  # another format's header, or a broken one
+            continue
+    return None
+
+
+def _rewound(fp: io.BytesIO) -> io.BytesIO:
+    fp.seek(0)
+    return io.BytesIO(fp.getbuffer())
 
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageFile
 
 from pipelines.errors import InputError
-from pipelines.image_io import fit_size, load_image, pil_to_tensor, tensor_to_pil
+from pipelines.image_io import fit_size, load_image, load_rgb, pil_to_tensor, tensor_to_pil
 
 RES = dict(resolution=512, multiple=8)
 
@@ -308,3 +308,32 @@ def test_tensor_to_pil_rejects_bad_shapes():
         tensor_to_pil(torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError):
         tensor_to_pil(torch.zeros(4, 4, 3))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format_opens_and_a_huge_one_gets_the_size_message(fmt, monkeypatch):
+    """Each web format loads (pixels as saved, lossless ones exactly), and a huge header is refused with its size,
+    also when the app has armed Pillow's own bomb guard at the pixel cap (Image.MAX_IMAGE_PIXELS)."""
+    import io
+
+    from pipelines.image_io import check_image_header
+
+    rng = np.random.default_rng(0)
+    # flat 16x16 blocks of 64 possible colours: exact in a GIF palette, near-exact through JPEG's 8x8 DCT
+    blocks = (rng.integers(0, 4, (3, 4, 3)) * 85).astype(np.uint8)
+    arr = blocks.repeat(16, axis=0).repeat(16, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert check_image_header(buf.getvalue())[:2] == (64, 48)
+    loaded = np.asarray(load_rgb(buf.getvalue())).astype(int)
+    assert loaded.shape == (48, 64, 3)
+    assert np.abs(loaded - arr).mean() < (6 if fmt == "JPEG" else 1e-9)
+    huge = io.BytesIO()
+    # 1-bit (a few MB even uncompressed, under the upload cap) where the format has it
+    Image.new("L" if fmt in ("JPEG", "WEBP") else "1", (16000, 9000)).save(
+        huge, fmt, **({"compression": "packbits"} if fmt == "TIFF" else {}))
+    for guard in (None, 16_000_000):
+        if guard:
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", guard)
+        with pytest.raises(InputError, match="too large .16000x9000 px"):
+            check_image_header(huge.getvalue())
