@@ -12,8 +12,10 @@ text leaves out are not asked for. The heads are thrown away: the UNet (`train_u
 InstructPix2Pix (`train_instruct.py --text-encoder`) use the encoder frozen, as SD uses CLIP.
 
 Writes into --out: text_encoder/ and tokenizer/ (transformers folders), heads.safetensors, history.jsonl
-(held-out accuracy per fact), checkpoint/ (resume). `--device cuda` trains on a GPU (texts and labels are
-made on the CPU, batches moved); checkpoints are device-independent.
+(held-out accuracy per fact), checkpoint/ (accelerate's save_state folder, for --resume). `--device cuda` trains on
+a GPU (texts and labels are made on the CPU, batches moved); checkpoints are device-independent. The run is an
+`accelerate` one: `accelerate launch --multi_gpu --num_processes N training/train_text.py ... --device cuda` trains
+on N GPUs; --bf16 is accelerate's bf16 mixed precision.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_step, autocast, lr_at, parse_run_args, progress_of, run_parser, smoothed, start_run)
+    after_optimizer_step, lr_schedule, own_accelerate_state, parse_run_args, precision, progress_of, run_parser,
+    smoothed, start_accelerated_run)
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100
@@ -161,6 +163,21 @@ class FactHeads(torch.nn.Module):
         return [head(pooled[:, i]) for i, head in enumerate(self.read)]
 
 
+class Reader(torch.nn.Module):
+    """The text encoder and its fact heads as the one module accelerate prepares (one DistributedDataParallel wrapper,
+    the loss's networks inside its forward). The heads read the states in float32: under --bf16 only the encoder
+    runs under autocast, as before."""
+
+    def __init__(self, text_encoder, heads: FactHeads):
+        super().__init__()
+        self.text_encoder, self.heads = text_encoder, heads
+
+    def forward(self, ids: torch.Tensor, eos: int) -> list[torch.Tensor]:
+        states = self.text_encoder(ids)[0]
+        with torch.autocast(ids.device.type, enabled=False):
+            return self.heads(states.float(), token_mask(ids, eos))
+
+
 def token_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """True up to and including the first end token (what a causal encoder has seen of the text)."""
     first_eos = (ids == eos).int().argmax(1)
@@ -187,9 +204,21 @@ def accuracy(text_encoder, heads, ids, labels, eos: int) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out, rng = start_run(args)
-    device = torch.device(args.device)
-    tokenizer = build_tokenizer(out / "tokenizer")
+    with own_accelerate_state():
+        return _train(args)
+
+
+def _train(args) -> dict:
+    accelerator, out, rng = start_accelerated_run(args)
+    device = accelerator.device
+    main_process = accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process writes the tokenizer, the others read it
+        if main_process:
+            tokenizer = build_tokenizer(out / "tokenizer")
+        else:
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     count = 600 if args.tiny else args.samples
     texts, labels = build_texts(count, args.seed)
     held_texts, held_labels = build_texts(200 if args.tiny else 2000, args.seed, split="held_out")
@@ -201,51 +230,52 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_token_id
     text_encoder = text_encoder_for(TINY_TEXT if args.tiny else TEXT_ARCH, len(tokenizer))
     heads = FactHeads(text_encoder.config.hidden_size)
-    text_encoder.to(device), heads.to(device)  # before the optimizer: its states live beside the parameters
+    reader = Reader(text_encoder, heads)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, elapsed = 0, 0.0
+    run = checkpoint.RunState(rng, accelerator.process_index)
+    run.running = {"loss": None}
+    reader, opt, lr = accelerator.prepare(reader, opt, lr_schedule(opt, args, 0.05, run))
+    accelerator.register_for_checkpointing(run)
     if args.resume:
-        state, modules = checkpoint.load(out, opt, rng)
-        text_encoder.load_state_dict(modules["text_encoder"]), heads.load_state_dict(modules["heads"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        checkpoint.load_state(accelerator, out)
 
     def save():
-        checkpoint.save(out, {"text_encoder": text_encoder.state_dict(), "heads": heads.state_dict()}, opt, rng,
-                        {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
+        checkpoint.save_state(accelerator, out, checkpoint.summary(run, args, opt, ["text_encoder+heads"]))
 
     def look():
         text_encoder.eval()
-        row = {"loss": round(running, 4), **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
+        row = {"loss": round(run.running["loss"], 4), **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
         text_encoder.train()
         return row
 
-    text_encoder.train()
-    start = time.time() - elapsed
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    running = None
-    while progress_of(args, step, time.time() - start) < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(args, step, progress_of(args, step, time.time() - start), 0.05)
+    reader.train()
+    bar = tqdm(total=args.steps, initial=run.step, disable=args.no_progress or not main_process, dynamic_ncols=True)
+    run.begin()
+    while progress_of(args, run.step, run.seconds()) < 1.0:
         idx = torch.from_numpy(rng.integers(0, len(ids), args.batch))
-        batch = ids[idx].to(device)
-        with autocast(args.device, args.bf16):
-            states = text_encoder(batch)[0]
-        loss = fact_losses(heads(states.float(), token_mask(batch, eos)), labels[idx].to(device))
+        with precision(accelerator):
+            logits = reader(ids[idx].to(device), eos)
+        loss = fact_losses(logits, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        running = smoothed(running, loss.item())
-        after_step(args, out, bar, step, start, look, save, loss=f"{running:.4f}")
+        lr.step()
+        run.step += 1
+        run.running["loss"] = smoothed(run.running["loss"], float(accelerator.gather(loss.detach()[None]).mean()))
+        after_optimizer_step(args, out, bar, run, look, save, main_process, loss=f"{run.running['loss']:.4f}")
     bar.close()
     save()
     text_encoder.eval()
-    row = {"step": step, "loss": running, **accuracy(text_encoder, heads, held_ids, held_labels, eos)}
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    save_file({k: v.cpu() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
-    print(json.dumps(row), flush=True)
+    row = {"step": run.step, "loss": run.running["loss"]}
+    if main_process:
+        row |= accuracy(text_encoder, heads, held_ids, held_labels, eos)
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        save_file({k: v.cpu() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
+        print(json.dumps(row), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return row
 
 
