@@ -30,8 +30,8 @@ def base_run(tmp_path_factory, tiny_model):
 
 
 def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
 
     out, report, weights_2 = base_run
     state = json.loads((out / "checkpoint" / "state.json").read_text())
@@ -118,18 +118,18 @@ def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_pa
         report = train_instruct.main(["--out", str(out), "--base", str(base), "--steps", "2", "--threads", "1",
                                       "--batch", "4", "--samples", "16", "--eval-every", "1000", "--no-progress"])
     assert report["step"] == 2
-    groups = json.loads((out / "checkpoint" / "state.json").read_text())["optimizer"]["param_groups"]
-    rest, first = groups  # conv_in (the image's only way in) learns 10x faster than the rest
+    rest, first = optimizer_state(out)["param_groups"]  # conv_in (the image's only way in) learns 10x faster
     assert len(first["params"]) == 2 and first["lr"] == pytest.approx(10 * rest["lr"]) and rest["lr"] > 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["lr"] == [rest["lr"], first["lr"]]
     triplets = load_file(out / "data" / "triplets.safetensors")
     assert triplets["source"].shape == triplets["target"].shape == (16, 4, 16, 16)
     folder = tmp_path / "model"
     assembled = assemble.main(["--base", str(base), "--instruct", str(out / "unet"), "--out", str(folder),
                                "--instruct-guidance", "3,2.5"])
     assert assembled["safetensors_mb"] <= assemble.BUDGET_MB
-    from pipelines.events import run_to_end
+    from pipelines.core.events import run_to_end
     from pipelines.instruct import recommended_guidance
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     assert recommended_guidance(run_to_end(load_model(str(folder)))) == (3.0, 2.5)  # what the studio reads
     unet = UNet2DConditionModel.from_pretrained(folder / "unet_instruct")

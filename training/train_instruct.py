@@ -8,11 +8,14 @@ model); the text encoder and VAE stay frozen. Training pairs are (input render, 
 from `training.world.make_edit` on training seeds, all five edit kinds. Condition dropout as in the paper:
 5% no instruction, 5% no input image, 5% neither, so image (sI) and text (sT) guidance both work at sampling.
 
-Writes into --out: checkpoint/ (resume), history.jsonl (held-out edit success), unet/ (diffusers folder,
-EMA weights, 8 input channels).
+Writes into --out: checkpoint/ (accelerate's save_state folder, for --resume: UNet, optimizer, LR schedule, random
+states, step, EMA weights), history.jsonl (held-out edit success), unet/ (diffusers folder, EMA weights from
+diffusers' EMAModel, 8 input channels).
 
 `--device cuda` trains on a GPU (cached latents stay on the CPU; batches, dropout draws, noise and timesteps
-are drawn there as on a CPU run, then moved); checkpoints are device-independent.
+are drawn there as on a CPU run, then moved); checkpoints are device-independent. The run is an `accelerate` one:
+`accelerate launch --multi_gpu --num_processes N training/train_instruct.py ... --device cuda` trains on N GPUs;
+--bf16 is accelerate's bf16 mixed precision.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,10 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    add_data_dir, after_step, autocast, cache_source, data_dir, load_cache, lr_at, parse_factors, parse_run_args,
-    progress_of, run_parser, save_cache, smoothed, start_run)
+    add_data_dir, after_optimizer_step, cache_source, data_dir, load_cache, lr_schedule, own_accelerate_state,
+    parse_factors, parse_run_args, precision, progress_of, run_parser, save_cache, smoothed, start_accelerated_run)
 from training.train_unet import (  # noqa: E402
-    LR_FLOOR, SCHEDULER, cached_maps, ema_update, noised, object_map, pixel_mean, weighted_mean)
+    LR_FLOOR, SCHEDULER, cached_maps, noised, object_map, pixel_mean, weighted_mean)
 from training.text_states import FrozenTextStates  # noqa: E402
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
@@ -170,27 +172,35 @@ def quick_eval(args, unet, text_encoder, tokenizer, vae, kinds=("recolour", "bac
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with own_accelerate_state():
+        return _train(args)
+
+
+def _train(args) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    args = parse_args(argv)
-    out, rng = start_run(args)
-    device = torch.device(args.device)
+    accelerator, out, rng = start_accelerated_run(args)
+    device = accelerator.device
+    main_process = accelerator.is_main_process
     base = Path(args.base)
     vae = AutoencoderKL.from_pretrained(args.vae or base / "vae").eval().requires_grad_(False).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or base / "tokenizer")
     cache = data_dir(args)
-    data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress)
+    with accelerator.main_process_first():  # the main process writes the caches, the others read them
+        data = build_data(cache, vae, tokenizer, args.samples, args.seed, not args.no_progress and main_process)
+        object_maps = build_object_maps(cache, args.samples, args.seed, data["target"].shape[-1]) \
+            if args.object_weight and not args.data_only else None
     if args.data_only:
+        accelerator.end_training()
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
-    object_maps = build_object_maps(cache, args.samples, args.seed, target.shape[-1]) \
-        if args.object_weight else None
     draw_p = kind_weights([edit.kind for _, edit in _triplet_stream(args.samples, args.seed)], args.oversample)
     text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)
     text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
-    unet.to(device)  # before the optimizer: its states (and those it resumes) live beside the parameters
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
     # the text encoder is frozen: each distinct instruction (and the empty one) is encoded once
     encode = FrozenTextStates(text_encoder, torch.cat([ids_all, empty]), device)
@@ -201,29 +211,36 @@ def main(argv=None) -> dict:
     # input image (7.5 dB outside the edit), so conv_in learns faster than the rest.
     first = [unet.conv_in.weight, unet.conv_in.bias]
     rest = [p for n, p in unet.named_parameters() if not n.startswith("conv_in.")]
-    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": first, "mult": args.input_lr_mult}],
+    opt = torch.optim.AdamW([{"params": rest}, {"params": first, "lr": args.lr * args.input_lr_mult}],
                             lr=args.lr, weight_decay=0.01)
-    step, elapsed = 0, 0.0
+    # what the quick looks sample with and the export saves: a copy that receives the EMA weights (never prepared, so
+    # it runs in float32 whatever --bf16 says)
+    eval_unet = copy.deepcopy(unet).requires_grad_(False).to(device)
+    run = checkpoint.RunState(rng, accelerator.process_index)
+    run.running = {"loss": None}
+    unet, opt, lr = accelerator.prepare(unet, opt, lr_schedule(opt, args, LR_FLOOR, run))
+    network = accelerator.unwrap_model(unet)
+    ema = EMAModel(network.parameters(), decay=args.ema, foreach=True)
+    accelerator.register_for_checkpointing(run, ema)
     if args.resume:
-        state, modules = checkpoint.load(out, opt, rng)
-        unet.load_state_dict(modules["unet"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    if args.resume:
-        ema.load_state_dict(modules["ema_unet"])
+        checkpoint.load_state(accelerator, out)
+        ema.to(device)  # loaded onto the CPU
     alphas_cumprod = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
 
+    def with_ema():
+        ema.copy_to(eval_unet.parameters())
+        return eval_unet
+
     def save():
-        checkpoint.save(out, {"unet": unet.state_dict(), "ema_unet": ema.state_dict()}, opt, rng,
-                        {"step": step, "elapsed_s": time.time() - start, "args": vars(args)})
+        checkpoint.save_state(accelerator, out, checkpoint.summary(run, args, opt, ["unet"], ema=["unet"]))
+
+    def look():
+        return {"loss": round(run.running["loss"], 4), **quick_eval(args, with_ema(), text_encoder, tokenizer, vae)}
 
     unet.train()
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    start = time.time() - elapsed
-    running = None
-    while progress_of(args, step, time.time() - start) < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = group["mult"] * lr_at(args, step, progress_of(args, step, time.time() - start), LR_FLOOR)
+    bar = tqdm(total=args.steps, initial=run.step, disable=args.no_progress or not main_process, dynamic_ncols=True)
+    run.begin()
+    while progress_of(args, run.step, run.seconds()) < 1.0:
         idx = torch.from_numpy(rng.integers(0, len(target), args.batch) if draw_p is None else
                                rng.choice(len(target), args.batch, p=draw_p))
         z0, image = target[idx].float().to(device), source[idx].float().to(device)
@@ -234,26 +251,30 @@ def main(argv=None) -> dict:
         # plain epsilon loss barely rewards it (after 1122 plain steps the output ignored the input: 7.5 dB).
         zt, t, noise = noised(z0, alphas_cumprod, args.high_t_share)
         weight = None if object_maps is None else (1 + args.object_weight * object_maps[idx].float()).to(device)
-        with autocast(args.device, args.bf16):
+        with precision(accelerator):
             pred = unet(torch.cat([zt, image], 1), t, encoder_hidden_states=emb).sample.float()
         per_sample = pixel_mean((pred - noise).pow(2), weight)
         loss = weighted_mean(per_sample, alphas_cumprod[t], args.max_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(network.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema_update(ema, unet, min(args.ema, (1 + step) / (10 + step)))
-        running = smoothed(running, loss.item())
-        after_step(args, out, bar, step, start, save=save, loss=f"{running:.4f}", look=lambda: {
-            "loss": round(running, 4), **quick_eval(args, ema, text_encoder, tokenizer, vae)})
+        lr.step()
+        run.step += 1
+        ema.step(network.parameters())
+        run.running["loss"] = smoothed(run.running["loss"], float(accelerator.gather(loss.detach()[None]).mean()))
+        after_optimizer_step(args, out, bar, run, look, save, main_process, loss=f"{run.running['loss']:.4f}")
     bar.close()
     save()
     final = out / "unet"
-    with checkpoint.swapped_in(final) as partial:
-        ema.save_pretrained(partial, safe_serialization=True)
-    report = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": running, "unet": str(final)}
-    print(json.dumps(report), flush=True)
+    report = {"step": run.step, "minutes": round(run.seconds() / 60, 2), "loss": run.running["loss"],
+              "unet": str(final)}
+    if main_process:
+        with checkpoint.swapped_in(final) as partial:
+            with_ema().save_pretrained(partial, safe_serialization=True)
+        print(json.dumps(report), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return report
 
 
