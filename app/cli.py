@@ -1,5 +1,5 @@
 """`studio`: the command line. `studio serve` runs the web studio (as `python app.py`); the other commands run one
-job headless and write PNGs that carry the same parameters as the UI's downloads (pipelines/metadata.py).
+job headless and write PNGs that carry the same parameters as the UI's downloads (pipelines/core/metadata.py).
 
 Each job command's options are the fields of its parameter dataclass (`--steps`, `--guidance`, ...), so the command
 line always offers what the pipeline accepts, with the pipeline's own defaults and checks.
@@ -57,9 +57,9 @@ def serve(args: argparse.Namespace) -> None:
     from app.hosting import Hosting, launch_kwargs, queue_kwargs
     from app.sessions import SessionRegistry
     from app.ui import build_demo
-    from pipelines.errors import InputError
-    from pipelines.events import run_to_end
-    from pipelines.limits import Limits, set_limits
+    from pipelines.core.errors import InputError
+    from pipelines.core.events import run_to_end
+    from pipelines.core.limits import Limits, set_limits
     from pipelines.studio import Studio
 
     set_limits(Limits.from_env())
@@ -175,7 +175,7 @@ def _parse_points(text: str) -> tuple[list, list]:
 def _load_mask(path: str):
     import numpy as np
 
-    from pipelines.image_io import load_rgb
+    from pipelines.core.image_io import load_rgb
 
     return np.asarray(load_rgb(path).convert("L")) > 127
 
@@ -212,8 +212,8 @@ def _out_paths(out: Path, n: int) -> list[Path]:
 
 
 def run_command(cmd: Command, args: argparse.Namespace, offered: list[str]) -> list[Path]:
-    from pipelines.events import run_to_end
-    from pipelines.metadata import save_png
+    from pipelines.core.events import run_to_end
+    from pipelines.core.metadata import save_png
     from pipelines.studio import Studio
 
     params_cls = _resolve(cmd.params)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         serve(args)
         return 0
-    from pipelines.errors import InputError
+    from pipelines.core.errors import InputError
 
     cmd = next(c for c in COMMANDS if c.name == args.command)
     try:

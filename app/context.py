@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 from pipelines.inversion import METHODS as INVERSION_METHODS
-from pipelines.limits import get_limits
-from pipelines.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
+from pipelines.core.limits import get_limits
+from pipelines.core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
 from pipelines.studio import Studio
 
 from . import runner

@@ -15,7 +15,7 @@ import inspect
 import gradio as gr
 from gradio.context import LocalContext
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 
 from .sessions import TOO_MANY_JOBS, SessionRegistry, visitor_of
 from .streaming import incident_error, user_error

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.errors import InputError
-from pipelines.limits import get_limits
+from pipelines.core.errors import InputError
+from pipelines.core.limits import get_limits
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,9 +77,9 @@ class Hosting:
         allow-listed LoRA on each of them, disabled until a request applies it by name. Nothing is loaded later,
         so no visitor's request changes the models another visitor runs on (and ZeroGPU workers, forked after
         start-up, see them all). A source that fails to load is dropped from the list, and the log says why."""
-        from pipelines.events import run_to_end
-        from pipelines.lora import load_lora
-        from pipelines.models import load_model
+        from pipelines.core.events import run_to_end
+        from pipelines.core.lora import load_lora
+        from pipelines.core.models import load_model
 
         served = studio.model.id
         self.models = [served] + [m for m in self.models if m != served]

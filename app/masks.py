@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 
 DISPLAY_SIDE = 512          # small model images (64 px) are shown this large so they can be painted on
 OVERLAY_RGBA = (255, 40, 200, 140)  # how an estimated mask is drawn as a layer: translucent magenta

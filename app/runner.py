@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from pipelines.events import Progress
+from pipelines.core.events import Progress
 
 from .sessions import Session, SessionRegistry
 from .streaming import status_line, stream

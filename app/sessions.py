@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.cache import LRUCache
-from pipelines.errors import InputError
-from pipelines.events import CancelToken
-from pipelines.metadata import save_png
-from pipelines.stream import PreviewOptions
+from pipelines.core.cache import LRUCache
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken
+from pipelines.core.metadata import save_png
+from pipelines.core.stream import PreviewOptions
 
 MAX_SESSIONS = 64                  # sessions holding caches, all visitors together
 SESSIONS_PER_VISITOR = 8           # one visitor (IP or login) opening many tabs or minting hashes

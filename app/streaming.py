@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from pipelines.errors import InputError
-from pipelines.events import Cancelled, CancelToken, Progress
+from pipelines.core.errors import InputError
+from pipelines.core.events import Cancelled, CancelToken, Progress
 
 from .uploads import client_path
 

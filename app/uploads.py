@@ -16,9 +16,9 @@ from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from pipelines.errors import InputError
-from pipelines.image_io import check_image_header
-from pipelines.limits import get_limits
+from pipelines.core.errors import InputError
+from pipelines.core.image_io import check_image_header
+from pipelines.core.limits import get_limits
 
 NOT_UPLOADED = "Please upload {what} again: the studio only opens images uploaded to it."
 NO_URLS = "Please upload {what} as a file: images given by URL are not fetched."

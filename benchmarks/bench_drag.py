@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines.cache import LRUCache  # noqa: E402
+from pipelines.core.cache import LRUCache  # noqa: E402
 from pipelines.drag import DragParams, drag  # noqa: E402
-from pipelines.events import run_to_end  # noqa: E402
+from pipelines.core.events import run_to_end  # noqa: E402
 
 PHASES = ("lora", "inversion", "drag", "denoise")
 
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
 
         model = build_sd15_random_model(device)
     else:
-        from pipelines.models import load_model
+        from pipelines.core.models import load_model
 
         model = run_to_end(load_model(args.model, device=device))
     report["model"] = model.display_name

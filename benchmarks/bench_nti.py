@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines import ddim, nti  # noqa: E402
-from pipelines.events import drain, run_to_end  # noqa: E402
+from pipelines import nti  # noqa: E402
+
+from pipelines.core import ddim
+from pipelines.core.events import drain, run_to_end  # noqa: E402
 from training import evaluation, world  # noqa: E402
 
 
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "nti_bench.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     model = run_to_end(load_model(args.model))
     items = evaluation.held_out_scenes(args.images, None, start=40_000)

@@ -66,11 +66,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines import previews  # noqa: E402
-from pipelines.events import run_to_end  # noqa: E402
+from pipelines.core import previews  # noqa: E402
+from pipelines.core.events import run_to_end  # noqa: E402
 from pipelines.generate import GenerateParams, generate  # noqa: E402
-from pipelines.models import LoadedModel, load_model  # noqa: E402
-from pipelines.stream import PreviewOptions  # noqa: E402
+from pipelines.core.models import LoadedModel, load_model  # noqa: E402
+from pipelines.core.stream import PreviewOptions  # noqa: E402
 
 PROMPT = "a photo of a red cat on a blue sky background"
 GUIDANCE = 7.5
@@ -102,8 +102,8 @@ def build_sd15_random_model(device: torch.device | None = None, dtype: torch.dty
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipelines.devices import pick_device, pick_dtype
-    from pipelines.tiny_model import ensure_tiny_model
+    from pipelines.core.devices import pick_device, pick_dtype
+    from pipelines.core.tiny_model import ensure_tiny_model
 
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
@@ -384,8 +384,8 @@ def run_diffusers(model: LoadedModel, cfg, probe_memory: bool, check_finite: boo
 
 def measure_preview_cost(model: LoadedModel, size: int, n: int) -> float:
     """Median time of one cheap preview (what `stream_steps` does per step), measured in isolation."""
-    from pipelines.latents import latent_shape
-    from pipelines.stream import preview_image
+    from pipelines.core.latents import latent_shape
+    from pipelines.core.stream import preview_image
 
     x = torch.randn(latent_shape(model, size, size), generator=torch.Generator("cpu").manual_seed(0))
     x = x.to(model.device, model.dtype)
@@ -465,7 +465,7 @@ def verdict(value, target):
 def main(argv=None) -> int:
     wall0 = time.perf_counter()
     args = parse_args(argv)
-    from pipelines.devices import pick_device
+    from pipelines.core.devices import pick_device
 
     device = pick_device()
     on_cuda = device.type == "cuda"

@@ -30,7 +30,7 @@ for path in (ROOT, ROOT / "benchmarks"):  # benchmarks/ too: bench_drag's succes
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from pipelines.events import run_to_end  # noqa: E402
+from pipelines.core.events import run_to_end  # noqa: E402
 from training import evaluation, world  # noqa: E402
 
 
@@ -54,7 +54,7 @@ class Row:
 
 @dataclass
 class Context:
-    model: object               # pipelines.models.LoadedModel
+    model: object               # pipelines.core.models.LoadedModel
     quick: bool
 
     @property
@@ -208,7 +208,7 @@ def score_text_edits(model, items, variants: dict[str, dict]) -> dict[str, list[
     input back outside it). One inversion cache: each image is inverted once per inversion kind (and LoRA)."""
     from PIL import Image
 
-    from pipelines.cache import LRUCache
+    from pipelines.core.cache import LRUCache
     from pipelines.edit import EditParams, text_edit
     from pipelines.p2p import P2PSettings
 
@@ -318,7 +318,7 @@ def instruct_sweep_rows(ctx: Context) -> list[Row]:
 def diffedit_rows(ctx: Context) -> list[Row]:
     """DiffEdit recolouring of held-out renders: the estimated mask against the true object mask, and the edit
     read back by the checker (source prompt = the caption, target = the caption with the colour word swapped)."""
-    from pipelines.cache import LRUCache
+    from pipelines.core.cache import LRUCache
     from pipelines.diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 
     items = recolour_prompts(ctx.n(24, 8))
@@ -508,7 +508,7 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def load(model_source: str):
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model(model_source))
 
@@ -540,7 +540,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     model = load(args.model)
     if args.smooth_lora:
-        from pipelines.lora import SMOOTH_NAME, load_lora
+        from pipelines.core.lora import SMOOTH_NAME, load_lora
 
         load_lora(model, args.smooth_lora, SMOOTH_NAME)
     ctx = Context(model, args.quick)

@@ -1,5 +1,5 @@
 """Smooth Diffusion's claims (arXiv 2312.04410) measured on a model without and with its Smooth LoRA (the peft
-adapter "smooth" that `pipelines.models.load_model` attaches from the model folder's `smooth_lora/`), side by side.
+adapter "smooth" that `pipelines.core.models.load_model` attaches from the model folder's `smooth_lora/`), side by side.
 The "smooth" row group of benchmarks/eval_embedded.py is `smooth_rows`; benchmarks/smooth_ablation.py compares
 several LoRAs with `seed_interpolation` and `text_to_image` on the tuning ranges below.
 
@@ -32,14 +32,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipelines import ddim
-from pipelines.events import run_to_end
-from pipelines.image_io import tensor_to_pil
+from pipelines.core import ddim
+from pipelines.core.events import run_to_end
+from pipelines.core.image_io import tensor_to_pil
 from pipelines.interpolation import adjacent_distances, istd, lerp, slerp
-from pipelines.latents import decode_latents, initial_noise
-from pipelines.lora import SMOOTH_NAME, lora_applied
-from pipelines.text import encode_prompt
-from pipelines.validation import check_size
+from pipelines.core.latents import decode_latents, initial_noise
+from pipelines.core.lora import SMOOTH_NAME, lora_applied
+from pipelines.core.text import encode_prompt
+from pipelines.core.validation import check_size
 from training import evaluation, world
 
 INTERP_START = 70_000       # seed-interpolation pairs

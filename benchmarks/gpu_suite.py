@@ -104,7 +104,7 @@ SD15_SPEC = {
         "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu",
     },
 }
-# The tiny test model's sizes (pipelines/tiny_model.py): 64x64 images, a few ms per UNet call on a CPU.
+# The tiny test model's sizes (pipelines/core/tiny_model.py): 64x64 images, a few ms per UNet call on a CPU.
 TINY_SPEC = {
     "unet": {
         "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
@@ -194,10 +194,10 @@ def build_model_folder(spec: dict, folder: Path, dtype: torch.dtype, seed: int =
 
 
 def build_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer built offline the way the tiny model builds its own (pipelines/tiny_model.py)."""
+    """A CLIP BPE tokenizer built offline the way the tiny model builds its own (pipelines/core/tiny_model.py)."""
     from transformers import CLIPTokenizer
 
-    from pipelines.tiny_model import build_tokenizer_files
+    from pipelines.core.tiny_model import build_tokenizer_files
 
     build_tokenizer_files(folder)
     tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
@@ -218,8 +218,8 @@ def instruct_unet_from(unet):
 
 
 def load_studio_model(folder: Path, device: torch.device, dtype: torch.dtype):
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model(str(folder), device=device, dtype=dtype))
 
@@ -313,7 +313,7 @@ def measure_t2i_step(b: Bench) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from pipelines.generate import GenerateParams, generate
-    from pipelines.stream import PreviewOptions
+    from pipelines.core.stream import PreviewOptions
 
     m, steps = b.model, b.plan.t2i_steps
     pipe = StableDiffusionPipeline(
@@ -342,7 +342,7 @@ def measure_t2i_step(b: Bench) -> dict:
 def measure_preview_overhead(b: Bench) -> dict:
     """Figure 2: our generate with a live preview every step against previews off (ratio on / off)."""
     from pipelines.generate import GenerateParams, generate
-    from pipelines.stream import PreviewOptions
+    from pipelines.core.stream import PreviewOptions
 
     steps = b.plan.t2i_steps
     params = GenerateParams(PROMPT, seed=SEED, steps=steps, guidance=GUIDANCE, width=b.size, height=b.size)
@@ -358,7 +358,7 @@ def measure_preview_overhead(b: Bench) -> dict:
 
 def measure_nti(b: Bench) -> dict:
     """Figure 3: fast null-text inversion of one image, end to end (encode, pivot, fit, decode)."""
-    from pipelines.events import run_to_end
+    from pipelines.core.events import run_to_end
     from pipelines.inversion import InversionParams, invert_and_reconstruct
 
     image, _ = sample_image(b.size)
@@ -377,7 +377,7 @@ def measure_nti(b: Bench) -> dict:
 def measure_drag(b: Bench) -> dict:
     """Figure 4: one cold drag (per-image LoRA, inversion, latent optimisation, denoising) and its peak memory."""
     from pipelines.drag import DragParams, drag
-    from pipelines.events import run_to_end
+    from pipelines.core.events import run_to_end
 
     image, (cx, cy) = sample_image(b.size)
     p = DragParams([(cx, cy)], [(cx + 0.1 * b.size, cy)], PROMPT, lora_steps=b.plan.drag_lora_steps,
@@ -409,8 +409,8 @@ def measure_instruct(b: Bench) -> dict:
     )
 
     from pipelines.instruct import InstructParams, instruct_edit, prepare_input
-    from pipelines.latents import encode_image
-    from pipelines.stream import PreviewOptions
+    from pipelines.core.latents import encode_image
+    from pipelines.core.stream import PreviewOptions
 
     m, steps = b.model, b.plan.instruct_steps
     unet = m.instruct_unet()

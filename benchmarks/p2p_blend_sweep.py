@@ -23,7 +23,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from eval_embedded import recolour_prompts, score_text_edits  # noqa: E402
-from pipelines.events import run_to_end  # noqa: E402
+from pipelines.core.events import run_to_end  # noqa: E402
 
 
 def sweep(model, items, thresholds, plain_decode: bool = False) -> dict:
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     thresholds = [float(t) for t in args.thresholds.split(",")]
     items = recolour_prompts(args.n, start=args.start)

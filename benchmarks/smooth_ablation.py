@@ -9,7 +9,7 @@ as benchmarks/eval_smooth.py. Prints a table and writes JSON.
     python benchmarks/smooth_ablation.py --pairs 6 --prompts 16     # a quicker, noisier look
     python benchmarks/smooth_ablation.py                            # base against the model's own Smooth LoRA
 
-A LoRA is a .safetensors file (or folder) that pipelines.lora.load_lora takes; each is loaded as its NAME, measured
+A LoRA is a .safetensors file (or folder) that pipelines.core.lora.load_lora takes; each is loaded as its NAME, measured
 at --strength, then unloaded.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import eval_smooth  # noqa: E402
-from pipelines.events import run_to_end  # noqa: E402
-from pipelines.lora import SMOOTH_NAME, load_lora  # noqa: E402
+from pipelines.core.events import run_to_end  # noqa: E402
+from pipelines.core.lora import SMOOTH_NAME, load_lora  # noqa: E402
 
 T2I_KEYS = ("background", "colour", "shape", "cell")
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     model = run_to_end(load_model(args.model))
     loras = args.lora

@@ -10,7 +10,7 @@ learns within run-to-run noise.
 Each stage runs its trainer's `main` for --steps optimiser steps, fixed seed, one thread, short warm-up (so the
 cosine decay to the floor happens within the run), checkpoints and quick looks off; the loss of every step is read
 where it is backpropagated (`Tensor.backward`, which `accelerator.backward` calls too). The UNet and
-InstructPix2Pix stages train on latents of the tiny test model's VAE (`pipelines.tiny_model`, built from seed 0).
+InstructPix2Pix stages train on latents of the tiny test model's VAE (`pipelines.core.tiny_model`, built from seed 0).
 
 The comparison (`compare`): for each stage, the mean loss of the last K steps of the run with seed 0 must be within
 TOLERANCE_SIGMAS standard deviations, over the reference seeds, of that mean from the reference's seed 0; the same
@@ -75,19 +75,21 @@ def recorded_losses():
 
 
 def tiny_model(folder: Path) -> Path:
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.core.tiny_model import build_tiny_model
 
     if not (folder / "model_index.json").is_file():
         build_tiny_model(folder, seed=0)
     return folder
 
 
-def loss_history(stage: str, seed: int, work: Path, steps: int = STEPS) -> list[float]:
-    """The per-step training losses of `stage` (a key of STAGES) for `seed`, run in a fresh folder under `work`."""
+def loss_history(stage: str, seed: int, work: Path, steps: int = STEPS, tiny: Path | None = None) -> list[float]:
+    """The per-step training losses of `stage` (a key of STAGES) for `seed`, run in a fresh folder under `work`
+    (`tiny`: the tiny test model's folder if already built, e.g. the tests' tiny_model.folder)."""
     import importlib
 
     module, argv = STAGES[stage]
-    tiny = tiny_model(work / "tiny") if any("{tiny}" in a for a in argv) else None
+    if tiny is None and any("{tiny}" in a for a in argv):
+        tiny = tiny_model(work / "tiny")
     argv = [a.replace("{tiny}", str(tiny)) for a in argv]
     out = work / f"{stage}_seed{seed}"
     trainer = importlib.import_module(f"training.{module}")

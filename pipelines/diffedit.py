@@ -42,20 +42,20 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from . import ddim
-from .cache import LRUCache
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
+from .core import ddim
+from .core.cache import LRUCache
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
 from .inversion import image_key, prepare_image
-from .latents import decode_to_pil, encode_image
-from .limits import get_limits
-from .masks import cells_to_image, latent_cells, paste_outside
-from .masks import user_mask as as_user_mask
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import check_number, check_prompt, resolve_seed, shown, validate_common
+from .core.latents import decode_to_pil, encode_image
+from .core.limits import get_limits
+from .core.masks import cells_to_image, latent_cells, paste_outside
+from .core.masks import user_mask as as_user_mask
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_number, check_prompt, resolve_seed, shown, validate_common
 
 MAX_UNET_BATCH = 20        # latents per UNet call while estimating the mask (two branches per noise draw)
 CLIP_RATIO = 3.0           # diffusers' mask_thresholding_ratio: clip the map at 3x its mean

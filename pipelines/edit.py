@@ -18,10 +18,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import ddim, p2p
-from .cache import LRUCache
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
+from . import p2p
+
+from .core import ddim
+from .core.cache import LRUCache
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
 from .inversion import (
     InversionParams,
     inversion_cost,
@@ -29,14 +31,14 @@ from .inversion import (
     prepare_image,
     validate_inversion,
 )
-from .latents import decode_to_pil
-from .lora import lora_applied
-from .masks import paste_outside
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import check_number, check_prompt, shown, validate_common
+from .core.latents import decode_to_pil
+from .core.lora import lora_applied
+from .core.masks import paste_outside
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_number, check_prompt, shown, validate_common
 
 EDIT_METHODS = ("threshold", "p2p")
 

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ddim
+from .core import ddim
 from .drag.trajectory import Trajectory, store_trajectory
-from .events import CancelToken, Job, Progress
-from .latents import decode_to_pil, initial_noise
-from .lora import lora_applied
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import check_prompt, check_size, resolve_seed, validate_common
+from .core.events import CancelToken, Job, Progress
+from .core.latents import decode_to_pil, initial_noise
+from .core.lora import lora_applied
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_prompt, check_size, resolve_seed, validate_common
 
 
 @dataclass

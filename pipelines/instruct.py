@@ -24,17 +24,17 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageOps
 
-from . import ddim
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
-from .image_io import fit_size, load_rgb
-from .latents import decode_to_pil, encode_image
-from .limits import get_limits
-from .metadata import with_metadata
-from .results import ImageResult
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import check_number, resolve_seed, shown
+from .core import ddim
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
+from .core.image_io import fit_size, load_rgb
+from .core.latents import decode_to_pil, encode_image
+from .core.limits import get_limits
+from .core.metadata import with_metadata
+from .core.results import ImageResult
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_number, resolve_seed, shown
 
 DEFAULT_TEXT_GUIDANCE = 7.5   # sT, the IP2P paper's default
 DEFAULT_IMAGE_GUIDANCE = 1.5  # sI

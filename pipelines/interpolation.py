@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ddim
-from .cache import LRUCache
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
-from .latents import decode_to_pil, initial_noise
-from .limits import get_limits
-from .lora import lora_applied
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import check_number, check_prompt, check_size, resolve_seed, validate_common
-from .video import write_gif, write_mp4
+from .core import ddim
+from .core.cache import LRUCache
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
+from .core.latents import decode_to_pil, initial_noise
+from .core.limits import get_limits
+from .core.lora import lora_applied
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_number, check_prompt, check_size, resolve_seed, validate_common
+from .core.video import write_gif, write_mp4
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:

@@ -19,20 +19,22 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import ddim, nti
-from .cache import LRUCache
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
-from .image_io import load_image
-from .latents import decode_to_pil, encode_image
-from .limits import get_limits
-from .lora import lora_applied
-from .metadata import with_metadata
-from .metrics import mse, psnr, ssim
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, step_preview, stream_steps
-from .text import encode_prompt
-from .validation import check_number, shown, validate_common
+from . import nti
+
+from .core import ddim
+from .core.cache import LRUCache
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
+from .core.image_io import load_image
+from .core.latents import decode_to_pil, encode_image
+from .core.limits import get_limits
+from .core.lora import lora_applied
+from .core.metadata import with_metadata
+from .core.metrics import mse, psnr, ssim
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, step_preview, stream_steps
+from .core.text import encode_prompt
+from .core.validation import check_number, shown, validate_common
 
 METHODS = {
     "ddim": "DDIM inversion",

@@ -17,8 +17,8 @@ from typing import Generator, Sequence
 
 import torch
 
-from . import ddim
-from .events import CancelToken
+from .core import ddim
+from .core.events import CancelToken
 
 
 @dataclass(frozen=True)

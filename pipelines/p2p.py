@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import call_fallback, from_tokens, to_tokens
-from .errors import InputError
+from .core.attention import call_fallback, from_tokens, to_tokens
+from .core.errors import InputError
 
 MODES = ("replace", "refine", "reweight")
 
@@ -41,7 +41,7 @@ class P2PSettings:
     # ramped over one more). The blend makes the target's latent there exactly the source branch's, but the
     # decoder spreads the edited object's latents over the whole image. On the eval's 20 recolours (threshold 0.7,
     # embedded model) PSNR outside the object 22.7 dB plain, 29.6 pasted; success 0.50 / 0.30, as the seam can
-    # change how the checker reads the object (pipelines.masks.paste_outside; p2p_blend_sweep.py --plain-decode).
+    # change how the checker reads the object (pipelines.core.masks.paste_outside; p2p_blend_sweep.py --plain-decode).
     keep_background: bool = True
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .cache import LRUCache
-from .events import CancelToken, Job, Progress
+from .core.cache import LRUCache
+from .core.events import CancelToken, Job, Progress
 from .interpolation import (
     Endpoints,
     LoraComparison,
@@ -33,11 +33,11 @@ from .inversion import (
     prepare_image,
     validate_inversion,
 )
-from .lora import lora_applied
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions
-from .validation import check_number, check_prompt, validate_common
+from .core.lora import lora_applied
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions
+from .core.validation import check_number, check_prompt, validate_common
 
 
 @dataclass

@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ddim
-from .errors import InputError
-from .events import CancelToken, Job, Kind, Progress
+from .core import ddim
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Kind, Progress
 from .inversion import prepare_image
-from .latents import decode_to_pil, encode_image, initial_noise
-from .limits import get_limits
-from .lora import lora_applied
-from .masks import cells_to_image, grow_cells, latent_cells, user_mask
-from .metadata import with_metadata
-from .results import ImageResult, base_metadata
-from .stream import PreviewOptions, stream_steps
-from .text import encode_prompt
-from .validation import MAX_SEED, check_number, check_prompt, resolve_seed, validate_common
+from .core.latents import decode_to_pil, encode_image, initial_noise
+from .core.limits import get_limits
+from .core.lora import lora_applied
+from .core.masks import cells_to_image, grow_cells, latent_cells, user_mask
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions, stream_steps
+from .core.text import encode_prompt
+from .core.validation import MAX_SEED, check_number, check_prompt, resolve_seed, validate_common
 
 # The painted region is grown by this many latent pixels (one latent pixel = vae_factor image pixels: 4 px on
 # the embedded model, 8 px on SD). Strokes are hand-drawn with soft, jagged edges, and the object the model

@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
-from .events import CancelToken, Job, Progress, run_to_end
+from .core.errors import InputError
+from .core.events import CancelToken, Job, Progress, run_to_end
 from .generate import GenerateParams, generate
 from .edit import EditParams, text_edit
 from .drag import DragParams, drag
@@ -21,11 +21,11 @@ from .instruct import InstructParams, instruct_edit
 from .sdedit import SDEditParams, sdedit
 from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
-from .lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora, unload_lora
+from .core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora, unload_lora
 from .real_interpolation import (RealInterpolationParams, real_interpolation_compare, real_interpolation_frame,
                                  real_interpolation_sequence)
-from .models import EMBEDDED_ID, default_source, embedded_available, load_model
-from .tiny_model import TINY_ID
+from .core.models import EMBEDDED_ID, default_source, embedded_available, load_model
+from .core.tiny_model import TINY_ID
 
 log = logging.getLogger(__name__)
 

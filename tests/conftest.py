@@ -36,8 +36,8 @@ def _studio_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(_studio_cache):
     """The shared tiny model (tests that change shared state must restore it; that is what they check)."""
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model("tiny-random"))
 
@@ -46,8 +46,8 @@ def tiny_model(_studio_cache):
 def embedded(_studio_cache):
     """The committed embedded model (assets/model), one per test module: semantic checks. It is part of the
     repository, so a missing one fails the tests rather than skipping them."""
-    from pipelines.events import run_to_end
-    from pipelines.models import EMBEDDED_ID, load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import EMBEDDED_ID, load_model
 
     return run_to_end(load_model(EMBEDDED_ID))
 

@@ -306,7 +306,7 @@ def _other_tiny_model(folder):
     convolutional, sample_size is only its default latent size)."""
     import shutil
 
-    from pipelines.tiny_model import ensure_tiny_model
+    from pipelines.core.tiny_model import ensure_tiny_model
 
     shutil.copytree(ensure_tiny_model(), folder)
     info = json.loads((folder / "studio_model.json").read_text())
@@ -439,7 +439,7 @@ def test_stream_renders_nothing_after_stop():
     """A Stop set while the job is between token checks (mid UNet call) must not be followed by one more
     progress line in the UI: the stream says "Stopped." instead and closes the job."""
     from app.streaming import stream
-    from pipelines.events import CancelToken, Progress
+    from pipelines.core.events import CancelToken, Progress
 
     token, closed = CancelToken(), []
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from app.cli import COMMANDS, _field_parser, _resolve, build_parser, main
-from pipelines.events import run_to_end
+from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams
-from pipelines.metadata import read_metadata
+from pipelines.core.metadata import read_metadata
 from pipelines.sdedit import SDEditParams
 
 

@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 
 from helpers import forward_calls, pixels
-from pipelines import ddim
-from pipelines.events import Cancelled, CancelToken, run_to_end
+from pipelines.core import ddim
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.latents import decode_to_pil, encode_image, initial_noise
-from pipelines.metrics import psnr
-from pipelines.stream import PreviewOptions
-from pipelines.text import encode_prompt
+from pipelines.core.latents import decode_to_pil, encode_image, initial_noise
+from pipelines.core.metrics import psnr
+from pipelines.core.stream import PreviewOptions
+from pipelines.core.text import encode_prompt
 
 
 def _smooth_picture(size: int = 64) -> Image.Image:

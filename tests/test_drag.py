@@ -11,16 +11,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipelines.cache import LRUCache
+from pipelines.core.cache import LRUCache
 from pipelines.drag import DragParams, DragSettings, check_points, drag, draw_points, prepare_drag_mask, validate_drag
 from pipelines.drag.points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
 from pipelines.drag.warp import displacement_field, warp_region
 from pipelines.drag.unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
                                  self_attention_layers)
-from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, run_to_end
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken, Cancelled, run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.lora import load_lora
+from pipelines.core.lora import load_lora
 from tests.helpers import forward_calls, pixels
 
 FAST = dict(lora_steps=2, drag_iterations=3, steps=8, prompt="a red square")
@@ -29,7 +29,7 @@ FAST = dict(lora_steps=2, drag_iterations=3, steps=8, prompt="a red square")
 @pytest.fixture(scope="module")
 def model(_studio_cache):
     """A private tiny model: drags attach (and must remove) adapters and processors on its UNet."""
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model("tiny-random"))
 
@@ -384,7 +384,7 @@ def _peft_lora_file(unet, path, rank=4, seed=1):
 
 
 def test_smooth_lora_is_used_during_the_drag_and_stays_loaded_and_off(image, tmp_path):
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     model = run_to_end(load_model("tiny-random"))
     load_lora(model, str(_peft_lora_file(model.unet, tmp_path / "smooth.safetensors")), "smooth")

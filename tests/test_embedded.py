@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import models
-from pipelines.events import run_to_end
+from pipelines.core import models
+from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
 from training import evaluation, world
 from training.checker import check

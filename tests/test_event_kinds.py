@@ -1,12 +1,12 @@
-"""Typed event kinds (pipelines/events.py Kind): what an event's preview/partial holds is told by its kind, so the
+"""Typed event kinds (pipelines/core/events.py Kind): what an event's preview/partial holds is told by its kind, so the
 UI never parses stage or message text."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from pipelines.cache import LRUCache
-from pipelines.events import Kind
+from pipelines.core.cache import LRUCache
+from pipelines.core.events import Kind
 from pipelines.interpolation import InterpolationParams, interpolation_sequence
 from pipelines.inversion import InversionParams, invert_and_reconstruct
 from pipelines.real_interpolation import RealInterpolationParams, real_interpolation_frame

@@ -198,7 +198,7 @@ def _other_model_folder(folder: Path) -> Path:
     """A copy of the tiny model with another label and its UNet output negated (other pictures, same cost)."""
     from safetensors.torch import load_file, save_file
 
-    from pipelines.tiny_model import ensure_tiny_model
+    from pipelines.core.tiny_model import ensure_tiny_model
 
     shutil.copytree(ensure_tiny_model(), folder)
     info_path = folder / "studio_model.json"
@@ -219,8 +219,8 @@ def hosted(app_url, tmp_path_factory):
     from app.hosting import Hosting, launch_kwargs, queue_kwargs
     from app.sessions import SessionRegistry
     from app.ui import build_demo
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
     from pipelines.studio import Studio
 
     work = tmp_path_factory.mktemp("hosted")
@@ -745,7 +745,7 @@ def test_hosted_mode_refuses_models_off_the_allow_list(hosted, source):
     """Attack: load another model in hosted mode (Hub ids, local folders, '..', folder-shaped ids, the tiny
     model's own folder, the allowed folder's parent) by fn_index, by name and queue-less: refused with the
     allow-list message (or Gradio's choices check), and no model, pool or session changes."""
-    from pipelines.tiny_model import ensure_tiny_model
+    from pipelines.core.tiny_model import ensure_tiny_model
 
     url, cfg, studio = hosted.url, hosted.cfg, hosted.studio
     source = {"tiny_model_folder": str(ensure_tiny_model()), "tiny_model_folder/..": str(ensure_tiny_model()) + "/..",
@@ -909,7 +909,7 @@ def test_oversize_upload_gets_413_and_oversize_data_urls_are_refused_fast(app_ur
     """Attack: upload more than max_file_size (40 MB): HTTP 413 while it streams in. And send a 41 MB data:
     URL in the JSON body instead (which /upload's cap does not see) to an image and an editor input: refused
     within seconds, without decoding it."""
-    from pipelines.limits import get_limits
+    from pipelines.core.limits import get_limits
 
     limit = get_limits().max_upload_bytes
     with raw.http(app_url, 60) as c:

@@ -16,8 +16,8 @@ from app.hosting import Hosting, blocked_paths, launch_kwargs, parse_loras
 from app.sessions import Admission, Session, SessionRegistry, visitor_of
 from app.uploads import NOT_UPLOADED, client_path, orientation, upright
 from app.zerogpu import MAX_DURATION, MIN_DURATION, estimate_duration, on_gpu
-from pipelines.cache import LRUCache, nbytes
-from pipelines.errors import InputError
+from pipelines.core.cache import LRUCache, nbytes
+from pipelines.core.errors import InputError
 
 
 def request(hash_: str, host: str = "10.0.0.1", user: str | None = None):
@@ -260,7 +260,7 @@ def test_launch_settings_arm_pillows_bomb_guard_at_twice_the_pixel_cap(monkeypat
 
     from PIL import Image
 
-    from pipelines.limits import limits_set
+    from pipelines.core.limits import limits_set
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     buf = io.BytesIO()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pipelines.errors import InputError
-from pipelines.image_io import fit_size, load_image, load_rgb, pil_to_tensor, tensor_to_pil
+from pipelines.core.errors import InputError
+from pipelines.core.image_io import fit_size, load_image, load_rgb, pil_to_tensor, tensor_to_pil
 
 RES = dict(resolution=512, multiple=8)
 
@@ -316,7 +316,7 @@ def test_every_accepted_format_opens_and_a_huge_one_gets_the_size_message(fmt, m
     also when the app has armed Pillow's own bomb guard at the pixel cap (Image.MAX_IMAGE_PIXELS)."""
     import io
 
-    from pipelines.image_io import check_image_header
+    from pipelines.core.image_io import check_image_header
 
     rng = np.random.default_rng(0)
     # flat 16x16 blocks of 64 possible colours: exact in a GIF palette, near-exact through JPEG's 8x8 DCT

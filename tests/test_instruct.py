@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 from helpers import forward_calls, pixels
-from pipelines import ddim
-from pipelines.errors import InputError
-from pipelines.events import Cancelled, CancelToken, run_to_end
+from pipelines.core import ddim
+from pipelines.core.errors import InputError
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.instruct import (
     RANDOM_SEED_MAX, InstructParams, instruct_edit,
     instruct_eps, instruct_size, prepare_input, size_multiple,
 )
-from pipelines.latents import encode_image
-from pipelines.text import encode_prompt
+from pipelines.core.latents import encode_image
+from pipelines.core.text import encode_prompt
 
 STEPS = 4
 
@@ -225,7 +225,7 @@ def test_an_instruct_pix2pix_folder_loads_as_the_model(tiny_model, picture, tmp_
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from pipelines.generate import GenerateParams, generate
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     m = tiny_model
     StableDiffusionInstructPix2PixPipeline(

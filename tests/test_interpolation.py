@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from helpers import forward_calls, pixels
-from pipelines.cache import LRUCache
-from pipelines.events import run_to_end
+from pipelines.core.cache import LRUCache
+from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
 from pipelines.interpolation import (
     InterpolationParams, adjacent_distances, interpolation_frame, interpolation_sequence, istd, lerp, slerp,
@@ -172,7 +172,7 @@ def test_interpolation_sequence(tiny_model, tmp_path):
     assert res.gif_path and res.gif_path.endswith(".gif")
     with Image.open(res.gif_path) as gif:
         assert gif.n_frames == 5 and gif.size == (64, 64)
-    # the MP4 (pipelines/video.py): H.264 with the same 5 frames, 64 px scaled up 4x for the player
+    # the MP4 (pipelines/core/video.py): H.264 with the same 5 frames, 64 px scaled up 4x for the player
     assert res.mp4_path and res.mp4_path.endswith(".mp4")
     assert imageio_ffmpeg.count_frames_and_secs(res.mp4_path)[0] == 5
     reader = imageio_ffmpeg.read_frames(res.mp4_path)

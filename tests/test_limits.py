@@ -1,4 +1,4 @@
-"""Per-job limits for a public server (pipelines/limits.py) and the hostile-input checks that use them: limits from
+"""Per-job limits for a public server (pipelines/core/limits.py) and the hostile-input checks that use them: limits from
 the environment; every job refusing over-limit numbers before any model call or image decode; narrow images and
 header-only checks of uploads; InstructPix2Pix sizes at extreme aspect ratios; raw drag points from a client; LoRA
 names, the LoRA cap, unloading, and path-free LoRA messages."""
@@ -25,10 +25,10 @@ from pipelines.drag import DragParams, drag
 from pipelines.drag.lora import ADAPTER
 from pipelines.drag.points import parse_points
 from pipelines.edit import EditParams, text_edit
-from pipelines.errors import InputError
-from pipelines.events import run_to_end
+from pipelines.core.errors import InputError
+from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.image_io import check_image_header, load_image, load_rgb
+from pipelines.core.image_io import check_image_header, load_image, load_rgb
 from pipelines.instruct import (
     InstructParams,
     instruct_edit,
@@ -42,8 +42,8 @@ from pipelines.interpolation import (
     interpolation_sequence,
 )
 from pipelines.inversion import InversionParams, invert_and_reconstruct
-from pipelines.limits import MB, Limits, env_names, get_limits, limits_set, set_limits
-from pipelines.lora import (
+from pipelines.core.limits import MB, Limits, env_names, get_limits, limits_set, set_limits
+from pipelines.core.lora import (
     MAX_LOADED_LORAS,
     load_lora,
     lora_applied,
@@ -424,7 +424,7 @@ def test_parse_points_odd_count():
 @pytest.fixture(scope="module")
 def model(_studio_cache):
     """A private tiny model: these tests load and unload adapters on its UNet."""
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model("tiny-random"))
 

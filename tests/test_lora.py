@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.errors import InputError
-from pipelines.events import run_to_end
+from pipelines.core.errors import InputError
+from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.lora import lora_applied, load_lora
+from pipelines.core.lora import lora_applied, load_lora
 
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
@@ -64,7 +64,7 @@ def make_peft_lora(unet, path: Path, rank: int = 4, seed: int = 1) -> Path:
 @pytest.fixture(scope="module")
 def model(_studio_cache):
     """A private tiny model: these tests attach adapters to its UNet."""
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model("tiny-random"))
 

@@ -1,12 +1,12 @@
 """app/masks.py: reading ImageEditor / ImageMask values (painted region, picture, stroke composite) and the
-estimated-mask layer written back, without a browser; and pipelines/masks.py's cell dilation (grow_cells)."""
+estimated-mask layer written back, without a browser; and pipelines/core/masks.py's cell dilation (grow_cells)."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
 from app import masks
-from pipelines import masks as pipeline_masks
+from pipelines.core import masks as pipeline_masks
 
 
 def rgba(h, w, box=None, colour=(0, 0, 0), alpha=255):
@@ -67,7 +67,7 @@ def test_editor_value_draws_the_mask_as_a_translucent_layer():
     assert (value["composite"][:, 128:] == (0, 255, 0)).all()
 
 
-# --- pipelines/masks.py: grow_cells is cv2.dilate with a (2r+1)^2 square ----------------------------------------
+# --- pipelines/core/masks.py: grow_cells is cv2.dilate with a (2r+1)^2 square ----------------------------------------
 
 def _grow_cells_loop(cells, r=1):
     """The hand-written dilation grow_cells replaced: OR of every shift within r cells (nothing from outside)."""

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipelines.errors import InputError
-from pipelines.metadata import (
+from pipelines.core.errors import InputError
+from pipelines.core.metadata import (
     format_parameters,
     parse_parameters,
     read_metadata,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines.errors import InputError
-from pipelines.metrics import mse, psnr, ssim, to_float_image
+from pipelines.core.errors import InputError
+from pipelines.core.metrics import mse, psnr, ssim, to_float_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 

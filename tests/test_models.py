@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipelines.errors import InputError
-from pipelines.models import resolve_source
-from pipelines.previews import (
+from pipelines.core.errors import InputError
+from pipelines.core.models import resolve_source
+from pipelines.core.previews import (
     PREVIEW_FILE, SD15_FACTORS, LatentPreviewer, calibration_images, fit_previewer, is_sd_vae, previewer_for,
 )
-from pipelines.tiny_model import TINY_ID, build_tiny_model, ensure_tiny_model
+from pipelines.core.tiny_model import TINY_ID, build_tiny_model, ensure_tiny_model
 
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".msgpack", ".h5"}
@@ -67,7 +67,7 @@ def test_tokenizer_loads_and_tokenizes_unknown_words(folder):
 def test_every_vocabulary_word_is_one_token(folder):
     from transformers import CLIPTokenizer
 
-    from pipelines.tiny_model import WORDS
+    from pipelines.core.tiny_model import WORDS
 
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     split = [w for w in WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]

@@ -8,13 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import ddim, nti
-from pipelines.cache import LRUCache
-from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, drain, run_to_end
+from pipelines import nti
+
+from pipelines.core import ddim
+from pipelines.core.cache import LRUCache
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken, Cancelled, drain, run_to_end
 from pipelines.inversion import InversionParams, invert_and_reconstruct, invert_images, prepare_image
-from pipelines.latents import encode_image
-from pipelines.text import encode_prompt
+from pipelines.core.latents import encode_image
+from pipelines.core.text import encode_prompt
 
 STEPS = 8
 

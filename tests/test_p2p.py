@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines import ddim
-from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled
+from pipelines.core import ddim
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken, Cancelled
 from pipelines.p2p import (
     AttentionController, P2PSettings, attention_control, build_controller, replace_mapper, token_indices,
 )
-from pipelines.text import encode_prompt
+from pipelines.core.text import encode_prompt
 
 STEPS = 5
 HW = (16, 16)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines import ddim
-from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, run_to_end
+from pipelines.core import ddim
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken, Cancelled, run_to_end
 from pipelines.inversion import prepare_image
-from pipelines.latents import encode_image, initial_noise
+from pipelines.core.latents import encode_image, initial_noise
 from pipelines.sdedit import SDEditParams, denoise, prepare_mask, sdedit, strength_schedule
-from pipelines.text import encode_prompt
+from pipelines.core.text import encode_prompt
 from tests.helpers import forward_calls, pixels
 
 STEPS = 10

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from helpers import forward_calls, pixels
-from pipelines.cache import LRUCache
-from pipelines.errors import InputError
-from pipelines.events import CancelToken, Cancelled, run_to_end
+from pipelines.core.cache import LRUCache
+from pipelines.core.errors import InputError
+from pipelines.core.events import CancelToken, Cancelled, run_to_end
 from pipelines.generate import GenerateParams, generate
 from pipelines.interpolation import (ComparisonFrames, InterpolationParams, interpolation_compare,
                                      interpolation_sequence, istd)
-from pipelines.lora import SMOOTH_NAME, load_lora
+from pipelines.core.lora import SMOOTH_NAME, load_lora
 from pipelines.real_interpolation import (RealInterpolationParams, real_interpolation_compare,
                                           real_interpolation_sequence)
 from test_lora import make_peft_lora, make_smooth_lora
@@ -35,7 +35,7 @@ STEPS, FRAMES = 2, 3
 @pytest.fixture(scope="module")
 def model(_studio_cache):
     """A private tiny model (adapters are attached to its UNet), its base UNet output taken first."""
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     return run_to_end(load_model("tiny-random"))
 

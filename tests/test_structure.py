@@ -160,12 +160,12 @@ def test_no_private_names_cross_modules(folder):
 
 
 def test_private_finder_sees_both_forms():
-    text = ("from pipelines.ddim import _alpha\nfrom pipelines import ddim\nx = ddim._alpha\n"
-            "from pipelines.ddim import __doc__, sample\nfrom .p2p import _as_words\n")
+    text = ("from pipelines.core.ddim import _alpha\nfrom pipelines.core import ddim\nx = ddim._alpha\n"
+            "from pipelines.core.ddim import __doc__, sample\nfrom .p2p import _as_words\n")
     found = [u.split(": ", 1)[1] for u in _private_uses("pipelines.edit", False, text, "probe")]
-    assert found == ["from pipelines.ddim import _alpha", "from pipelines.p2p import _as_words",
-                     "pipelines.ddim._alpha"]
-    assert list(_private_uses("pipelines.ddim", False, "from .ddim import _alpha\n", "probe")) == []
+    assert found == ["from pipelines.core.ddim import _alpha", "from pipelines.p2p import _as_words",
+                     "pipelines.core.ddim._alpha"]
+    assert list(_private_uses("pipelines.core.ddim", False, "from .ddim import _alpha\n", "probe")) == []
 
 
 def test_pipelines_never_import_gradio():

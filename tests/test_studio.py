@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import pixels
-from pipelines.errors import InputError
-from pipelines.events import Cancelled, CancelToken, run_to_end
+from pipelines.core.errors import InputError
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams
 from pipelines.interpolation import InterpolationParams
 from pipelines.inversion import InversionParams
@@ -38,7 +38,7 @@ def _make_lora(unet, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def own(_studio_cache, tmp_path_factory):
     """A private Studio on a freshly loaded tiny model with the 'smooth' LoRA attached (disabled)."""
-    from pipelines.models import load_model
+    from pipelines.core.models import load_model
 
     s = Studio()
     s.model = run_to_end(load_model("tiny-random"))
@@ -72,7 +72,7 @@ def image_a(own):
 
 @pytest.mark.slow
 def test_cancelled_job_leaves_no_trace(own, probe, image_a):
-    from pipelines.lora import lora_applied
+    from pipelines.core.lora import lora_applied
 
     base = probe()
     with lora_applied(own.model, "smooth", 1.0):

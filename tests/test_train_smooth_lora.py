@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.lora import SMOOTH_NAME, load_lora, lora_applied
-from pipelines.models import EMBEDDED_DIR, bundled_smooth_lora
-from pipelines.tiny_model import ensure_tiny_model
+from pipelines.core.lora import SMOOTH_NAME, load_lora, lora_applied
+from pipelines.core.models import EMBEDDED_DIR, bundled_smooth_lora
+from pipelines.core.tiny_model import ensure_tiny_model
 from training import train_smooth_lora as tsl
 from training.smooth_reg import VariationTarget, denoised, output_direction, variation_vjp
 

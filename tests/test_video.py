@@ -1,4 +1,4 @@
-"""pipelines/video.py: the animated GIF and the H.264 MP4 of a frame sequence, decoded back with imageio-ffmpeg."""
+"""pipelines/core/video.py: the animated GIF and the H.264 MP4 of a frame sequence, decoded back with imageio-ffmpeg."""
 from __future__ import annotations
 
 import imageio_ffmpeg
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.video import video_frame, video_scale, write_gif, write_mp4
+from pipelines.core.video import video_frame, video_scale, write_gif, write_mp4
 
 
 def smooth_frames(n: int, w: int, h: int) -> list[np.ndarray]:

@@ -32,7 +32,7 @@ def folder_mb(folder: Path) -> float:
 def main(argv=None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from pipelines.previews import fit_previewer
+    from pipelines.core.previews import fit_previewer
     from training import checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from pipelines import ddim, metrics
+from pipelines.core import ddim, metrics
 from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, instruct_eps
 from training import world
 from training.checker import check

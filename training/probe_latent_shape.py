@@ -89,8 +89,8 @@ def window_at(z: torch.Tensor, centre, factor: int) -> torch.Tensor:
 
 @torch.no_grad()
 def probe_generated(net, vae, model_folder: Path, count: int) -> dict:
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
 
     m = run_to_end(load_model(str(model_folder)))
     items = evaluation.held_out_scenes(count, 1)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines import ddim  # noqa: E402
+from pipelines.core import ddim  # noqa: E402
 from training import evaluation, world  # noqa: E402
 from training.schedule import refuse_bad_device  # noqa: E402
 
@@ -66,8 +66,8 @@ def refine(model, images: np.ndarray, captions: list[str], start_index: int, ste
 
 
 def main(argv=None) -> dict:
-    from pipelines.events import run_to_end
-    from pipelines.models import load_model
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -268,36 +268,3 @@ def parse_factors(text: str, allowed, what: str) -> dict[str, float]:
             raise ValueError(f"--oversample: {part!r} is not {what}")
         factors[name] = factor
     return factors
-
-
-# ----------------------------------------------- the trainers not yet on accelerate (removed once none is left)
-
-
-def start_run(args) -> tuple[Path, np.random.Generator]:
-    """Threads, output folder and seeds from the common arguments; returns (out, numpy generator). Every
-    torch draw of the training steps is made on the CPU generator seeded here (and moved to --device), so a
-    run draws the same numbers on any device and resumes from the CPU rng state in its checkpoint."""
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    return out, np.random.default_rng(args.seed)
-
-
-def lr_at(args, step: int, progress: float, floor: float) -> float:
-    """Linear warm-up over --warmup steps, then cosine decay to `floor` x --lr at the end of the budget."""
-    warm = min(1.0, (step + 1) / max(1, args.warmup))
-    return args.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def after_step(args, out: Path, bar, step: int, start: float, look, save, **shown) -> None:
-    """The bookkeeping every trainer does after an optimiser step: the progress bar (with `shown`), a held-out
-    row every --eval-every steps (`look()` measures it), a checkpoint (`save()`) every --checkpoint-every."""
-    import time
-
-    bar.update(1)
-    bar.set_postfix(**shown)
-    if step % args.eval_every == 0:
-        log_row(out, {"step": step, "minutes": round((time.time() - start) / 60, 2), **look()}, bar)
-    if step % args.checkpoint_every == 0:
-        save()

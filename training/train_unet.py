@@ -112,7 +112,7 @@ def world_words(scenes: int = 4000) -> list[str]:
 def build_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from pipelines.tiny_model import WORDS, build_tokenizer_files
+    from pipelines.core.tiny_model import WORDS, build_tokenizer_files
 
     build_tokenizer_files(folder, world_words() + list(WORDS))
     tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
@@ -239,12 +239,6 @@ def _load_grown(unet, state: dict) -> set[str]:
     return {k.split(".")[1] for k in missing}
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), live.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
 def draw_timesteps(n: int, total: int, high_share: float) -> torch.Tensor:
     """Uniform timesteps, except that a share of the batch comes from the noisier half. Under epsilon
     prediction the clean image is only a sqrt(alpha_bar) ~ 0.07 part of the target at t ~ 1000, so global
@@ -303,7 +297,7 @@ def weighted_mean(per_sample: torch.Tensor, alpha_bar: torch.Tensor, max_weight:
 def export(out: Path, args, unet, text_encoder, tokenizer, vae_folder: str) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    from pipelines.previews import fit_previewer
+    from pipelines.core.previews import fit_previewer
 
     vae = AutoencoderKL.from_pretrained(vae_folder)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -237,7 +237,7 @@ def scaling_factor(vae, args) -> float:
 
 
 def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: float) -> dict:
-    from pipelines.previews import fit_previewer
+    from pipelines.core.previews import fit_previewer
 
     vae.eval()
     if not args.freeze_encoder:  # a frozen encoder keeps its latents, so the factor must not move either

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.diffedit import DiffEditParams
-from pipelines.limits import get_limits
+from pipelines.core.limits import get_limits
 
 from .. import examples, masks
 from ..context import Context

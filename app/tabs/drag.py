@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from pipelines.drag import DragParams, check_points, draw_points, parse_points
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 from pipelines.inversion import prepare_image
-from pipelines.lora import SMOOTH_NAME
+from pipelines.core.lora import SMOOTH_NAME
 
 from .. import examples, masks
 from ..context import Context

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
-from pipelines.limits import get_limits
+from pipelines.core.limits import get_limits
 
 from .. import examples
 from ..context import Context

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipelines.interpolation import InterpolationParams
-from pipelines.limits import get_limits
+from pipelines.core.limits import get_limits
 
 from .. import examples
 from ..context import Context, steps_slider
@@ -57,7 +57,7 @@ def build(ctx: Context) -> InterpolateTab:
                     send_edit = gr.Button("Send frame to Edit")
                 gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="int-gallery")
                 gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
-                # H.264 / yuv420p MP4 (pipelines/video.py): browsers play it inline, Gradio needs no conversion
+                # H.264 / yuv420p MP4 (pipelines/core/video.py): browsers play it inline, Gradio needs no conversion
                 mp4 = gr.Video(label="Animation (MP4)", interactive=False, elem_id="int-mp4")
                 istd = gr.Number(label="ISTD (std of adjacent-frame L2 distances, pixels in [0,1])", interactive=False)
                 plot = gr.LinePlot(x="pair", y="distance", title="Adjacent-frame distances", x_title="frame pair k→k+1",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from pipelines.events import Kind
+from pipelines.core.events import Kind
 from pipelines.inversion import InversionParams
 
 from .. import examples

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 from pipelines.instruct import recommended_guidance
-from pipelines.lora import SMOOTH_LORA_REPO
-from pipelines.models import model_choices
-from pipelines.stream import PreviewOptions
+from pipelines.core.lora import SMOOTH_LORA_REPO
+from pipelines.core.models import model_choices
+from pipelines.core.stream import PreviewOptions
 
 from ..context import Context, compare_label, use_label
 from ..runner import GPU, Outputs, render_job

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines.events import Kind
-from pipelines.limits import get_limits
+from pipelines.core.events import Kind
+from pipelines.core.limits import get_limits
 from pipelines.real_interpolation import RealInterpolationParams
 
 from .. import examples

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines.errors import InputError
-from pipelines.limits import get_limits
+from pipelines.core.errors import InputError
+from pipelines.core.limits import get_limits
 from pipelines.sdedit import SDEditParams
 
 from .. import examples, masks

@@ -1,5 +1,5 @@
 """DragDiffusion's identity-preserving LoRA: a peft adapter on the UNet's attention projections, trained for a
-few steps on the one image with its prompt. The drag adds it inside `peft_state_restored` (pipelines/peft_state.py),
+few steps on the one image with its prompt. The drag adds it inside `peft_state_restored` (pipelines/core/peft_state.py),
 which removes it again however the drag ends. Trained adapters are cached as peft state dicts.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..events import CancelToken, Progress
-from ..image_io import pil_to_tensor
-from ..lora import DRAG_ADAPTER as ADAPTER
-from ..peft_state import adapter_configs, freeze_lora, quiet_peft
+from ..core.events import CancelToken, Progress
+from ..core.image_io import pil_to_tensor
+from ..core.lora import DRAG_ADAPTER as ADAPTER
+from ..core.peft_state import adapter_configs, freeze_lora, quiet_peft
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # every attention projection, self and cross (as the reference)
 BATCH = 4                                        # the reference's LoRA batch (copies of the one image)

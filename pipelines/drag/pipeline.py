@@ -44,21 +44,21 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from .. import ddim
-from ..cache import LRUCache
-from ..errors import InputError
-from ..events import CancelToken, Job, Kind, Progress
+from ..core import ddim
+from ..core.cache import LRUCache
+from ..core.errors import InputError
+from ..core.events import CancelToken, Job, Kind, Progress
 from ..inversion import image_key, prepare_image
-from ..latents import decode_to_pil, encode_image
-from ..limits import get_limits
-from ..lora import SMOOTH_NAME
-from ..masks import latent_cells, user_mask
-from ..metadata import with_metadata
-from ..peft_state import adapters_active, peft_state_restored
-from ..results import ImageResult, base_metadata
-from ..stream import PreviewOptions, preview_image, stream_steps
-from ..text import encode_prompt
-from ..validation import check_number, resolve_seed, validate_common
+from ..core.latents import decode_to_pil, encode_image
+from ..core.limits import get_limits
+from ..core.lora import SMOOTH_NAME
+from ..core.masks import latent_cells, user_mask
+from ..core.metadata import with_metadata
+from ..core.peft_state import adapters_active, peft_state_restored
+from ..core.results import ImageResult, base_metadata
+from ..core.stream import PreviewOptions, preview_image, stream_steps
+from ..core.text import encode_prompt
+from ..core.validation import check_number, resolve_seed, validate_common
 from .lora import ADAPTER, adapter_state, add_adapter, train_lora
 from .points import (
     REACHED,

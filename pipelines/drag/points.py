@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import InputError
-from ..limits import Limits, get_limits
-from ..validation import shown
+from ..core.errors import InputError
+from ..core.limits import Limits, get_limits
+from ..core.validation import shown
 
 MAX_POINTS = Limits.max_points   # pairs (the default; get_limits() is what is enforced): each adds a loss term
 REACHED = 2.0            # the reference's stop rule: every handle closer than 2 feature pixels to its target

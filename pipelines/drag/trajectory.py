@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..cache import LRUCache
+from ..core.cache import LRUCache
 from ..inversion import image_key
 
 SLOT = ("drag", "trajectories")

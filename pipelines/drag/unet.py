@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..attention import call_fallback, from_tokens, to_tokens
+from ..core.attention import call_fallback, from_tokens, to_tokens
 
 SD15_UP_BLOCKS = 4      # SD1.5's decoder: up_blocks 0..3; the reference reads up_blocks[2] ("unet_feature_idx 3")
 SD15_SELF_LAYERS = 16   # SD1.5's transformer blocks in forward order: down 0-5, mid 6, up 7-15

@@ -4,7 +4,7 @@
 enabled flags, active adapters and scales) and every parameter's requires_grad; on exit (normal, error or
 cancel) it deletes adapters added inside, unwraps layers that peft wrapped for them, and puts the rest back, so
 the UNet is the same module tree computing the same outputs. The drag's per-image LoRA (pipelines/drag/lora.py)
-and LoRA unloading (pipelines/lora.py) both use it.
+and LoRA unloading (pipelines/core/lora.py) both use it.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from .previews import LatentPreviewer, previewer_for
 from .tiny_model import TINY_ID, TINY_LABEL, ensure_tiny_model
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
 EMBEDDED_ID = "embedded"
 INSTRUCT_SUBFOLDER = "unet_instruct"  # our layout: an InstructPix2Pix UNet beside the text-to-image one

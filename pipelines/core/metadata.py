@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 
 _NEGATIVE = "Negative prompt:"
 # One "Key: value" pair as A1111 writes it; quoted values may contain , : and \".

@@ -16,8 +16,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
-from pipelines.errors import InputError
-from pipelines.limits import MB, get_limits
+from pipelines.core.errors import InputError
+from pipelines.core.limits import MB, get_limits
 
 MIN_SIDE = 8  # smaller images carry no usable content for a VAE (8x downsampling)
 # Decoders Pillow may try on an upload: the common web formats. Others (EPS would run Ghostscript, and a long tail

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipelines.errors import InputError
+from pipelines.core.errors import InputError
 
 # Standard Wang et al. (2004) SSIM constants.
 _WIN_SIZE = 11
