@@ -1,6 +1,6 @@
 """The shape of the code, read from the source (nothing is imported): pipelines/ has no import cycle (module-level
 and function-level imports both count, and importing a package's submodule runs the package's __init__ first),
-no module imports another's `_private` names, and pipelines/ never imports gradio."""
+no module imports another's `_private` names, pipelines/core imports no method, and pipelines/ never imports gradio."""
 from __future__ import annotations
 
 import ast
@@ -172,3 +172,13 @@ def test_pipelines_never_import_gradio():
     found = [f"{path.relative_to(ROOT)}:{line}" for module, path in PIPELINES.items()
              for target, _, line in _imports(module, path) if target.split(".")[0] == "gradio"]
     assert not found, "pipelines/ must stay UI-free: " + ", ".join(found)
+
+
+def test_the_core_imports_no_method():
+    """pipelines/core/ is what every method builds on: it never imports a method module (or the studio)."""
+    core = {m: p for m, p in PIPELINES.items() if m == "pipelines.core" or m.startswith("pipelines.core.")}
+    assert "pipelines.core.ddim" in core and "pipelines.core.models" in core
+    found = [f"{path.relative_to(ROOT)}:{line} imports {target}" for module, path in core.items()
+             for target, _, line in _imports(module, path)
+             if target.startswith("pipelines") and not (target == "pipelines.core" or target.startswith("pipelines.core."))]
+    assert not found, "\n".join(found)
