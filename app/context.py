@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipelines.core.errors import InputError
-from pipelines.inversion import METHODS as INVERSION_METHODS
 from pipelines.core.limits import get_limits
 from pipelines.core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
+from pipelines.inversion import METHODS as INVERSION_METHODS
 from pipelines.studio import Studio
 
 from . import runner

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 
-from .uploads import NOT_UPLOADED, NO_URLS, upload_root
+from .uploads import NO_URLS, NOT_UPLOADED, upload_root
 
 log = logging.getLogger(__name__)
 

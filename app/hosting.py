@@ -52,7 +52,7 @@ class Hosting:
 
     @classmethod
     def from_env(cls, public: bool = False, models: list[str] | None = None,
-                 loras: list[str] | None = None) -> "Hosting":
+                 loras: list[str] | None = None) -> Hosting:
         hosted = public or bool(os.environ.get("SPACE_ID")) or os.environ.get(PUBLIC_ENV, "") in ("1", "true")
         return cls(hosted, list(models or []) + _split(os.environ.get(MODELS_ENV)),
                    parse_loras(list(loras or []) + _split(os.environ.get(LORAS_ENV))))

@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines.core.cache import LRUCache  # noqa: E402
-from pipelines.drag import DragParams, drag  # noqa: E402
 from pipelines.core.events import run_to_end  # noqa: E402
+from pipelines.drag import DragParams, drag  # noqa: E402
 
 PHASES = ("lora", "inversion", "drag", "denoise")
 

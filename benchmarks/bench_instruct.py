@@ -27,9 +27,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from pipelines.core.events import run_to_end  # noqa: E402
-from pipelines.instruct import InstructParams, instruct_edit, prepare_input  # noqa: E402
 from pipelines.core.models import load_model  # noqa: E402
 from pipelines.core.stream import PreviewOptions  # noqa: E402
+from pipelines.instruct import InstructParams, instruct_edit, prepare_input  # noqa: E402
 
 TARGET = 1.05
 IMAGE = ROOT / "assets" / "examples" / "blue_triangle_centre.png"

@@ -68,9 +68,9 @@ import torch  # noqa: E402
 
 from pipelines.core import previews  # noqa: E402
 from pipelines.core.events import run_to_end  # noqa: E402
-from pipelines.generate import GenerateParams, generate  # noqa: E402
 from pipelines.core.models import LoadedModel, load_model  # noqa: E402
 from pipelines.core.stream import PreviewOptions  # noqa: E402
+from pipelines.generate import GenerateParams, generate  # noqa: E402
 
 PROMPT = "a photo of a red cat on a blue sky background"
 GUIDANCE = 7.5

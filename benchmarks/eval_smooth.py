@@ -26,8 +26,8 @@ prompts 90_000 and 95_000. Pair k of a range has the noise seeds start + 2k and 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,11 +35,11 @@ import torch
 from pipelines.core import ddim
 from pipelines.core.events import run_to_end
 from pipelines.core.image_io import tensor_to_pil
-from pipelines.interpolation import adjacent_distances, istd, lerp, slerp
 from pipelines.core.latents import decode_latents, initial_noise
 from pipelines.core.lora import SMOOTH_NAME, lora_applied
 from pipelines.core.text import encode_prompt
 from pipelines.core.validation import check_size
+from pipelines.interpolation import adjacent_distances, istd, lerp, slerp
 from training import evaluation, world
 
 INTERP_START = 70_000       # seed-interpolation pairs

@@ -312,8 +312,8 @@ def measure_t2i_step(b: Bench) -> dict:
     """Figure 1: seconds per DDIM step, ours (previews off) vs diffusers' StableDiffusionPipeline."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from pipelines.generate import GenerateParams, generate
     from pipelines.core.stream import PreviewOptions
+    from pipelines.generate import GenerateParams, generate
 
     m, steps = b.model, b.plan.t2i_steps
     pipe = StableDiffusionPipeline(
@@ -341,8 +341,8 @@ def measure_t2i_step(b: Bench) -> dict:
 
 def measure_preview_overhead(b: Bench) -> dict:
     """Figure 2: our generate with a live preview every step against previews off (ratio on / off)."""
-    from pipelines.generate import GenerateParams, generate
     from pipelines.core.stream import PreviewOptions
+    from pipelines.generate import GenerateParams, generate
 
     steps = b.plan.t2i_steps
     params = GenerateParams(PROMPT, seed=SEED, steps=steps, guidance=GUIDANCE, width=b.size, height=b.size)
@@ -376,8 +376,8 @@ def measure_nti(b: Bench) -> dict:
 
 def measure_drag(b: Bench) -> dict:
     """Figure 4: one cold drag (per-image LoRA, inversion, latent optimisation, denoising) and its peak memory."""
-    from pipelines.drag import DragParams, drag
     from pipelines.core.events import run_to_end
+    from pipelines.drag import DragParams, drag
 
     image, (cx, cy) = sample_image(b.size)
     p = DragParams([(cx, cy)], [(cx + 0.1 * b.size, cy)], PROMPT, lora_steps=b.plan.drag_lora_steps,
@@ -408,9 +408,9 @@ def measure_instruct(b: Bench) -> dict:
         StableDiffusionInstructPix2PixPipeline,
     )
 
-    from pipelines.instruct import InstructParams, instruct_edit, prepare_input
     from pipelines.core.latents import encode_image
     from pipelines.core.stream import PreviewOptions
+    from pipelines.instruct import InstructParams, instruct_edit, prepare_input
 
     m, steps = b.model, b.plan.instruct_steps
     unet = m.instruct_unet()

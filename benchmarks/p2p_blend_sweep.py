@@ -23,6 +23,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from eval_embedded import recolour_prompts, score_text_edits  # noqa: E402
+
 from pipelines.core.events import run_to_end  # noqa: E402
 
 

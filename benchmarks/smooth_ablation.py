@@ -29,6 +29,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import eval_smooth  # noqa: E402
+
 from pipelines.core.events import run_to_end  # noqa: E402
 from pipelines.core.lora import SMOOTH_NAME, load_lora  # noqa: E402
 

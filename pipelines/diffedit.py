@@ -46,7 +46,6 @@ from .core import ddim
 from .core.cache import LRUCache
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Kind, Progress
-from .inversion import image_key, prepare_image
 from .core.latents import decode_to_pil, encode_image
 from .core.limits import get_limits
 from .core.masks import cells_to_image, latent_cells, paste_outside
@@ -56,6 +55,7 @@ from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
 from .core.validation import check_number, check_prompt, resolve_seed, shown, validate_common
+from .inversion import image_key, prepare_image
 
 MAX_UNET_BATCH = 20        # latents per UNet call while estimating the mask (two branches per noise draw)
 CLIP_RATIO = 3.0           # diffusers' mask_thresholding_ratio: clip the map at 3x its mean

@@ -19,18 +19,10 @@ import torch
 from PIL import Image
 
 from . import p2p
-
 from .core import ddim
 from .core.cache import LRUCache
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Kind, Progress
-from .inversion import (
-    InversionParams,
-    inversion_cost,
-    invert_images,
-    prepare_image,
-    validate_inversion,
-)
 from .core.latents import decode_to_pil
 from .core.lora import lora_applied
 from .core.masks import paste_outside
@@ -39,6 +31,13 @@ from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
 from .core.validation import check_number, check_prompt, shown, validate_common
+from .inversion import (
+    InversionParams,
+    inversion_cost,
+    invert_images,
+    prepare_image,
+    validate_inversion,
+)
 
 EDIT_METHODS = ("threshold", "p2p")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .core import ddim
-from .drag.trajectory import Trajectory, store_trajectory
 from .core.events import CancelToken, Job, Progress
 from .core.latents import decode_to_pil, initial_noise
 from .core.lora import lora_applied
@@ -13,6 +12,7 @@ from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
 from .core.validation import check_prompt, check_size, resolve_seed, validate_common
+from .drag.trajectory import Trajectory, store_trajectory
 
 
 @dataclass

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from . import nti
-
 from .core import ddim
 from .core.cache import LRUCache
 from .core.errors import InputError

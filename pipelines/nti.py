@@ -12,8 +12,8 @@ benchmarks can compare schedules by cost.
 """
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Generator, Sequence
 
 import torch
 

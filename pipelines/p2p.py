@@ -11,9 +11,9 @@ from __future__ import annotations
 import difflib
 import math
 import string
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

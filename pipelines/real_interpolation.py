@@ -14,6 +14,11 @@ from pathlib import Path
 
 from .core.cache import LRUCache
 from .core.events import CancelToken, Job, Progress
+from .core.lora import lora_applied
+from .core.metadata import with_metadata
+from .core.results import ImageResult, base_metadata
+from .core.stream import PreviewOptions
+from .core.validation import check_number, check_prompt, validate_common
 from .interpolation import (
     Endpoints,
     LoraComparison,
@@ -33,11 +38,6 @@ from .inversion import (
     prepare_image,
     validate_inversion,
 )
-from .core.lora import lora_applied
-from .core.metadata import with_metadata
-from .core.results import ImageResult, base_metadata
-from .core.stream import PreviewOptions
-from .core.validation import check_number, check_prompt, validate_common
 
 
 @dataclass

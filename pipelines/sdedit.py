@@ -28,7 +28,6 @@ from PIL import Image
 from .core import ddim
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Kind, Progress
-from .inversion import prepare_image
 from .core.latents import decode_to_pil, encode_image, initial_noise
 from .core.limits import get_limits
 from .core.lora import lora_applied
@@ -38,6 +37,7 @@ from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
 from .core.validation import MAX_SEED, check_number, check_prompt, resolve_seed, validate_common
+from .inversion import prepare_image
 
 # The painted region is grown by this many latent pixels (one latent pixel = vae_factor image pixels: 4 px on
 # the embedded model, 8 px on SD). Strokes are hand-drawn with soft, jagged edges, and the object the model

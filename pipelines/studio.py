@@ -8,24 +8,28 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Progress, run_to_end
-from .generate import GenerateParams, generate
-from .edit import EditParams, text_edit
-from .drag import DragParams, drag
-from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
-from .instruct import InstructParams, instruct_edit
-from .sdedit import SDEditParams, sdedit
-from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
-from .inversion import InversionParams, invert_and_reconstruct
 from .core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora, unload_lora
-from .real_interpolation import (RealInterpolationParams, real_interpolation_compare, real_interpolation_frame,
-                                 real_interpolation_sequence)
 from .core.models import EMBEDDED_ID, default_source, embedded_available, load_model
 from .core.tiny_model import TINY_ID
+from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
+from .drag import DragParams, drag
+from .edit import EditParams, text_edit
+from .generate import GenerateParams, generate
+from .instruct import InstructParams, instruct_edit
+from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
+from .inversion import InversionParams, invert_and_reconstruct
+from .real_interpolation import (
+    RealInterpolationParams,
+    real_interpolation_compare,
+    real_interpolation_frame,
+    real_interpolation_sequence,
+)
+from .sdedit import SDEditParams, sdedit
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class Studio:
         self.pool: dict = {}        # hosted mode: the allow-listed models, preloaded, by source
         self._lock = threading.Lock()
 
-    def with_model(self, model) -> "Studio":
+    def with_model(self, model) -> Studio:
         """The same studio (same GPU lock) running its jobs on `model` instead of the active one: a hosted
         session's own model choice, which never changes what other sessions run on."""
         view = copy.copy(self)
@@ -55,7 +59,7 @@ class Studio:
         return view
 
     # --- model management -------------------------------------------------------------------------
-    def start(self, source: str | None = None) -> "Studio":
+    def start(self, source: str | None = None) -> Studio:
         """Loads the requested/default model; if it cannot load, falls back (embedded, then tiny) and says why."""
         wanted = source or default_source()
         fallbacks = [wanted] + [s for s in (EMBEDDED_ID if embedded_available() else None, TINY_ID) if s and s != wanted]

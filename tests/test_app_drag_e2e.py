@@ -9,12 +9,12 @@ from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
+from test_app_e2e import app_error, new_client, pixels  # noqa: E402
 
 from app import examples  # noqa: E402
-from app.tabs.drag import points_view  # noqa: E402
 from app.masks import DISPLAY_SIDE  # noqa: E402
+from app.tabs.drag import points_view  # noqa: E402
 from pipelines.drag.points import HANDLE, TARGET  # noqa: E402
-from test_app_e2e import app_error, new_client, pixels  # noqa: E402
 
 IMAGE, CAPTION = examples.IMAGES[0]
 

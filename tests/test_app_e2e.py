@@ -10,8 +10,8 @@ import json
 import time
 import uuid
 
-import numpy as np
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 

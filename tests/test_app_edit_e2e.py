@@ -14,9 +14,9 @@ from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
+from test_app_e2e import app_error, assert_mp4, new_client, pixels, wait_for  # noqa: E402
 
 from app import examples  # noqa: E402
-from test_app_e2e import app_error, assert_mp4, new_client, pixels, wait_for  # noqa: E402
 
 IMAGE, CAPTION = examples.IMAGES[0]
 _, _, TARGET = examples.EDITS[0]       # same caption, one word recoloured

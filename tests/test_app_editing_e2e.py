@@ -11,10 +11,10 @@ from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
+from test_app_e2e import app_error, new_client, pixels  # noqa: E402
 
 from app import examples  # noqa: E402
 from app.masks import DISPLAY_SIDE  # noqa: E402
-from test_app_e2e import app_error, new_client, pixels  # noqa: E402
 
 IMAGE, INSTRUCTION = examples.INSTRUCTIONS[0]
 D_IMAGE, D_TARGET, D_SOURCE = examples.DIFFEDITS[0]

@@ -10,8 +10,8 @@ from PIL import Image
 
 from app.cli import COMMANDS, _field_parser, _resolve, build_parser, main
 from pipelines.core.events import run_to_end
-from pipelines.generate import GenerateParams
 from pipelines.core.metadata import read_metadata
+from pipelines.generate import GenerateParams
 from pipelines.sdedit import SDEditParams
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import forward_calls, pixels
 from PIL import Image
 
-from helpers import forward_calls, pixels
 from pipelines.core import ddim
 from pipelines.core.events import Cancelled, CancelToken, run_to_end
-from pipelines.generate import GenerateParams, generate
 from pipelines.core.latents import decode_to_pil, encode_image, initial_noise
 from pipelines.core.metrics import psnr
 from pipelines.core.stream import PreviewOptions
 from pipelines.core.text import encode_prompt
+from pipelines.generate import GenerateParams, generate
 
 
 def _smooth_picture(size: int = 64) -> Image.Image:

@@ -13,16 +13,22 @@ from PIL import Image
 
 from pipelines.core import ddim
 from pipelines.core.cache import LRUCache
+from pipelines.core.errors import InputError
+from pipelines.core.events import Cancelled, CancelToken, drain, run_to_end
+from pipelines.core.latents import decode_to_pil, encode_image
+from pipelines.core.masks import latent_cells, user_mask
+from pipelines.core.text import encode_prompt
 from pipelines.diffedit import (
-    DiffEditParams, diffedit_edit, diffedit_mask, difference_map, inversion_key, mask_timestep_index, masked_decode,
+    DiffEditParams,
+    diffedit_edit,
+    diffedit_mask,
+    difference_map,
+    inversion_key,
+    mask_timestep_index,
+    masked_decode,
     normalise_map,
 )
-from pipelines.core.masks import latent_cells, user_mask
-from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, drain, run_to_end
 from pipelines.inversion import prepare_image
-from pipelines.core.latents import decode_to_pil, encode_image
-from pipelines.core.text import encode_prompt
 from tests.helpers import forward_calls, pixels
 
 STEPS = 6

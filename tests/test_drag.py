@@ -12,15 +12,20 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines.core.cache import LRUCache
+from pipelines.core.errors import InputError
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
+from pipelines.core.lora import load_lora
 from pipelines.drag import DragParams, DragSettings, check_points, drag, draw_points, prepare_drag_mask, validate_drag
 from pipelines.drag.points import motion_supervision, reached, sample_patch, to_feature, to_image, track_points
+from pipelines.drag.unet import (
+    MutualAttnProcessor,
+    feature_block_index,
+    mutual_layer_start,
+    mutual_self_attention,
+    self_attention_layers,
+)
 from pipelines.drag.warp import displacement_field, warp_region
-from pipelines.drag.unet import (MutualAttnProcessor, feature_block_index, mutual_layer_start, mutual_self_attention,
-                                 self_attention_layers)
-from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.core.lora import load_lora
 from tests.helpers import forward_calls, pixels
 
 FAST = dict(lora_steps=2, drag_iterations=3, steps=8, prompt="a red square")

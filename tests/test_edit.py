@@ -8,12 +8,11 @@ import pytest
 from PIL import Image
 
 from pipelines import p2p
-
 from pipelines.core import masks
 from pipelines.core.cache import LRUCache
-from pipelines.edit import EditParams, source_steps, text_edit
 from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, run_to_end
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
+from pipelines.edit import EditParams, source_steps, text_edit
 from pipelines.interpolation import istd
 from pipelines.inversion import InversionParams, invert_and_reconstruct
 from pipelines.real_interpolation import RealInterpolationParams, real_interpolation_frame, real_interpolation_sequence
@@ -151,9 +150,9 @@ def test_real_interpolation_endpoints_reconstruct_each_image(tiny_model, tmp_pat
     assert np.array_equal(pixels(end.image), pixels(seq.frames[-1]))
     assert end.params["inversion"] == "nti" and end.params["interpolation_eta"] == 1.0
     # Each endpoint reconstructs its own image (vs its VAE round trip: the tiny VAE is random), not the other.
-    from pipelines.inversion import prepare_image
     from pipelines.core.latents import decode_to_pil, encode_image
     from pipelines.core.metrics import psnr
+    from pipelines.inversion import prepare_image
 
     vae_a, vae_b = (decode_to_pil(tiny_model, encode_image(tiny_model, prepare_image(tiny_model, x, a.size)))
                     for x in (a, b))

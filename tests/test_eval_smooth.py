@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import eval_embedded  # noqa: E402
 import eval_smooth  # noqa: E402
+
 from pipelines.core.events import run_to_end  # noqa: E402
-from pipelines.interpolation import InterpolationParams, adjacent_distances, interpolation_sequence, istd  # noqa: E402
 from pipelines.core.lora import SMOOTH_NAME, load_lora, lora_applied  # noqa: E402
+from pipelines.interpolation import InterpolationParams, adjacent_distances, interpolation_sequence, istd  # noqa: E402
 
 TINY = eval_smooth.Counts(pairs=1, frames=3, t2i=2, inversions=1, edits=1, real_pairs=1, drags=1, steps=2,
                           drag_lora_steps=2)

@@ -24,12 +24,11 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio_raw as raw
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-import gradio_raw as raw
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a small red circle on the left on a white background"

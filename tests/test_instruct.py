@@ -7,18 +7,23 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import forward_calls, pixels
 from PIL import Image
 
-from helpers import forward_calls, pixels
 from pipelines.core import ddim
 from pipelines.core.errors import InputError
 from pipelines.core.events import Cancelled, CancelToken, run_to_end
-from pipelines.instruct import (
-    RANDOM_SEED_MAX, InstructParams, instruct_edit,
-    instruct_eps, instruct_size, prepare_input, size_multiple,
-)
 from pipelines.core.latents import encode_image
 from pipelines.core.text import encode_prompt
+from pipelines.instruct import (
+    RANDOM_SEED_MAX,
+    InstructParams,
+    instruct_edit,
+    instruct_eps,
+    instruct_size,
+    prepare_input,
+    size_multiple,
+)
 
 STEPS = 4
 
@@ -224,8 +229,8 @@ def test_an_instruct_pix2pix_folder_loads_as_the_model(tiny_model, picture, tmp_
     loads through the studio's loader: it edits, and text-to-image says why it cannot."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from pipelines.generate import GenerateParams, generate
     from pipelines.core.models import load_model
+    from pipelines.generate import GenerateParams, generate
 
     m = tiny_model
     StableDiffusionInstructPix2PixPipeline(

@@ -8,16 +8,21 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from helpers import forward_calls, pixels
 from PIL import Image
 
-from helpers import forward_calls, pixels
 from pipelines.core.cache import LRUCache
 from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
 from pipelines.interpolation import (
-    InterpolationParams, adjacent_distances, interpolation_frame, interpolation_sequence, istd, lerp, slerp,
+    InterpolationParams,
+    adjacent_distances,
+    interpolation_frame,
+    interpolation_sequence,
+    istd,
+    lerp,
+    slerp,
 )
-
 
 # --- slerp / lerp ---------------------------------------------------------------------------------
 

@@ -20,15 +20,23 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageFile
 
+from pipelines.core.errors import InputError
+from pipelines.core.events import run_to_end
+from pipelines.core.image_io import check_image_header, load_image, load_rgb
+from pipelines.core.limits import MB, Limits, env_names, get_limits, limits_set, set_limits
+from pipelines.core.lora import (
+    MAX_LOADED_LORAS,
+    load_lora,
+    lora_applied,
+    read_lora_file,
+    unload_lora,
+)
 from pipelines.diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from pipelines.drag import DragParams, drag
 from pipelines.drag.lora import ADAPTER
 from pipelines.drag.points import parse_points
 from pipelines.edit import EditParams, text_edit
-from pipelines.core.errors import InputError
-from pipelines.core.events import run_to_end
 from pipelines.generate import GenerateParams, generate
-from pipelines.core.image_io import check_image_header, load_image, load_rgb
 from pipelines.instruct import (
     InstructParams,
     instruct_edit,
@@ -42,14 +50,6 @@ from pipelines.interpolation import (
     interpolation_sequence,
 )
 from pipelines.inversion import InversionParams, invert_and_reconstruct
-from pipelines.core.limits import MB, Limits, env_names, get_limits, limits_set, set_limits
-from pipelines.core.lora import (
-    MAX_LOADED_LORAS,
-    load_lora,
-    lora_applied,
-    read_lora_file,
-    unload_lora,
-)
 from pipelines.real_interpolation import (
     RealInterpolationParams,
     real_interpolation_compare,

@@ -11,9 +11,8 @@ from safetensors.torch import save_file
 
 from pipelines.core.errors import InputError
 from pipelines.core.events import run_to_end
+from pipelines.core.lora import load_lora, lora_applied
 from pipelines.generate import GenerateParams, generate
-from pipelines.core.lora import lora_applied, load_lora
-
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 

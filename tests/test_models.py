@@ -15,10 +15,15 @@ from safetensors.torch import load_file
 from pipelines.core.errors import InputError
 from pipelines.core.models import resolve_source
 from pipelines.core.previews import (
-    PREVIEW_FILE, SD15_FACTORS, LatentPreviewer, calibration_images, fit_previewer, is_sd_vae, previewer_for,
+    PREVIEW_FILE,
+    SD15_FACTORS,
+    LatentPreviewer,
+    calibration_images,
+    fit_previewer,
+    is_sd_vae,
+    previewer_for,
 )
 from pipelines.core.tiny_model import TINY_ID, build_tiny_model, ensure_tiny_model
-
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".msgpack", ".h5"}
 

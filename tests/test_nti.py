@@ -9,14 +9,13 @@ import torch
 from PIL import Image
 
 from pipelines import nti
-
 from pipelines.core import ddim
 from pipelines.core.cache import LRUCache
 from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, drain, run_to_end
-from pipelines.inversion import InversionParams, invert_and_reconstruct, invert_images, prepare_image
+from pipelines.core.events import Cancelled, CancelToken, drain, run_to_end
 from pipelines.core.latents import encode_image
 from pipelines.core.text import encode_prompt
+from pipelines.inversion import InversionParams, invert_and_reconstruct, invert_images, prepare_image
 
 STEPS = 8
 

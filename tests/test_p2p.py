@@ -7,11 +7,16 @@ import torch
 
 from pipelines.core import ddim
 from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled
-from pipelines.p2p import (
-    AttentionController, P2PSettings, attention_control, build_controller, replace_mapper, token_indices,
-)
+from pipelines.core.events import Cancelled, CancelToken
 from pipelines.core.text import encode_prompt
+from pipelines.p2p import (
+    AttentionController,
+    P2PSettings,
+    attention_control,
+    build_controller,
+    replace_mapper,
+    token_indices,
+)
 
 STEPS = 5
 HW = (16, 16)

@@ -39,8 +39,8 @@ def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stage
     from safetensors.torch import load_file
 
     from pipelines.core.events import run_to_end
-    from pipelines.instruct import recommended_guidance
     from pipelines.core.models import load_model
+    from pipelines.instruct import recommended_guidance
 
     model = run_to_end(load_model(str(out / "model")))
     assert recommended_guidance(model) == (3.0, 2.0)

@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw
 
 from pipelines.core import ddim
 from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, run_to_end
-from pipelines.inversion import prepare_image
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.core.latents import encode_image, initial_noise
-from pipelines.sdedit import SDEditParams, denoise, prepare_mask, sdedit, strength_schedule
 from pipelines.core.text import encode_prompt
+from pipelines.inversion import prepare_image
+from pipelines.sdedit import SDEditParams, denoise, prepare_mask, sdedit, strength_schedule
 from tests.helpers import forward_calls, pixels
 
 STEPS = 10

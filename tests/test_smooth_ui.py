@@ -13,19 +13,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers import forward_calls, pixels
+from PIL import Image
+from test_lora import make_peft_lora, make_smooth_lora
+
 from pipelines.core.cache import LRUCache
 from pipelines.core.errors import InputError
-from pipelines.core.events import CancelToken, Cancelled, run_to_end
-from pipelines.generate import GenerateParams, generate
-from pipelines.interpolation import (ComparisonFrames, InterpolationParams, interpolation_compare,
-                                     interpolation_sequence, istd)
+from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.core.lora import SMOOTH_NAME, load_lora
-from pipelines.real_interpolation import (RealInterpolationParams, real_interpolation_compare,
-                                          real_interpolation_sequence)
-from test_lora import make_peft_lora, make_smooth_lora
+from pipelines.generate import GenerateParams, generate
+from pipelines.interpolation import (
+    ComparisonFrames,
+    InterpolationParams,
+    interpolation_compare,
+    interpolation_sequence,
+    istd,
+)
+from pipelines.real_interpolation import (
+    RealInterpolationParams,
+    real_interpolation_compare,
+    real_interpolation_sequence,
+)
 
 PROMPT_A, PROMPT_B = "a large red circle on the left on a white background", "a large blue square on the right"
 STEPS, FRAMES = 2, 3

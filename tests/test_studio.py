@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 from safetensors.torch import save_file
 
-from helpers import pixels
 from pipelines.core.errors import InputError
 from pipelines.core.events import Cancelled, CancelToken, run_to_end
 from pipelines.generate import GenerateParams

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_train_vae import Stop, optimizer_state, stopped_after_checkpoint, tensors_equal  # checkpoint helpers
+
 from training import schedule, train_instruct, train_unet, world
 
 TINY = ["--tiny", "--threads", "1", "--batch", "4", "--samples", "48", "--checkpoint-every", "2",
@@ -128,8 +128,8 @@ def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_pa
                                "--instruct-guidance", "3,2.5"])
     assert assembled["safetensors_mb"] <= assemble.BUDGET_MB
     from pipelines.core.events import run_to_end
-    from pipelines.instruct import recommended_guidance
     from pipelines.core.models import load_model
+    from pipelines.instruct import recommended_guidance
 
     assert recommended_guidance(run_to_end(load_model(str(folder)))) == (3.0, 2.5)  # what the studio reads
     unet = UNet2DConditionModel.from_pretrained(folder / "unet_instruct")

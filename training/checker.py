@@ -13,8 +13,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from training.world import (BACKGROUND_COLOURS, COLOURS, OBJECT_COLOURS, SHAPES, SIZES, SceneObject, cell_of,
-                            object_coverage)
+from training.world import (
+    BACKGROUND_COLOURS,
+    COLOURS,
+    OBJECT_COLOURS,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    cell_of,
+    object_coverage,
+)
 
 GRADIENT_JUMP = 60.0       # opposite borders this far apart in colour: a gradient, not one colour
 TEXTURE_RESIDUAL = 12.0    # mean colour distance of border pixels from their median above this: textured

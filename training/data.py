@@ -10,7 +10,7 @@ pixel ever comes from the evaluation strip.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def world_eval_set(count: int = 256, size: int = 64) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- photos
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> Image.Image:
     import skimage.data
 
@@ -133,7 +133,7 @@ def photo_eval_boxes(name: str) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo_eval_array() -> np.ndarray:
     return np.stack([_crop(name, box) for name in PHOTOS for box in photo_eval_boxes(name)])
 

@@ -35,11 +35,24 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    add_data_dir, after_optimizer_step, cache_source, data_dir, load_cache, lr_schedule, own_accelerate_state,
-    parse_factors, parse_run_args, precision, progress_of, run_parser, save_cache, smoothed, start_accelerated_run)
-from training.train_unet import (  # noqa: E402
-    LR_FLOOR, SCHEDULER, cached_maps, noised, object_map, pixel_mean, weighted_mean)
+    add_data_dir,
+    after_optimizer_step,
+    cache_source,
+    data_dir,
+    load_cache,
+    lr_schedule,
+    own_accelerate_state,
+    parse_factors,
+    parse_run_args,
+    precision,
+    progress_of,
+    run_parser,
+    save_cache,
+    smoothed,
+    start_accelerated_run,
+)
 from training.text_states import FrozenTextStates  # noqa: E402
+from training.train_unet import LR_FLOOR, SCHEDULER, cached_maps, noised, object_map, pixel_mean, weighted_mean  # noqa: E402
 
 DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0.05, 0.05, 0.05
 

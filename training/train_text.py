@@ -36,8 +36,16 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_optimizer_step, lr_schedule, own_accelerate_state, parse_run_args, precision, progress_of, run_parser,
-    smoothed, start_accelerated_run)
+    after_optimizer_step,
+    lr_schedule,
+    own_accelerate_state,
+    parse_run_args,
+    precision,
+    progress_of,
+    run_parser,
+    smoothed,
+    start_accelerated_run,
+)
 from training.train_unet import TEXT_ARCH, TINY_TEXT, build_tokenizer, text_encoder_for  # noqa: E402
 
 IGNORE = -100

@@ -39,9 +39,22 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint, evaluation, schedule, world  # noqa: E402
 from training.schedule import (  # noqa: E402
-    add_data_dir, after_optimizer_step, cache_source, cpu_randn, data_dir, load_cache, lr_schedule,
-    own_accelerate_state, parse_run_args, precision, progress_of, run_parser, save_cache, smoothed,
-    start_accelerated_run)
+    add_data_dir,
+    after_optimizer_step,
+    cache_source,
+    cpu_randn,
+    data_dir,
+    load_cache,
+    lr_schedule,
+    own_accelerate_state,
+    parse_run_args,
+    precision,
+    progress_of,
+    run_parser,
+    save_cache,
+    smoothed,
+    start_accelerated_run,
+)
 from training.text_states import FrozenTextStates  # noqa: E402
 
 # Measured on this 2-core CPU (1 thread, batch 48): attention at 16x16 doubled the step time (3.4 s vs

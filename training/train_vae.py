@@ -39,8 +39,18 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
 
 from training import checkpoint, data  # noqa: E402
 from training.schedule import (  # noqa: E402
-    after_optimizer_step, autocast, cpu_randn, lr_schedule, own_accelerate_state, parse_run_args, precision,
-    progress_of, run_parser, smoothed, start_accelerated_run)
+    after_optimizer_step,
+    autocast,
+    cpu_randn,
+    lr_schedule,
+    own_accelerate_state,
+    parse_run_args,
+    precision,
+    progress_of,
+    run_parser,
+    smoothed,
+    start_accelerated_run,
+)
 
 # Chosen by measurement on a 2-core CPU: 2.7M params, 10.8 MB fp32, ~1.1 s per step at batch 16.
 # (64,128,128) took 2.3x as long per step, layers_per_block=2 1.25x and 13.9 MB.

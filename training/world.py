@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

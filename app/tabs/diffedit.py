@@ -6,8 +6,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.diffedit import DiffEditParams
 from pipelines.core.limits import get_limits
+from pipelines.diffedit import DiffEditParams
 
 from .. import examples, masks
 from ..context import Context

@@ -8,10 +8,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pipelines.drag import DragParams, check_points, draw_points, parse_points
 from pipelines.core.errors import InputError
-from pipelines.inversion import prepare_image
 from pipelines.core.lora import SMOOTH_NAME
+from pipelines.drag import DragParams, check_points, draw_points, parse_points
+from pipelines.inversion import prepare_image
 
 from .. import examples, masks
 from ..context import Context

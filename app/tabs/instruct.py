@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipelines.core.errors import InputError
-from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 from pipelines.core.limits import get_limits
+from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 
 from .. import examples
 from ..context import Context

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.interpolation import InterpolationParams
 from pipelines.core.limits import get_limits
+from pipelines.interpolation import InterpolationParams
 
 from .. import examples
 from ..context import Context, steps_slider

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipelines.core.errors import InputError
-from pipelines.instruct import recommended_guidance
 from pipelines.core.lora import SMOOTH_LORA_REPO
 from pipelines.core.models import model_choices
 from pipelines.core.stream import PreviewOptions
+from pipelines.instruct import recommended_guidance
 
 from ..context import Context, compare_label, use_label
 from ..runner import GPU, Outputs, render_job

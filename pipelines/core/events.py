@@ -6,9 +6,10 @@ The generator checks a `CancelToken` before every UNet call, so a Stop takes eff
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generator, Iterator
+from typing import Any
 
 from PIL import Image
 

@@ -2,13 +2,12 @@
 tiny random model. Components load once and are shared by every session."""
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

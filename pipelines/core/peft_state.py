@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+
 def adapter_configs(unet) -> dict:
     """The UNet's peft adapters by name (a copy; empty when peft never touched it)."""
     return dict(getattr(unet, "peft_config", None) or {})

@@ -51,7 +51,7 @@ class LatentPreviewer:
         Path(folder, PREVIEW_FILE).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "LatentPreviewer | None":
+    def load(cls, folder: str | Path) -> LatentPreviewer | None:
         path = Path(folder, PREVIEW_FILE)
         if not path.is_file():
             return None

@@ -1,8 +1,8 @@
 """Turns the DDIM core's per-step states into Progress events with previews of the predicted x0."""
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import Generator, Iterable
 
 import torch
 from PIL import Image

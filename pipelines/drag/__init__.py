@@ -7,8 +7,16 @@
   unet.py         the UNet's decoder features (forward hook) and mutual self-attention
   warp.py         the warm start: the painted region's latent carried along the drag
 """
-from .pipeline import (DragParams, DragResult, DragSettings, check_points, drag, draw_points, prepare_drag_mask,
-                       validate_drag)
+from .pipeline import (
+                       DragParams,
+                       DragResult,
+                       DragSettings,
+                       check_points,
+                       drag,
+                       draw_points,
+                       prepare_drag_mask,
+                       validate_drag,
+)
 from .points import parse_points
 
 __all__ = ["DragParams", "DragResult", "DragSettings", "check_points", "drag", "draw_points", "parse_points",

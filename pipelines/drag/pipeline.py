@@ -48,7 +48,6 @@ from ..core import ddim
 from ..core.cache import LRUCache
 from ..core.errors import InputError
 from ..core.events import CancelToken, Job, Kind, Progress
-from ..inversion import image_key, prepare_image
 from ..core.latents import decode_to_pil, encode_image
 from ..core.limits import get_limits
 from ..core.lora import SMOOTH_NAME
@@ -59,6 +58,7 @@ from ..core.results import ImageResult, base_metadata
 from ..core.stream import PreviewOptions, preview_image, stream_steps
 from ..core.text import encode_prompt
 from ..core.validation import check_number, resolve_seed, validate_common
+from ..inversion import image_key, prepare_image
 from .lora import ADAPTER, adapter_state, add_adapter, train_lora
 from .points import (
     REACHED,
