@@ -154,7 +154,8 @@ def test_draw_points_colours_and_leaves_the_input_alone(image):
 def test_layer_and_block_mapping(model):
     names = self_attention_layers(model.unet)
     assert names[0].startswith("down_blocks.0") and names[2].startswith("mid_block")
-    starts = [mutual_layer_start(16, 10), mutual_layer_start(7, 10), mutual_layer_start(7, 0), mutual_layer_start(7, 40)]
+    starts = [mutual_layer_start(16, 10), mutual_layer_start(7, 10), mutual_layer_start(7, 0),
+              mutual_layer_start(7, 40)]
     assert starts == [10, 4, 0, 6]
     assert feature_block_index(model.unet, 2) == 0 and feature_block_index(model.unet, 3) == 1
     assert feature_block_index(model.unet, 0) == 0
@@ -248,6 +249,7 @@ def test_warm_start_carries_the_region_along_the_drag():
     assert torch.equal(out * (1 - editable), z * (1 - editable))
 
 
+@pytest.mark.slow
 def test_warm_start_drag_starts_from_the_carried_latent(model, image):
     mask = np.zeros((64, 64), bool)
     mask[14:42, 10:52] = True
@@ -268,6 +270,7 @@ def test_warm_start_drag_starts_from_the_carried_latent(model, image):
 
 # ------------------------------------------------------------------------------------------- whole drags
 
+@pytest.mark.slow
 def test_drag_streams_restores_the_unet_and_caches_per_image(model, image):
     unet = model.unet
     before = snapshot(unet)
@@ -347,6 +350,7 @@ def test_closing_the_job_midway_restores_the_unet(model, image):
     assert_restored(model.unet, before)
 
 
+@pytest.mark.slow
 def test_generated_image_keeps_its_trajectory(model):
     """Dragging an image generated with `trajectories=cache` starts from its own latents: no LoRA, no inversion;
     with the handle already at the target the result is the generated image itself."""
@@ -388,6 +392,7 @@ def _peft_lora_file(unet, path, rank=4, seed=1):
     return path
 
 
+@pytest.mark.slow
 def test_smooth_lora_is_used_during_the_drag_and_stays_loaded_and_off(image, tmp_path):
     from pipelines.core.models import load_model
 

@@ -66,6 +66,7 @@ def test_every_figure_is_measured_with_positive_finite_timings(tiny_run):
     assert report["config"]["size"] == 64 and report["config"]["plan"]["name"] == "tiny"
 
 
+@pytest.mark.slow
 def test_ratios_are_the_ratios_of_the_reported_timings(tiny_run):
     report, _ = tiny_run
     for name, (a, b) in RATIOS.items():

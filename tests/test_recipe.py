@@ -12,6 +12,7 @@ import torch
 from training import recipe
 
 
+@pytest.mark.slow
 def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stages(tmp_path, capsys):
     out = tmp_path / "recipe"
     argv = ["--out", str(out), "--tiny", "--scale", "0.0005", "--threads", "1"]

@@ -157,6 +157,7 @@ def test_comparison_needs_a_loaded_adapter_before_rendering(model, smooth, probe
     assert_no_adapter_active(probe, base_out)
 
 
+@pytest.mark.slow
 def test_real_comparison_inverts_again_with_the_lora(model, smooth, probe, base_out):
     a, b = images()
     p = real_params()

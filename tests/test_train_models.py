@@ -29,6 +29,7 @@ def base_run(tmp_path_factory, tiny_model):
     return out, report, weights_2
 
 
+@pytest.mark.slow
 def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
     from pipelines.core.events import run_to_end
     from pipelines.core.models import load_model
@@ -55,6 +56,7 @@ def test_unet_run_resumes_and_exports_a_loadable_sd_folder(base_run):
     assert data["latents"].shape == (48, 4, 16, 16) and data["ids"].shape == (48, 77)
 
 
+@pytest.mark.slow
 def test_a_unet_run_stopped_mid_way_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_model, tmp_path,
                                                                                       monkeypatch):
     """Killed after its step-2 checkpoint of a 4-step budget, then resumed: the same UNet, text encoder, Adam state and
@@ -107,6 +109,7 @@ def test_instruct_unet_starts_as_the_base_model(base_run):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_instruct_run_and_assembly_give_one_folder_under_budget(base_run, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -196,6 +199,7 @@ def test_a_checkpoint_without_the_pooled_text_embedding_resumes_unchanged():
         train_unet._load_grown(grown, {"conv_in.weight": torch.zeros(1)})
 
 
+@pytest.mark.slow
 def test_unet_on_a_frozen_pretrained_text_encoder_starts_from_the_given_unet(base_run, tiny_model, tmp_path):
     """train_text.py's encoder is used as it is (SD's frozen-CLIP recipe) and --init-unet warm-starts the UNet:
     at learning rate 0 the exported model is exactly the two inputs."""
@@ -317,6 +321,7 @@ def test_instruct_object_maps_cover_every_object_edit_and_follow_the_cache_order
             assert 0 < m.float().mean() < 0.6 and not bool(m[changed].all())
 
 
+@pytest.mark.slow
 def test_oversample_draws_the_named_shapes_more_often(tiny_model, tmp_path):
     """--oversample star=3,small-square=2: a scene with a star is drawn 3x as often as one without a named
     object; bad names are refused; a short run with it trains and exports."""

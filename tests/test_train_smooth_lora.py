@@ -125,6 +125,7 @@ def test_legacy_export_loads_in_the_studio_with_the_same_output(trained, tiny_fo
     torch.testing.assert_close(_unet_out(tiny_model), base, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_variation_target(tiny_folder, tmp_path):
     """Two steps, stop, two more on resume: the same EMA target, step count and LoRA as four in one go."""
     from safetensors.torch import load_file

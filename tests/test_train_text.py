@@ -87,6 +87,7 @@ def tiny_run(tmp_path_factory):
     return out, first, last
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_resumes_and_saves_a_loadable_encoder(tiny_run):
     from transformers import CLIPTextModel, CLIPTokenizer
 

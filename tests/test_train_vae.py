@@ -75,6 +75,7 @@ def stopped_after_checkpoint(monkeypatch, module, at: int):
     monkeypatch.setattr(module.checkpoint, "save_state", save)
 
 
+@pytest.mark.slow
 def test_explicit_cpu_device_stops_and_resumes_exactly_like_the_default(run, tmp_path):
     """--device cpu given explicitly (the default) draws the same numbers in the same order: its stopped and
     resumed run ends on the default run's weights and Adam state to the bit, and the checkpoint records it."""
@@ -90,6 +91,7 @@ def test_explicit_cpu_device_stops_and_resumes_exactly_like_the_default(run, tmp
     assert (state["step"], state["args"]["device"]) == (5, "cpu")
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_way_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     """Killed after its step-3 checkpoint of a 5-step budget, then resumed: the same weights, Adam state and exported
     VAE as the run that was never stopped (learning rate, batches and noise all go on from the checkpoint)."""
@@ -241,6 +243,7 @@ def test_deepened_stage_two_starts_as_the_original_and_keeps_its_latents(run, tm
         assert not torch.equal(after.decode(z).sample, stage1.decode(z).sample)
 
 
+@pytest.mark.slow
 def test_refined_latents_pair_unet_outputs_with_renders_and_train_the_decoder(tiny_model, tmp_path):
     """refined_latents.py: N (latent, render) pairs from training scenes; the latent is what the UNet made
     from the noised encoding, not the encoding itself. train_vae --refined decodes them beside the batch."""
