@@ -166,7 +166,7 @@ def _parse_points(text: str) -> tuple[list, list]:
     try:
         numbers = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise SystemExit("--points: numbers separated by commas: hx,hy,tx,ty[,hx,hy,tx,ty ...]")
+        raise SystemExit("--points: numbers separated by commas: hx,hy,tx,ty[,hx,hy,tx,ty ...]") from None
     points = parse_points([numbers[i:i + 2] for i in range(0, len(numbers), 2)] if len(numbers) % 2 == 0
                           else [numbers])  # an odd count: parse_points says what is wrong
     return points[0::2], points[1::2]

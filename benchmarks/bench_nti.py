@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines import nti  # noqa: E402
-from pipelines.core import ddim
+from pipelines.core import ddim  # noqa: E402
 from pipelines.core.events import drain, run_to_end  # noqa: E402
 from training import evaluation, world  # noqa: E402
 

@@ -92,7 +92,8 @@ SD15_ID = "sd15-arch-random"
 SD15_LABEL = "SD1.5-architecture model (random weights, for benchmarking)"
 
 
-def build_sd15_random_model(device: torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0) -> LoadedModel:
+def build_sd15_random_model(device: torch.device | None = None, dtype: torch.dtype | None = None,
+                            seed: int = 0) -> LoadedModel:
     """SD1.5's UNet / VAE / CLIP-L text encoder configs with random weights, as a studio `LoadedModel`.
 
     The tokenizer is the tiny model's (a few hundred ids); the text encoder keeps SD's 49408-entry
@@ -427,14 +428,19 @@ def quartiles(xs):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full-size", action="store_true", help="SD1.5-architecture random model, 512x512 (meant for a GPU)")
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 20 tiny; 30 full-size on CUDA, 2 on CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 12 tiny; 10 full-size on CUDA, 1 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default: 2 tiny; 1 full-size on CUDA, 0 on CPU)")
+    ap.add_argument("--full-size", action="store_true",
+                    help="SD1.5-architecture random model, 512x512 (meant for a GPU)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="DDIM steps (default: 20 tiny; 30 full-size on CUDA, 2 on CPU)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds (default: 12 tiny; 10 full-size on CUDA, 1 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed warm-up rounds (default: 2 tiny; 1 full-size on CUDA, 0 on CPU)")
     ap.add_argument("--size", type=int, default=None, help="image side in px (default: the model's native resolution)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default on CPU: 1, which is far steadier on a small shared machine; 0 = torch's default)")
+                    help="torch CPU threads (default on CPU: 1, which is far steadier on a small shared machine; "
+                         "0 = torch's default)")
     ap.add_argument("--json", type=str, default=None, help="write all results to this JSON file")
     args = ap.parse_args(argv)
     for name in ("steps", "repeats"):
@@ -563,7 +569,8 @@ def main(argv=None) -> int:
     r_prev_cpu = [a / b for a, b in zip(cpu["ours_preview"], cpu["ours_nopreview"])]
     r_ours_cpu = [a / b for a, b in zip(cpu["ours_nopreview"], cpu["diffusers"])]
     r_loop = [a / b for a, b in zip(loop["ours_nopreview"], loop["diffusers"]) if a is not None and b is not None]
-    r_loop_prev = [a / b for a, b in zip(loop["ours_preview"], loop["ours_nopreview"]) if a is not None and b is not None]
+    r_loop_prev = [a / b for a, b in zip(loop["ours_preview"], loop["ours_nopreview"])
+                   if a is not None and b is not None]
     outside = {v: [x["outside_s"] for x in timed[v]] for v in VARIANTS}
     # Model-time-neutral ratio: the same modules on the same inputs cost the same, so only the time outside
     # them can differ; 1 + (extra outside time) / (reference total), paired per round.
@@ -590,8 +597,10 @@ def main(argv=None) -> int:
         ("  same, ratio of best (min) total times", fmt_ratio(min_ratio("ours_preview", "ours_nopreview")), "", "", ""),
         ("  same, process CPU time" + ("" if not on_cuda else " (host side only)"), fmt_ratio(median(r_prev_cpu)),
          iqr_txt(r_prev_cpu), "", "" if on_cuda else verdict(median(r_prev_cpu), TARGET_PREVIEW_OVERHEAD)),
-        ("  same, model-time-neutral (time outside UNet/text/VAE calls)", "n/a" if on_cuda else fmt_ratio(median(r_prev_neutral)),
-         "" if on_cuda else iqr_txt(r_prev_neutral), "", "" if on_cuda else verdict(median(r_prev_neutral), TARGET_PREVIEW_OVERHEAD)),
+        ("  same, model-time-neutral (time outside UNet/text/VAE calls)",
+         "n/a" if on_cuda else fmt_ratio(median(r_prev_neutral)),
+         "" if on_cuda else iqr_txt(r_prev_neutral), "",
+         "" if on_cuda else verdict(median(r_prev_neutral), TARGET_PREVIEW_OVERHEAD)),
         ("  one preview in isolation (preview_image), per step", fmt_s(preview_cost),
          f"(= {preview_frac * 100:.3g}% of a step)" if preview_frac is not None else "", "", ""),
         ("time to first preview (call -> first event with .preview)", fmt_s(median(ttfp)),
@@ -604,9 +613,12 @@ def main(argv=None) -> int:
         ("  same, ratio of best (min) total times", fmt_ratio(min_ratio("ours_nopreview", "diffusers")), "", "", ""),
         ("  same, process CPU time" + ("" if not on_cuda else " (host side only)"), fmt_ratio(median(r_ours_cpu)),
          iqr_txt(r_ours_cpu), "", "" if on_cuda else verdict(median(r_ours_cpu), TARGET_VS_DIFFUSERS)),
-        ("  same, model-time-neutral (time outside UNet/text/VAE calls)", "n/a" if on_cuda else fmt_ratio(median(r_ours_neutral)),
-         "" if on_cuda else iqr_txt(r_ours_neutral), "", "" if on_cuda else verdict(median(r_ours_neutral), TARGET_VS_DIFFUSERS)),
-        ("  ours with previews on / diffusers (total time)", fmt_ratio(median(r_ours_prev)), iqr_txt(r_ours_prev), "", ""),
+        ("  same, model-time-neutral (time outside UNet/text/VAE calls)",
+         "n/a" if on_cuda else fmt_ratio(median(r_ours_neutral)),
+         "" if on_cuda else iqr_txt(r_ours_neutral), "",
+         "" if on_cuda else verdict(median(r_ours_neutral), TARGET_VS_DIFFUSERS)),
+        ("  ours with previews on / diffusers (total time)", fmt_ratio(median(r_ours_prev)), iqr_txt(r_ours_prev),
+         "", ""),
         ("max abs pixel difference ours vs diffusers, same seed", f"{diff_px}", f"(previews on: {diff_px_prev})",
          f"== {TARGET_MAX_PIXEL_DIFF}", "PASS" if diff_px <= TARGET_MAX_PIXEL_DIFF else "FAIL"),
     ]
@@ -659,17 +671,20 @@ def main(argv=None) -> int:
            "increase = peak RSS minus RSS at run start (after gc + malloc_trim); "
            + ("sampled in the first timed round" if cpu_mem_in_timed_round else "separate untimed runs")),
         "diffusers runs use callback_on_step_end (timestamps at the first/last step"
-        + ("; casts the final latents to the fp32 VAE's dtype, as our decode does" if model.dtype != model.vae.dtype else "")
+        + ("; casts the final latents to the fp32 VAE's dtype, as our decode does"
+           if model.dtype != model.vae.dtype else "")
         + ")",
     ]
-    for what, xs, target in (("preview overhead", r_prev, TARGET_PREVIEW_OVERHEAD), ("ours/diffusers", r_ours, TARGET_VS_DIFFUSERS)):
+    for what, xs, target in (("preview overhead", r_prev, TARGET_PREVIEW_OVERHEAD),
+                             ("ours/diffusers", r_ours, TARGET_VS_DIFFUSERS)):
         lo, hi = quartiles(xs)
         if lo is not None and lo <= target < hi:
-            notes.append(f"NOISY: the {what} ratios' IQR [{lo:.3f} .. {hi:.3f}] straddles the {target:.2f}x target, so "
-                         "that wall-clock PASS/FAIL is not significant; trust the CPU-time and model-time-neutral rows, or "
-                         "rerun with more --repeats on a quieter machine")
+            notes.append(f"NOISY: the {what} ratios' IQR [{lo:.3f} .. {hi:.3f}] straddles the {target:.2f}x "
+                         "target, so that wall-clock PASS/FAIL is not significant; trust the CPU-time and "
+                         "model-time-neutral rows, or rerun with more --repeats on a quieter machine")
     if finite is not None and not finite:
-        notes.append("WARNING: the final latents are not finite (random weights overflowed); images compare NaN garbage")
+        notes.append("WARNING: the final latents are not finite (random weights overflowed); "
+                     "images compare NaN garbage")
     if args.full_size and not on_cuda:
         notes.append("full-size model on CPU: timings are indicative only; the mode is meant for a GPU")
     for n in notes:
@@ -713,10 +728,11 @@ def main(argv=None) -> int:
                 "pixels_identical": diff_px == 0, "final_latents_finite": finite,
                 "peak_memory": memory, "calls_per_run": calls,
             },
-            "raw": {v: [{k: x[k] for k in ("total_s", "cpu_s", "model_s", "outside_s", "loop_s_per_step", "loop_mean_s_per_step", "step_median_s",
-                                           "first_step_s", "first_preview_s")
+            "raw": {v: [{k: x[k] for k in ("total_s", "cpu_s", "model_s", "outside_s", "loop_s_per_step",
+                                           "loop_mean_s_per_step", "step_median_s", "first_step_s", "first_preview_s")
                          if k in x} for x in timed[v]] for v in VARIANTS},
-            "paired_ratios": {"preview_overhead": r_prev, "ours_vs_diffusers": r_ours, "loop_ours_vs_diffusers": r_loop},
+            "paired_ratios": {"preview_overhead": r_prev, "ours_vs_diffusers": r_ours,
+                              "loop_ours_vs_diffusers": r_loop},
             "wall_time_s": wall, "model_load_s": load_s,
         }
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))

@@ -179,7 +179,8 @@ def main(argv=None) -> dict:
           f"{total:>7.1f} min = {total / budget:.2f} x the {budget}-minute budget ({args.device}, {args.threads} "
           f"threads; the base model's stages)")
     for name, m in smooth.items():
-        print(f"{name:<22} {m:>20.1f} min = {m / SMOOTH_BUDGET_MIN:.2f} x its own {SMOOTH_BUDGET_MIN}-minute CPU budget")
+        print(f"{name:<22} {m:>20.1f} min = {m / SMOOTH_BUDGET_MIN:.2f} x its own "
+              f"{SMOOTH_BUDGET_MIN}-minute CPU budget")
     report = {"device": args.device, "threads": args.threads, "stage_minutes": minutes, "stage_bf16": bf16,
               "total_minutes": total, "budget_minutes": budget, "smooth_lora_minutes": smooth,
               "networks": [{"network": k[0], "batch": k[1], "frozen_encoder": k[2], **v} for k, v in measured.items()]}

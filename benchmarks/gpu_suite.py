@@ -474,9 +474,9 @@ def measure_smooth_lora_step(b: Bench) -> dict:
     if len(stamps) != steps:
         raise RuntimeError(f"expected {steps} optimiser steps, saw {len(stamps)}")
     intervals = [y - x for x, y in itertools.pairwise(stamps)]
-    return {"batch": b.plan.train_batch, "resolution": b.size, "mixed_precision": precision, "timed_steps": len(intervals),
-            "s_per_step": statistics.median(intervals), "steps_s": intervals, "run_seconds": result["seconds"],
-            "lora_parameters": result["lora_parameters"]}
+    return {"batch": b.plan.train_batch, "resolution": b.size, "mixed_precision": precision,
+            "timed_steps": len(intervals), "s_per_step": statistics.median(intervals), "steps_s": intervals,
+            "run_seconds": result["seconds"], "lora_parameters": result["lora_parameters"]}
 
 
 def write_caption_folder(folder: Path, size: int) -> Path:
@@ -595,8 +595,9 @@ def headline(name: str, fig: dict) -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nGPU suite ({report['mode']}) on {report['environment']['device_name']} [{report['environment']['device']}, "
-          f"{report['config']['dtype']}], {report['config']['size']}x{report['config']['size']}, "
+    print(f"\nGPU suite ({report['mode']}) on {report['environment']['device_name']} "
+          f"[{report['environment']['device']}, {report['config']['dtype']}], "
+          f"{report['config']['size']}x{report['config']['size']}, "
           f"torch {report['environment']['torch']}, diffusers {report['environment']['diffusers']}")
     for name, fig in report["figures"].items():
         print(f"  {name:<17} {fig['status']:<8} {fig.get('wall_s', 0):7.1f} s  {headline(name, fig)}")

@@ -173,7 +173,8 @@ def comparison_done(result: LoraComparison, total: int) -> Progress:
                             f"{result.lora}{ratio_text}")
 
 
-def _endpoints(model, p: InterpolationParams, cache: LRUCache | None, width: int, height: int) -> tuple[Endpoints, bool]:
+def _endpoints(model, p: InterpolationParams, cache: LRUCache | None,
+               width: int, height: int) -> tuple[Endpoints, bool]:
     prompt_a = check_prompt(p.prompt_a, "prompt A")
     prompt_b = (p.prompt_b or "").strip() or prompt_a
     seed_a, seed_b = resolve_seed(p.seed_a), resolve_seed(p.seed_b)

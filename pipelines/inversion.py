@@ -143,7 +143,8 @@ def invert_images(model, sources: Sequence[Image.Image], prompts: Sequence[str],
                                 method, schedule, groups, cancel)
         result = yield from _stream_nti(model, job, offset, total, preview)
         inv = Inversion(method, result.x_T, cond, result.nulls, float(p.guidance), steps, z0,
-                        result.reconstruction, [sum(l) for l in result.losses], result.counter.as_dict())
+                        result.reconstruction, [sum(group_losses) for group_losses in result.losses],
+                        result.counter.as_dict())
     if cache is not None:
         cache.put(key, inv)
     return inv, False

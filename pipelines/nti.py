@@ -101,7 +101,8 @@ def optimise_nulls(
 ) -> Generator[NullStep, None, NullTextInversion]:
     """Fits one null-text embedding per sampling step (and per group of images) to the pivot `trajectory`.
 
-    cond: (B, L, D) source prompt embeddings; null_init: (1 or B, L, D) start (the embedding of ""), unless the schedule starts from the prompt.
+    cond: (B, L, D) source prompt embeddings; null_init: (1 or B, L, D) start (the embedding of ""), unless the
+    schedule starts from the prompt.
     groups: lists of batch indices sharing one embedding (default: each image alone); a group's loss is the
     sum of its images' losses. The conditional prediction is computed once per step for the fit, as in the paper."""
     counter = counter if counter is not None else EvalCounter()

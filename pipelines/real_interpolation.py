@@ -143,4 +143,5 @@ def _sequence(model, a, b, prompt_a, prompt_b, inv_p, n_frames, cache, cancel, p
     ends, _ = yield from _endpoints(model, a, b, prompt_a, prompt_b, inv_p, cache, cancel, preview, total, offset)
     offset += inversion_cost(inv_p.method, inv_p.steps)
     return (yield from render_sequence(model, ends, n_frames, inv_p.steps, inv_p.guidance, cancel, preview, offset,
-                                       total, lambda eta: _meta(model, a, b, prompt_a, prompt_b, inv_p, eta), stem, fps))
+                                       total, lambda eta: _meta(model, a, b, prompt_a, prompt_b, inv_p, eta),
+                                       stem, fps))

@@ -62,7 +62,8 @@ class Studio:
     def start(self, source: str | None = None) -> Studio:
         """Loads the requested/default model; if it cannot load, falls back (embedded, then tiny) and says why."""
         wanted = source or default_source()
-        fallbacks = [wanted] + [s for s in (EMBEDDED_ID if embedded_available() else None, TINY_ID) if s and s != wanted]
+        fallbacks = [wanted] + [s for s in (EMBEDDED_ID if embedded_available() else None, TINY_ID)
+                                if s and s != wanted]
         errors = []
         for src in fallbacks:
             try:

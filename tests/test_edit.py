@@ -82,7 +82,8 @@ def test_p2p_local_blend_pastes_the_input_back_outside_its_region(tiny_model):
     # the random model's maps are nearly flat, hence the high threshold (a region that is neither empty nor all)
     blend = p2p.P2PSettings(blend_words=("red", "blue"), blend_threshold=0.94)
     kept = run_to_end(text_edit(tiny_model, img, _edit(method="p2p", p2p=blend), cache))
-    plain = run_to_end(text_edit(tiny_model, img, _edit(method="p2p", p2p=replace(blend, keep_background=False)), cache))
+    plain = run_to_end(text_edit(tiny_model, img,
+                                 _edit(method="p2p", p2p=replace(blend, keep_background=False)), cache))
     f = tiny_model.vae_factor
     cells = np.asarray(kept.mask)[::f, ::f] > 127
     assert 0 < cells.sum() < cells.size

@@ -103,7 +103,7 @@ def test_replace_gives_target_the_mapped_source_cross_attention(tiny_model):
     mapper = replace_mapper(tiny_model.tokenizer, SRC, TGT)
     cross = [c for c in calls if c[1]]
     assert len(cross) == 7 * STEPS  # every cross-attention layer at every step
-    for name, _, before, after in cross:
+    for _name, _, before, after in cross:
         assert before.shape[0] == 4  # [uncond src, uncond tgt, cond src, cond tgt]
         torch.testing.assert_close(after[-1], before[-2] @ mapper, rtol=0, atol=1e-6)
         assert torch.equal(after[:-1], before[:-1])  # unconditional half and source untouched
@@ -139,7 +139,7 @@ def test_refine_keeps_new_words_own_attention(tiny_model):
 def test_self_replace_only_in_coarse_layers(tiny_model):
     _, calls, _ = _controlled(tiny_model, SRC, TGT, _settings(mode="refine", self_replace_steps=1.0))
     coarse = fine = 0
-    for name, is_cross, before, after in calls:
+    for _name, is_cross, before, after in calls:
         if is_cross:
             continue
         if before.shape[2] <= HW[0] * HW[1] // 4:  # 8x8 layers of the 16x16 latent

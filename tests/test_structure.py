@@ -180,5 +180,6 @@ def test_the_core_imports_no_method():
     assert "pipelines.core.ddim" in core and "pipelines.core.models" in core
     found = [f"{path.relative_to(ROOT)}:{line} imports {target}" for module, path in core.items()
              for target, _, line in _imports(module, path)
-             if target.startswith("pipelines") and not (target == "pipelines.core" or target.startswith("pipelines.core."))]
+             if target.startswith("pipelines")
+             and not (target == "pipelines.core" or target.startswith("pipelines.core."))]
     assert not found, "\n".join(found)

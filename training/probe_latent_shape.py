@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
     x, y, _ = windows(vae, train[:args.train])
     xt, yt, sizes = windows(vae, [s for _, s in evaluation.held_out_scenes(args.test, 1)])
     net = nn.Sequential(nn.Conv2d(4, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
-                        nn.Flatten(), nn.Linear(64 * WINDOW * WINDOW, 128), nn.SiLU(), nn.Linear(128, len(world.SHAPES)))
+                        nn.Flatten(), nn.Linear(64 * WINDOW * WINDOW, 128), nn.SiLU(),
+                        nn.Linear(128, len(world.SHAPES)))
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     for _ in range(args.epochs):
         for idx in torch.randperm(len(x)).split(128):

@@ -211,7 +211,8 @@ def _train(args) -> dict:
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
     draw_p = kind_weights([edit.kind for _, edit in _triplet_stream(args.samples, args.seed)], args.oversample)
-    text_encoder = CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder").eval().requires_grad_(False)
+    text_encoder = (CLIPTextModel.from_pretrained(args.text_encoder or base / "text_encoder")
+                    .eval().requires_grad_(False))
     text_encoder.to(device)
     unet = instruct_unet_from(UNet2DConditionModel.from_pretrained(args.init_unet or base / "unet").float())
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids

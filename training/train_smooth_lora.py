@@ -341,7 +341,8 @@ def _train(args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             for model in models:
                 sd = get_peft_model_state_dict(accelerator.unwrap_model(model))
-                save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(Path(folder) / "lora.safetensors"))
+                save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                          str(Path(folder) / "lora.safetensors"))
             weights.clear()
 
     def load_hook(models, folder):

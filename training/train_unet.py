@@ -5,8 +5,8 @@
 
 Recipe (SD's, scaled down): epsilon prediction on SD1.5's noise schedule (scaled_linear 0.00085-0.012,
 1000 steps), uniform timesteps, 10% empty captions so classifier-free guidance works, AdamW, cosine LR,
-EMA weights (diffusers' EMAModel) for export. The CLIP text encoder trains from scratch jointly with the UNet (one loss); the
-tokenizer is a CLIP BPE tokenizer built from the world's vocabulary (other words still split into pieces).
+EMA weights (diffusers' EMAModel) for export. The CLIP text encoder trains from scratch jointly with the UNet (one
+loss); the tokenizer is a CLIP BPE tokenizer built from the world's vocabulary (other words still split into pieces).
 Latents come from the frozen VAE encoder once, cached in --out/data (safetensors).
 
 Writes into --out: checkpoint/ (accelerate's save_state folder, for --resume: the UNet (model.safetensors), the

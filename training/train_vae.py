@@ -67,7 +67,8 @@ def build_vae(arch: dict):
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,  # 2 downsamples: factor 4
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 2 downsamples: factor 4
+        up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=tuple(arch["block_out_channels"]), layers_per_block=arch["layers_per_block"],
         norm_num_groups=arch["norm_num_groups"],
     )
@@ -257,11 +258,12 @@ def export(out: Path, vae, args, world_eval, photo_eval, step: int, elapsed: flo
         vae.save_pretrained(partial, safe_serialization=True)
     fit_previewer(vae).save(out)
     size = sum(f.stat().st_size for f in final.glob("*.safetensors"))
-    report = {"step": step, "train_minutes": round(elapsed / 60, 2), **evaluate(vae, world_eval, photo_eval, 8 if args.tiny else 128),
+    report = {"step": step, "train_minutes": round(elapsed / 60, 2),
+              **evaluate(vae, world_eval, photo_eval, 8 if args.tiny else 128),
               "scaling_factor": float(vae.config.scaling_factor),
               "params": sum(p.numel() for p in vae.parameters()), "safetensors_mb": round(size / 1e6, 2),
               "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in arch_of(args).items()},
-              "photo_sources": {k: {"source": s, "licence": l} for k, (s, l) in data.PHOTOS.items()}}
+              "photo_sources": {k: {"source": s, "licence": licence} for k, (s, licence) in data.PHOTOS.items()}}
     (out / "vae_eval.json").write_text(json.dumps(report, indent=1))
     return report
 

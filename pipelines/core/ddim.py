@@ -38,7 +38,8 @@ def embedding_at(embeds: Embeds, i: int) -> torch.Tensor:
     return embeds if isinstance(embeds, torch.Tensor) else embeds[i]
 
 
-def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
+               guidance: float) -> torch.Tensor:
     """Classifier-free guided noise prediction; one batched UNet call, or cond only at guidance 1."""
     if uncond is None or guidance == 1.0:
         return unet(x, t, encoder_hidden_states=cond).sample
@@ -68,7 +69,8 @@ def sample(
     """DDIM (eta 0) from x_T down to x_0; yields after every step. start_index > 0 skips the noisiest steps
     (x_T is then the latent at timesteps[start_index], as in SDEdit or inversion to an intermediate t)."""
     def eps(x, t, k):
-        return guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
+        return guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k),
+                          guidance)
 
     return sample_with(eps, x_T, steps, scheduler_config, cancel, start_index)
 
@@ -133,6 +135,7 @@ def invert(
         t = int(ascending[i])
         k = len(ascending) - 1 - i  # the sampling step index that undoes this inversion step
         a_prev, a_t = alpha_cumprod(sched, t - stride), alpha_cumprod(sched, t)
-        eps = guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k), guidance)
+        eps = guided_eps(unet, x, t, embedding_at(cond, k), None if uncond is None else embedding_at(uncond, k),
+                         guidance)
         x, x0 = move(x, eps, a_prev, a_t)
         yield StepState(i, n, t, x, x0)

@@ -26,7 +26,8 @@ def user_mask(mask, size: tuple[int, int]) -> np.ndarray:
         if arr is None or arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise InputError(f"The mask must be an image or an array, got {type(mask).__name__}.")
         if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
-            arr = arr[..., 3] if arr.shape[2] == 4 else arr.any(axis=2) if arr.dtype == bool else np.abs(arr).max(axis=2)
+            arr = (arr[..., 3] if arr.shape[2] == 4
+                   else arr.any(axis=2) if arr.dtype == bool else np.abs(arr).max(axis=2))
         if arr.ndim != 2 or arr.size == 0:
             raise InputError(f"The mask must be a 2-D image, got an array of shape {arr.shape}.")
         arr = arr if arr.dtype == bool else np.nan_to_num(arr.astype(np.float64)) > 0
@@ -69,5 +70,6 @@ def paste_outside(edited: Image.Image, background: Image.Image, cells: np.ndarra
         k = 2 * int(feather) + 1  # the box mean reaches `feather` pixels past the region's edge
         region = np.maximum(region, cv2.blur(region, (k, k), borderType=cv2.BORDER_REPLICATE))
     a = region[..., None]
-    out = a * np.asarray(edited.convert("RGB"), np.float32) + (1 - a) * np.asarray(background.convert("RGB"), np.float32)
+    out = (a * np.asarray(edited.convert("RGB"), np.float32)
+           + (1 - a) * np.asarray(background.convert("RGB"), np.float32))
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))

@@ -90,7 +90,8 @@ class LoadedModel:
         Loaded once and shared, read-only, like the other components."""
         if self.is_instruct:
             return self.unet
-        if self._instruct is None and self.folder is not None and (self.folder / INSTRUCT_SUBFOLDER / "config.json").is_file():
+        if (self._instruct is None and self.folder is not None
+                and (self.folder / INSTRUCT_SUBFOLDER / "config.json").is_file()):
             from diffusers import UNet2DConditionModel
 
             unet = UNet2DConditionModel.from_pretrained(self.folder / INSTRUCT_SUBFOLDER, dtype=self.dtype,

@@ -120,7 +120,8 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     instruct = UNet2DConditionModel.from_config({**unet.config, "in_channels": 8})
     with torch.no_grad():
         state = unet.state_dict()
-        state["conv_in.weight"] = torch.cat([state["conv_in.weight"], 0.5 * torch.randn_like(state["conv_in.weight"])], 1)
+        state["conv_in.weight"] = torch.cat([state["conv_in.weight"],
+                                             0.5 * torch.randn_like(state["conv_in.weight"])], 1)
         instruct.load_state_dict(state)
     # A small output layer (diffusion UNets often zero-init it) keeps a random model's DDIM trajectories
     # stable: inversion then reconstruction round-trips at ~30 dB instead of ~18 dB.
@@ -147,7 +148,8 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(tmp, safe_serialization=True)
     instruct.save_pretrained(tmp / "unet_instruct", safe_serialization=True)
     fit_previewer(vae).save(tmp)
-    (tmp / "studio_model.json").write_text(json.dumps({"label": TINY_LABEL, "random_weights": True, "version": TINY_VERSION}))
+    (tmp / "studio_model.json").write_text(json.dumps({"label": TINY_LABEL, "random_weights": True,
+                                                       "version": TINY_VERSION}))
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()

@@ -1,6 +1,7 @@
 """DragDiffusion's identity-preserving LoRA: a peft adapter on the UNet's attention projections, trained for a
-few steps on the one image with its prompt. The drag adds it inside `peft_state_restored` (pipelines/core/peft_state.py),
-which removes it again however the drag ends. Trained adapters are cached as peft state dicts.
+few steps on the one image with its prompt. The drag adds it inside `peft_state_restored`
+(pipelines/core/peft_state.py), which removes it again however the drag ends. Trained adapters are cached as
+peft state dicts.
 """
 from __future__ import annotations
 

@@ -208,7 +208,8 @@ def validate_drag(model, p: DragParams) -> DragSettings:
         raise InputError(f"A loaded LoRA is named {ADAPTER!r}, the name the drag uses for its own: reload it under "
                          f"another name.")
     if s.smooth_lora and SMOOTH_NAME not in model.loras:
-        raise InputError("The Smooth LoRA is not loaded: load it first (Model and LoRA), or untick 'Use the Smooth LoRA during the drag'.")
+        raise InputError("The Smooth LoRA is not loaded: load it first (Model and LoRA), or untick "
+                         "'Use the Smooth LoRA during the drag'.")
     return s
 
 

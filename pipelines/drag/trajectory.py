@@ -2,9 +2,9 @@
 reference's "Editing Generated Image" tab keeps every intermediate latent for the same reason).
 
 `generate(..., trajectories=cache)` records (ddim.recorded) x_T and the latent after every DDIM step, with the
-embeddings and guidance, under the output image's content hash; `drag(..., cache=cache)` finds it for the same pixels. The
-trajectories share one slot of the caller's cache (their own small LRU), so a burst of generations cannot evict
-the trained LoRAs and inversions that live in the same cache.
+embeddings and guidance, under the output image's content hash; `drag(..., cache=cache)` finds it for the same pixels.
+The trajectories share one slot of the caller's cache (their own small LRU), so a burst of generations cannot
+evict the trained LoRAs and inversions that live in the same cache.
 """
 from __future__ import annotations
 
