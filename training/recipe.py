@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from training.schedule import refuse_bad_device  # noqa: E402
+from training.schedule import end_processes, refuse_bad_device  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_processes()  # under accelerate launch: the stages share one process group

@@ -73,7 +73,8 @@ def precision(accelerator):
 def own_accelerate_state():
     """accelerate keeps one process-wide state; training/recipe.py (and the tests) run several trainers in one
     process, each with its own precision, so each run starts from a fresh one and leaves none behind (as
-    train_smooth_lora.py does)."""
+    train_smooth_lora.py does). The process group of a multi-process run stays (no `end_training`): the next trainer
+    in the same process joins it again, where a second rendezvous would hang; end_processes() ends it."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -83,6 +84,12 @@ def own_accelerate_state():
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def end_processes() -> None:
+    """At the end of a trainer run as a script (under `accelerate launch`, the process group goes)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def accelerator_for(args):

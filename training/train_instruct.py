@@ -39,6 +39,7 @@ from training.schedule import (  # noqa: E402
     after_optimizer_step,
     cache_source,
     data_dir,
+    end_processes,
     load_cache,
     lr_schedule,
     own_accelerate_state,
@@ -207,7 +208,6 @@ def _train(args) -> dict:
         object_maps = build_object_maps(cache, args.samples, args.seed, data["target"].shape[-1]) \
             if args.object_weight and not args.data_only else None
     if args.data_only:
-        accelerator.end_training()
         return {"triplets": len(data["target"])}
     source, target, ids_all = data["source"], data["target"], data["ids"].long()
     draw_p = kind_weights([edit.kind for _, edit in _triplet_stream(args.samples, args.seed)], args.oversample)
@@ -288,9 +288,9 @@ def _train(args) -> dict:
             with_ema().save_pretrained(partial, safe_serialization=True)
         print(json.dumps(report), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return report
 
 
 if __name__ == "__main__":
     main()
+    end_processes()

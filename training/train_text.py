@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 from training import checkpoint, world  # noqa: E402
 from training.schedule import (  # noqa: E402
     after_optimizer_step,
+    end_processes,
     lr_schedule,
     own_accelerate_state,
     parse_run_args,
@@ -283,9 +284,9 @@ def _train(args) -> dict:
         save_file({k: v.cpu() for k, v in heads.state_dict().items()}, out / "heads.safetensors")
         print(json.dumps(row), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return row
 
 
 if __name__ == "__main__":
     main()
+    end_processes()

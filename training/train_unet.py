@@ -44,6 +44,7 @@ from training.schedule import (  # noqa: E402
     cache_source,
     cpu_randn,
     data_dir,
+    end_processes,
     load_cache,
     lr_schedule,
     own_accelerate_state,
@@ -447,9 +448,9 @@ def _train(args) -> dict:
         report["model"] = str(export(out, args, *with_ema(), tokenizer, args.vae))
         print(json.dumps(report), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return report
 
 
 if __name__ == "__main__":
     main()
+    end_processes()

@@ -42,6 +42,7 @@ from training.schedule import (  # noqa: E402
     after_optimizer_step,
     autocast,
     cpu_randn,
+    end_processes,
     lr_schedule,
     own_accelerate_state,
     parse_run_args,
@@ -353,9 +354,9 @@ def _train(args) -> dict:
         report = export(out, vae, args, world_eval, photo_eval, run.step, run.seconds())
         print(json.dumps({k: v for k, v in report.items() if k != "photo_sources"}), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return report
 
 
 if __name__ == "__main__":
     main()
+    end_processes()
