@@ -56,7 +56,7 @@ class Stage:
 
 
 CHECKPOINT_EVERY = 500  # steps; at most a few minutes are lost to an interruption
-# bfloat16 autocast (on the CPU with the plain attention kernel, training/schedule.autocast) in every trainer, each
+# bfloat16 autocast (on the CPU with the plain attention kernel, training/schedule.precision) in every trainer, each
 # checked against float32 on the same draws, one thread per run. Session 15: VAE stage 1, 2000 steps: world PSNR
 # 29.1 vs 28.6 dB, 1.22x faster. Session 16: UNet from scratch, 1500 steps: loss 0.0106 vs 0.0106, 1.55x;
 # InstructPix2Pix, 1500 steps continuing the committed UNet: eval edits equal to 0.01 dB (background kept objects

@@ -148,8 +148,8 @@ def start_accelerated_run(args):
     checkpoint holds. Each process of a multi-process run seeds both generators with --seed + its index."""
     from accelerate.utils import set_seed
 
-    torch.set_num_threads(args.threads)
     accelerator = accelerator_for(args)
+    torch.set_num_threads(args.threads)  # after it: CPU processes without OMP_NUM_THREADS get accelerate's count
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed, device_specific=True)
