@@ -23,6 +23,11 @@ import types
 import typing
 from pathlib import Path
 
+try:  # on a ZeroGPU Space `spaces` must be imported before torch, which the job commands' parsers import
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +53,6 @@ def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def serve(args: argparse.Namespace) -> None:
-    try:  # on a ZeroGPU Space `spaces` must be imported before torch initialises CUDA
-        import spaces  # noqa: F401
-    except ImportError:
-        pass
     logging.basicConfig(level=logging.INFO)
 
     from app.hosting import Hosting, launch_kwargs, queue_kwargs

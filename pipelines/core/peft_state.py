@@ -52,12 +52,9 @@ def peft_state_restored(unet):
         if added:
             with quiet_peft():
                 unet.delete_adapters(added)
-        if not adapters:  # no adapter before: no peft layer or bookkeeping either
-            unwrap_unused_layers(unet)
-        for name, layer in tuner_layers(unet).items():
-            if name not in layers:  # wrapped only for the adapters just deleted: put the plain module back
-                parent, _, child = name.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+        # layers wrapped only for the adapters just deleted hold none now: the plain module goes back (and with
+        # no adapter before, peft's layers and bookkeeping go entirely)
+        unwrap_unused_layers(unet)
         for name, layer in tuner_layers(unet).items():
             disabled, active, scaling = layers[name]
             layer.set_adapter(active)           # also flips requires_grad: restored below
