@@ -72,8 +72,8 @@ def precision(accelerator):
 @contextlib.contextmanager
 def own_accelerate_state():
     """accelerate keeps one process-wide state; training/recipe.py (and the tests) run several trainers in one
-    process, each with its own precision, so each run starts from a fresh one and leaves none behind (as
-    train_smooth_lora.py does). The process group of a multi-process run stays (no `end_training`): the next trainer
+    process, each with its own precision (the Smooth LoRA trainer too), so each run starts from a fresh one and
+    leaves none behind. The process group of a multi-process run stays (no `end_training`): the next trainer
     in the same process joins it again, where a second rendezvous would hang; end_processes() ends it."""
     from accelerate.state import AcceleratorState, GradientState
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from training.schedule import own_accelerate_state  # noqa: E402
 from training.smooth_reg import VariationTarget, smooth_losses  # noqa: E402
 
 DEFAULT_BASE = ROOT / "assets" / "model"
@@ -285,15 +286,8 @@ class RunState:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-wide state; training/recipe.py (and the tests) run several trainings in one
-    # process, each with its own precision, so each run starts from a fresh one and leaves none behind
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
+    with own_accelerate_state():  # a fresh accelerate state per run, none left behind (training/schedule.py)
         return _train(args)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(args: argparse.Namespace) -> dict:
