@@ -127,27 +127,21 @@ def _open(source) -> Image.Image:
 def _header_size(fp) -> tuple[int, int] | None:
     """The stored size of an image that Pillow's bomb guard refused to open: the format's registered opener
     (Image.register_open's registry) still reads the header, which is all a size message needs."""
-    for fmt in FORMATS:
-        factory, accept = Image.OPEN.get(fmt, (None, None))
-        if factory is None:
-            continue
-        try:
-            with open(fp, "rb") if isinstance(fp, Path) else _rewound(fp) as f:
-                if accept is not None and not accept(f.read(16)):
-                    continue
+    with open(fp, "rb") if isinstance(fp, Path) else io.BytesIO(fp.getvalue()) as f:
+        prefix = f.read(16)
+        for fmt in FORMATS:
+            factory, accept = Image.OPEN.get(fmt, (None, None))
+            if factory is None or (accept is not None and not accept(prefix)):
+                continue
+            try:
                 f.seek(0)
                 img = factory(f, "")
                 size = img.size
                 img.close()
                 return size
-        except Exception:  # another format's header, or a broken one
-            continue
+            except Exception:  # a broken header
+                continue
     return None
-
-
-def _rewound(fp: io.BytesIO) -> io.BytesIO:
-    fp.seek(0)
-    return io.BytesIO(fp.getbuffer())
 
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
