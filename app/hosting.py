@@ -107,6 +107,7 @@ def blocked_paths() -> list[str]:
     return [str(REPO_ROOT / n) for n in names]
 
 
+STATIC = Path(__file__).resolve().parent / "static"   # the page's own CSS and script
 BODY_LIMIT = 2 * 2**20   # bytes of any request body other than a file upload: prompts, settings, points
 
 
@@ -157,7 +158,8 @@ def launch_kwargs(sessions=None) -> dict:
     # Pillow's own bomb guard for any decoder Gradio runs itself: it refuses images over twice our pixel cap
     # (our header checks refuse anything over the cap before decoding).
     Image.MAX_IMAGE_PIXELS = get_limits().max_pixels
-    return dict(show_error=False, enable_monitoring=False, max_file_size=get_limits().max_upload_bytes,
+    return dict(css_paths=[STATIC / "studio.css"], js=(STATIC / "studio.js").read_text(encoding="utf-8"),
+                show_error=False, enable_monitoring=False, max_file_size=get_limits().max_upload_bytes,
                 blocked_paths=blocked_paths(), footer_links=["api", "settings"], ssr_mode=False,
                 app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=BODY_LIMIT),
                                            Middleware(Gateway, admission=admission)]})
