@@ -69,11 +69,12 @@ def build(ctx: Context) -> DragTab:
                 r_prompt = gr.Textbox(label="Prompt (optional: describing the image)", elem_id="drag-prompt")
                 with gr.Accordion("Drag settings", open=False):
                     with gr.Row():
-                        r_lora_steps = gr.Slider(0, 300, value=80, step=1, label="LoRA steps (0 = no LoRA)")
+                        r_lora_steps = gr.Slider(0, 300, value=80, step=1, label="LoRA steps (0 = no LoRA)",
+                                                 elem_id="drag-lora-steps")
                         r_lora_rank = gr.Slider(1, 64, value=16, step=1, label="LoRA rank")
                         r_lora_lr = gr.Number(5e-4, label="LoRA learning rate")
                     with gr.Row():
-                        r_iters = gr.Slider(1, 300, value=80, step=1, label="Drag iterations")
+                        r_iters = gr.Slider(1, 300, value=80, step=1, label="Drag iterations", elem_id="drag-iters")
                         r_latent_lr = gr.Number(0.01, label="Latent learning rate")
                         r_lambda = gr.Slider(0, 1, value=0.1, step=0.01, label="Mask term lambda")
                     with gr.Row():

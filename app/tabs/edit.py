@@ -39,11 +39,11 @@ def build(ctx: Context) -> EditTab:
                 tgt = gr.Textbox(label="Target prompt (describing the edit)", elem_id="edit-target-prompt")
                 method = gr.Radio([("Threshold r (prompt switch)", "threshold"), ("Prompt-to-Prompt", "p2p")],
                                   value="threshold", label="Edit method", elem_id="edit-method")
-                r = gr.Slider(0, 1, value=0.8, step=0.05, label="Threshold r",
+                r = gr.Slider(0, 1, value=0.8, step=0.05, label="Threshold r", elem_id="edit-r",
                               info="Source prompt while t > T·r, target prompt after (0 = reconstruction)")
-                inv, inner, force = inversion_controls("edit", EditParams.inversion)
+                inv, inner, force = inversion_controls("edit-inv", EditParams.inversion)
                 with gr.Row():
-                    steps = steps_slider(50)
+                    steps = steps_slider(50, "edit-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 lora = ctx.lora_controls("edit")
                 with gr.Accordion("Prompt-to-Prompt", open=False) as p2p:

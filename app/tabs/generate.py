@@ -28,7 +28,7 @@ def build(ctx: Context) -> GenerateTab:
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
                 neg = gr.Textbox(label="Negative prompt")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="gen-seed")
                     steps = steps_slider(30, "gen-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():

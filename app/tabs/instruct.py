@@ -38,11 +38,12 @@ def build(ctx: Context) -> InstructTab:
                                   elem_id="ip2p-instruction")
                 with gr.Row():
                     steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
-                                      label="Steps")
+                                      label="Steps", elem_id="ip2p-steps")
                     sched = gr.Radio([(label, key) for key, label in SCHEDULERS.items()], value="euler_a",
                                      label="Sampler")
                 with gr.Row():
-                    seed_mode = gr.Radio([FIX_SEED, RANDOM_SEED], value=RANDOM_SEED, label="Seed mode")
+                    seed_mode = gr.Radio([FIX_SEED, RANDOM_SEED], value=RANDOM_SEED, label="Seed mode",
+                                         elem_id="ip2p-seed-mode")
                     seed = gr.Number(1371, label="Seed", precision=0, elem_id="ip2p-seed")
                 with gr.Row():
                     cfg_mode = gr.Radio([FIX_CFG, RANDOM_CFG], value=FIX_CFG, label="CFG mode",

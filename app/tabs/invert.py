@@ -51,7 +51,7 @@ def build(ctx: Context) -> InvertTab:
                 prompt = gr.Textbox(label="Prompt describing the image (empty = unconditional)")
                 method, inner, force = inversion_controls("inv")
                 with gr.Row():
-                    steps = steps_slider(50)
+                    steps = steps_slider(50, "inv-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Reconstruction guidance w",
                                      info="Null-text methods fit their null embeddings to this w")
                 inv_g = gr.Slider(0, 20, value=1.0, step=0.1, label="Inversion guidance (DDIM only)",

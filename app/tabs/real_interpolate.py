@@ -29,12 +29,13 @@ def build(ctx: Context) -> None:
                 prompt_b = gr.Textbox(label="Prompt B (describing image B; empty = prompt A)")
                 method, inner, force = inversion_controls("rint")
                 with gr.Row():
-                    steps = steps_slider(50)
+                    steps = steps_slider(50, "rint-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 lora = ctx.lora_controls("rint")
                 eta = gr.Slider(0, 1, value=0.5, step=0.01, label="Interpolation ratio eta (scrub me)",
                                 elem_id="rint-eta")
-                frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence")
+                frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence",
+                                   elem_id="rint-frames")
                 with gr.Row():
                     run = gr.Button("Render frame", variant="primary", elem_id="rint-frame")
                     seq = gr.Button("Render sequence", elem_id="rint-seq")

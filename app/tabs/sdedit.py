@@ -38,11 +38,11 @@ def build(ctx: Context) -> None:
                                      elem_id="sdedit-strength")
                 with gr.Row():
                     steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
-                                      label="Steps (full schedule)")
+                                      label="Steps (full schedule)", elem_id="sdedit-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                    repeats = gr.Slider(1, 8, value=1, step=1, label="Repeats N (candidates)")
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="sdedit-seed")
+                    repeats = gr.Slider(1, 8, value=1, step=1, label="Repeats N (candidates)", elem_id="sdedit-repeats")
                     keep = gr.Checkbox(False, label="Keep unpainted regions (masked SDEdit)")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="sdedit-run")
