@@ -55,7 +55,7 @@ def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
 
-    from app.hosting import Hosting, launch_kwargs, queue_kwargs
+    from app.hosting import Hosting, calm_queue, launch_kwargs, queue_kwargs
     from app.sessions import SessionRegistry
     from app.ui import build_demo
     from pipelines.core.errors import InputError
@@ -76,6 +76,7 @@ def serve(args: argparse.Namespace) -> None:
     sessions = SessionRegistry()
     demo = build_demo(studio, sessions, hosting)
     demo.queue(**queue_kwargs())
+    calm_queue(demo)
     demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(sessions))
 
 
