@@ -3,6 +3,7 @@ job runner, the hand-off store, and the controls that follow the active model (s
 model panel can update them in every tab."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import gradio as gr
@@ -13,7 +14,7 @@ from pipelines.core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
 from pipelines.inversion import METHODS as INVERSION_METHODS
 from pipelines.studio import Studio
 
-from . import runner
+from . import pnginfo, runner
 from .hosting import Hosting
 from .sessions import SessionRegistry
 
@@ -95,6 +96,7 @@ class Context:
         self.guidance: list[gr.Slider] = []          # set to the model's recommended guidance (Instruct's sT, sI)
         self.loras: list[LoraControls] = []
         self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
+        self.restore: dict[str, pnginfo.TabParams] = {}  # tab id -> its controls by parameter key (PNG info)
 
     # -------------------------------------------------------------- the model a request runs on
     def engine(self, request) -> Studio:
@@ -188,3 +190,55 @@ class Context:
     def lora_updates(self, request=None) -> list:
         return lora_control_updates(self.engine(request).model, len(self.loras),
                                     sum(lora.compare is not None for lora in self.loras), len(self.drag_smooth))
+
+    # -------------------------------------------------------------- PNG info: settings restored from parameters
+    def restorable(self, tab_id: str, lora: LoraControls | None = None, **controls) -> gr.File:
+        """Registers the tab's controls by parameter key (the studio's metadata keys: prompt, negative_prompt,
+        seed, steps, guidance, width, height, ...; `lora` adds use_lora, lora_strength and lora_adapter) and
+        puts the "Restore settings from a PNG" drop box here, with its note (app/pnginfo.py)."""
+        if lora is not None:
+            controls.update(use_lora=lora.use, lora_strength=lora.strength, lora_adapter=lora.menu)
+        tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora)
+        tab.drop = gr.File(label=pnginfo.DROP_LABEL, file_types=[".png"], file_count="single", height=64,
+                           elem_id=f"{tab_id}-restore-png", elem_classes=["restore-png"])
+        tab.note = gr.Markdown("", elem_id=f"{tab_id}-restore-note")
+
+        def restore_png(file, request: gr.Request):
+            return self.restore_from_upload(tab_id, file, request)
+
+        tab.drop.upload(restore_png, [tab.drop], self.restore_outputs(tab_id) + [tab.drop, tab.note],
+                        preprocess=False, queue=False, api_visibility="private")
+        return tab.drop
+
+    def restore_outputs(self, tab_id: str) -> list:
+        """The components restore_updates' list updates, in its order."""
+        return self.restore[tab_id].outputs()
+
+    def restore_updates(self, tab_id: str, params: dict, request=None) -> tuple[list, str]:
+        """(one update per component of restore_outputs(tab_id), note): the tab's controls set from a
+        metadata dict (a studio "studio" JSON or a parsed A1111 text); the note says what was restored,
+        clamped or skipped. The tab's note Markdown is `ctx.restore[tab_id].note`."""
+        model = self.engine(request).model
+        updates, note = pnginfo.restore_updates(self.restore[tab_id], params, list(model.loras))
+        for key, update in zip(self.restore[tab_id].controls, updates, strict=True):
+            if key == "lora_adapter" and isinstance(update, dict) and "value" in update:
+                use = updates[list(self.restore[tab_id].controls).index("use_lora")]
+                if isinstance(use, dict):
+                    use["label"] = use_label(update["value"])
+        made_with = params.get("model") if isinstance(params, dict) else None
+        if made_with and str(made_with) != model.id:
+            note += f" It was made with the model '{made_with}' (active: '{model.id}')."
+        return updates, note
+
+    def restore_from_upload(self, tab_id: str, file, request=None) -> tuple:
+        """The drop box's handler: the tab's updates, the cleared drop box and the note; a file that is not
+        an uploaded PNG with parameters only changes the note."""
+        try:
+            updates, note = self.restore_updates(tab_id, pnginfo.read_upload(file), request)
+        except InputError as exc:
+            updates, note = [gr.skip() for _ in self.restore_outputs(tab_id)], f"⚠️ {exc}"
+        except Exception:  # noqa: BLE001 - a hostile file never shows a traceback; the log has it
+            logging.getLogger(__name__).exception("restoring settings from a PNG failed")
+            updates = [gr.skip() for _ in self.restore_outputs(tab_id)]
+            note = "⚠️ The PNG's parameters could not be read."
+        return (*updates, gr.update(value=None), note)

@@ -28,7 +28,7 @@ def test_format_parameters_a1111_layout():
     assert format_parameters(PARAMS) == (
         "a red fox in the snow, golden hour\n"
         "Negative prompt: blurry, low quality\n"
-        "Steps: 30, Guidance: 7.5, Seed: 1234, Lora strength: 0.8, Sampler: DDIM"
+        "Steps: 30, CFG scale: 7.5, Seed: 1234, Lora strength: 0.8, Sampler: DDIM"
     )
 
 
@@ -117,11 +117,11 @@ def test_a1111_parameters_only(tmp_path):
         "negative_prompt": "lowres, bad anatomy",
         "steps": "20",
         "sampler": "Euler a",
-        "cfg_scale": "7",
+        "guidance": "7",
         "seed": "42",
         "size": "512x768",
         "lora_hashes": "detail: abc123, style: def456",
-        "denoising_strength": "0.4",
+        "strength": "0.4",
     }
 
 

@@ -45,6 +45,8 @@ def build(ctx: Context) -> None:
                         steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
                                           label="Steps")
                         guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
+                ctx.restorable("diffedit", prompt=target, source_prompt=source, threshold=threshold, encode_ratio=ratio,
+                               mask_strength=mask_strength, mask_draws=draws, seed=seed, steps=steps, guidance=guid)
                 with gr.Row():
                     mask_btn = gr.Button("1. Estimate mask", elem_id="diffedit-mask")
                     run = gr.Button("2. Apply edit", variant="primary", elem_id="diffedit-run")

@@ -93,6 +93,10 @@ def build(ctx: Context) -> DragTab:
                                               "colours hold on long drags and small images. Needs a painted region. "
                                               "Try it with LoRA steps 0: the LoRA remembers the old layout.",
                                          elem_id="drag-warm")
+                ctx.restorable("drag", prompt=r_prompt, lora_steps=r_lora_steps, lora_rank=r_lora_rank,
+                               lora_lr=r_lora_lr, drag_iterations=r_iters, latent_lr=r_latent_lr, mask_weight=r_lambda,
+                               inversion_strength=r_strength, feature_block=r_block, r1=r_r1, r2=r_r2,
+                               smooth_lora=r_smooth, warm_start=r_warm)
                 with gr.Row():
                     r_undo = gr.Button("Undo last point", elem_id="drag-undo")
                     r_clear = gr.Button("Clear points", elem_id="drag-clear")

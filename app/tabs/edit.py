@@ -66,6 +66,11 @@ def build(ctx: Context) -> EditTab:
                                                  label="Keep the input outside the blend region",
                                                  info="The decoder spreads the edit over the whole image; "
                                                       "this pastes the input back outside the region")
+                ctx.restorable("edit", source_prompt=src, prompt=tgt, edit_method=method, r=r, inversion=inv,
+                               inner_steps=inner, steps=steps, guidance=guid, lora=lora, p2p_mode=mode,
+                               cross_replace_steps=cross, self_replace_steps=self_, reweight_words=rw_words,
+                               reweight_scale=rw_scale, blend_words=blend, blend_threshold=blend_t,
+                               keep_background=blend_keep)
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")

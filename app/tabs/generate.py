@@ -34,6 +34,8 @@ def build(ctx: Context) -> GenerateTab:
                 with gr.Row():
                     w, h = ctx.size_slider("Width"), ctx.size_slider("Height")
                 lora = ctx.lora_controls("gen")
+                ctx.restorable("generate", prompt=prompt, negative_prompt=neg, seed=seed, steps=steps, guidance=guid,
+                               width=w, height=h, lora=lora)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")

@@ -56,6 +56,8 @@ def build(ctx: Context) -> InstructTab:
                     image_g = gr.Slider(0, 5, value=image_g, step=0.05, label="Image guidance sI",
                                         elem_id="ip2p-image-guidance")
                     ctx.guidance += [text_g, image_g]  # a model switch sets them to its recommended scales
+                ctx.restorable("instruct", instruction=text, steps=steps, scheduler=sched, seed=seed,
+                               text_guidance=text_g, image_guidance=image_g)
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="ip2p-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="ip2p-stop")

@@ -42,6 +42,9 @@ def build(ctx: Context) -> InterpolateTab:
                                 elem_id="int-eta")
                 frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence",
                                    elem_id="int-frames")
+                ctx.restorable("interpolate", prompt=prompt_a, prompt_b=prompt_b, negative_prompt=neg, seed_a=seed_a,
+                               seed_b=seed_b, steps=steps, guidance=guid, width=w, height=h, lora=lora,
+                               interpolation_eta=eta)
                 with gr.Row():
                     run = gr.Button("Render frame", variant="primary", elem_id="int-frame")
                     seq = gr.Button("Render sequence", elem_id="int-seq")

@@ -58,6 +58,8 @@ def build(ctx: Context) -> InvertTab:
                                   info="Only DDIM inversion uses it: null-text and negative-prompt "
                                        "inversion always invert at 1")
                 lora = ctx.lora_controls("inv")
+                ctx.restorable("invert", prompt=prompt, inversion=method, inner_steps=inner, steps=steps, guidance=guid,
+                               inversion_guidance=inv_g, lora=lora)
                 with gr.Row():
                     run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="inv-stop")

@@ -36,6 +36,8 @@ def build(ctx: Context) -> None:
                                 elem_id="rint-eta")
                 frames = gr.Slider(2, get_limits().max_frames, value=11, step=1, label="Frames in sequence",
                                    elem_id="rint-frames")
+                ctx.restorable("interpolate-images", prompt=prompt_a, prompt_b=prompt_b, inversion=method,
+                               inner_steps=inner, steps=steps, guidance=guid, lora=lora, interpolation_eta=eta)
                 with gr.Row():
                     run = gr.Button("Render frame", variant="primary", elem_id="rint-frame")
                     seq = gr.Button("Render sequence", elem_id="rint-seq")

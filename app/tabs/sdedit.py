@@ -44,6 +44,8 @@ def build(ctx: Context) -> None:
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="sdedit-seed")
                     repeats = gr.Slider(1, 8, value=1, step=1, label="Repeats N (candidates)", elem_id="sdedit-repeats")
                     keep = gr.Checkbox(False, label="Keep unpainted regions (masked SDEdit)")
+                ctx.restorable("sdedit", prompt=prompt, negative_prompt=neg, strength=strength, steps=steps,
+                               guidance=guid, seed=seed, repeats=repeats, masked=keep)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="sdedit-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="sdedit-stop")

@@ -1,0 +1,199 @@
+"""PNG info: a tab's controls restored from a studio or A1111 PNG, through the drop box's handler (the upload
+checks of app/uploads.py included) and through Context.restore_updates, which the history gallery uses."""
+from __future__ import annotations
+
+import json
+import zlib
+
+import gradio as gr
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from pipelines.core.metadata import save_png, with_metadata
+
+A1111_TXT2IMG = (
+    "masterpiece, a castle on a hill, <lora:detail:0.6>\n"
+    "Negative prompt: lowres, bad anatomy\n"
+    'Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, '
+    'Model hash: abc123, Model: v1-5-pruned, Lora hashes: "detail: abc123, style: def456", Version: v1.10.1'
+)
+
+
+@pytest.fixture(scope="module")
+def ctx(studio):
+    """Every tab built over one Context (as app/ui.py builds them), for its restore registry."""
+    from app.context import Context
+    from app.hosting import Hosting
+    from app.sessions import SessionRegistry
+    from app.tabs import diffedit, drag, edit, generate, instruct, interpolate, invert, real_interpolate, sdedit
+
+    context = Context(studio, SessionRegistry(), Hosting())
+    with gr.Blocks():
+        with gr.Tabs() as context.tabs:
+            for tab in (generate, interpolate, real_interpolate, invert, edit, instruct, diffedit, sdedit, drag):
+                tab.build(context)
+    return context
+
+
+@pytest.fixture
+def upload_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "gradio_uploads"
+    folder.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
+    return folder
+
+
+def png_with_text(path, chunks: dict, size=(8, 8)):
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    Image.new("RGB", size, (10, 20, 30)).save(path, pnginfo=info)
+    return path
+
+
+def values(ctx, tab_id: str, updates: list) -> dict:
+    """{parameter key: value} of the updates that set a value (gr.skip() leaves a control as it is)."""
+    keys = list(ctx.restore[tab_id].controls)
+    assert len(updates) == len(keys) == len(ctx.restore_outputs(tab_id))
+    return {k: u["value"] for k, u in zip(keys, updates, strict=True) if isinstance(u, dict) and "value" in u}
+
+
+def drop(ctx, tab_id: str, path) -> tuple[dict, str]:
+    """The drop box's handler on an upload payload as Gradio sends it (preprocess=False)."""
+    *updates, box, note = ctx.restore_from_upload(tab_id, {"path": str(path), "orig_name": "x.png"})
+    assert box == {"value": None, "__type__": "update"}  # the drop box is cleared for the next PNG
+    return values(ctx, tab_id, updates), note
+
+
+def test_every_tab_has_a_drop_box_and_registered_controls(ctx):
+    tabs = {"generate", "interpolate", "interpolate-images", "invert", "edit", "instruct", "diffedit", "sdedit",
+            "drag"}
+    assert set(ctx.restore) == tabs
+    for tab_id, tab in ctx.restore.items():
+        assert isinstance(tab.drop, gr.File) and tab.drop.file_types == [".png"], tab_id
+        assert "prompt" in tab.controls or "instruction" in tab.controls, tab_id
+        assert all(isinstance(c, gr.components.Component) for c in tab.controls.values()), tab_id
+
+
+def test_a1111_txt2img_png_restores_generate(ctx, upload_dir):
+    path = png_with_text(upload_dir / "a1111.png", {"parameters": A1111_TXT2IMG})
+    got, note = drop(ctx, "generate", path)
+    assert got == {"prompt": "masterpiece, a castle on a hill, <lora:detail:0.6>",
+                   "negative_prompt": "lowres, bad anatomy", "steps": 20, "guidance": 7.0, "seed": 42,
+                   "width": 512, "height": 768}
+    assert "Restored:" in note and "CFG scale" in note
+    assert "v1-5-pruned" in note  # made with another model: said, not switched
+
+
+def test_studio_png_of_another_method_restores_shared_keys_and_names_the_rest(ctx, upload_dir):
+    meta = {"prompt": "a red ball", "negative_prompt": "blurry", "task": "sdedit", "strength": 0.55, "steps": 25,
+            "guidance": 6.5, "seed": 7, "repeats": 2, "masked": True, "size": "64x64", "model": ctx.studio.model.id,
+            "lora": "none", "lora_strength": 0.0, "sampler": "DDIM (eta 0)"}
+    path = save_png(with_metadata(Image.new("RGB", (8, 8)), meta), upload_dir / "sdedit.png")
+    got, note = drop(ctx, "generate", path)
+    assert got["prompt"] == "a red ball" and got["steps"] == 25 and got["guidance"] == 6.5 and got["seed"] == 7
+    assert got["use_lora"] is False and "lora_strength" not in got  # no LoRA used: its strength stays
+    assert got["width"] == 64 and got["height"] == 64
+    assert "Skipped (not on this tab): Denoising strength, Repeats, Masked." in note
+    # on its own tab every setting comes back
+    got, note = drop(ctx, "sdedit", path)
+    assert got["strength"] == 0.55 and got["masked"] is True and got["repeats"] == 2
+    assert "Skipped" not in note
+
+
+def test_out_of_range_values_are_clamped_with_a_note(ctx):
+    params = {"prompt": "x", "steps": 100000, "guidance": "-3", "seed": "not a seed", "size": "4096x8"}
+    updates, note = ctx.restore_updates("generate", params)
+    got = values(ctx, "generate", updates)
+    steps = ctx.restore["generate"].controls["steps"]
+    width = ctx.restore["generate"].controls["width"]
+    assert got["steps"] == steps.maximum and got["guidance"] == 0
+    assert got["width"] == width.maximum and got["height"] == width.minimum
+    assert "seed" not in got
+    assert "Steps: 100000 is outside" in note and "Seed: 'not a seed' is not a number" in note
+
+
+def test_instruct_reads_a1111_cfg_scales_and_sampler(ctx):
+    from pipelines.core.metadata import parse_parameters
+
+    params = parse_parameters("turn it blue\nSteps: 30, Sampler: DDIM, CFG scale: 7.5, Image CFG scale: 1.4, "
+                              "Seed: 3")
+    updates, note = ctx.restore_updates("instruct", params)
+    got = values(ctx, "instruct", updates)
+    assert got["instruction"] == "turn it blue" and got["text_guidance"] == 7.5
+    assert got["image_guidance"] == 1.4 and got["steps"] == 30 and got["seed"] == 3 and got["scheduler"] == "ddim"
+
+
+def test_lora_name_not_loaded_is_unticked_with_a_note(ctx):
+    updates, note = ctx.restore_updates("generate", {"prompt": "x", "lora": "nowhere", "lora_strength": 0.7})
+    got = values(ctx, "generate", updates)
+    assert got["use_lora"] is False and got["lora_strength"] == 0.7
+    assert "LoRA 'nowhere' is not loaded" in note
+
+
+def test_png_without_parameters_gives_a_message(ctx, upload_dir):
+    path = upload_dir / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    got, note = drop(ctx, "generate", path)
+    assert got == {} and "carries no generation parameters" in note
+
+
+def test_hostile_files_give_a_message(ctx, upload_dir, tmp_path):
+    outside = png_with_text(tmp_path / "outside.png", {"parameters": "a cat\nSteps: 5"})
+    got, note = drop(ctx, "generate", outside)
+    assert got == {} and "only opens images uploaded to it" in note
+
+    text = upload_dir / "notes.png"
+    text.write_text("Steps: 5, CFG scale: 7")
+    got, note = drop(ctx, "generate", text)
+    assert got == {} and note.startswith("⚠️")
+
+    # a 1 MB parameters chunk is refused before it is parsed
+    big = png_with_text(upload_dir / "big.png", {"parameters": "a" * 2**20 + "\nSteps: 5"})
+    got, note = drop(ctx, "generate", big)
+    assert got == {} and "too long" in note
+
+    # the same as a zTXt chunk that inflates to 1 MB
+    info = PngInfo()
+    info.add_text("parameters", "b" * 2**20 + "\nSteps: 5", zip=True)
+    Image.new("RGB", (8, 8)).save(upload_dir / "zbig.png", pnginfo=info)
+    got, note = drop(ctx, "generate", upload_dir / "zbig.png")
+    assert got == {} and note.startswith("⚠️")
+
+
+def test_png_bomb_is_refused_from_its_header(ctx, upload_dir):
+    """A 100000x100000 PNG whose pixels compress to a few KB: refused by the header checks, nothing decoded."""
+    import struct
+
+    def chunk(cid: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
+
+    side = 100_000
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    text = b"parameters\0a bomb\nSteps: 5, CFG scale: 7"
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", text)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 2**20)) + chunk(b"IEND", b""))
+    path = upload_dir / "bomb.png"
+    path.write_bytes(data)
+    got, note = drop(ctx, "generate", path)
+    assert got == {} and note.startswith("⚠️") and "too large" in note.lower()
+
+
+def test_text_after_the_pixels_is_found_without_decoding(upload_dir):
+    """Some tools write the parameters after IDAT: read by walking the chunks (the pixel data here is not even
+    valid zlib, so decoding it would fail)."""
+    import struct
+
+    from pipelines.core.metadata import read_metadata
+
+    def chunk(cid: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
+
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    studio = json.dumps({"prompt": "late text", "steps": 9}).encode()
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib at all")
+            + chunk(b"tEXt", b"studio\0" + studio) + chunk(b"IEND", b""))
+    path = upload_dir / "late.png"
+    path.write_bytes(data)
+    assert read_metadata(path) == {"prompt": "late text", "steps": 9}
