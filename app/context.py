@@ -59,6 +59,25 @@ def lora_control_updates(model, n_controls: int, n_compare: int, n_drag: int) ->
     return out
 
 
+SEND_LABELS = {"generate": "Generate", "invert": "Invert", "edit": "Edit", "instruct": "Instruct",
+               "diffedit": "DiffEdit", "sdedit": "SDEdit", "drag": "Drag"}
+
+
+@dataclass
+class Receiver:
+    tab: str
+    image: gr.Component
+    prompt: gr.Component | None = None
+    kind: str = "file"
+
+
+@dataclass
+class SendRow:
+    key: str              # session.handoff key of the result it sends
+    what: str             # how messages name it ("There is no edited image to send yet.")
+    buttons: dict         # target tab id -> button
+
+
 @dataclass
 class LoraControls:
     use: gr.Checkbox
@@ -96,6 +115,10 @@ class Context:
         self.guidance: list[gr.Slider] = []          # set to the model's recommended guidance (Instruct's sT, sI)
         self.loras: list[LoraControls] = []
         self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
+        # "Send to" hand-offs and the history (app/ui.py wires them once every tab is built)
+        self.gpu_events: list = []                   # every job event, as the tabs gave them to stop_button
+        self.receivers: dict[str, Receiver] = {}     # tab id -> where a sent image (and its prompt) goes
+        self.send_rows: list[SendRow] = []
         self.restore: dict[str, pnginfo.TabParams] = {}  # tab id -> its controls by parameter key (PNG info)
 
     # -------------------------------------------------------------- the model a request runs on
@@ -145,6 +168,23 @@ class Context:
         """Stop cancels the session's job and these events; hidden unless kwargs name a public endpoint."""
         kwargs = {"api_visibility": "private", **kwargs}
         button.click(self.stop, None, status, cancels=events, queue=False, **kwargs)
+        self.gpu_events += events
+
+    def receiver(self, tab: str, image, prompt=None, kind: str = "file") -> None:
+        """Where "Send to <tab>" puts an image: `image` (kind "file": an Image taking a path; "editor": an
+        ImageEditor / ImageMask taking an editor value) and, when given, the result's prompt into `prompt`."""
+        self.receivers[tab] = Receiver(tab, image, prompt, kind)
+
+    def send_row(self, key: str, targets: list[str], what: str = "result") -> SendRow:
+        """A row of "Send to ..." buttons for what this session kept under `key` (session.keep_result; the
+        history keeps every single-image result under its method's name), wired by app/ui.py."""
+        with gr.Row():
+            buttons = {t: gr.Button(f"Send to {SEND_LABELS[t]}", size="sm", elem_id=f"send-{key}-{t}")
+                       for t in targets}
+        row = SendRow(key, what, buttons)
+        self.send_rows.append(row)
+        return row
+
 
     def kept(self, request, key: str, what: str) -> str:
         """What this session made under `key` (hand-offs pass it server-side, never a path the client sends)."""

@@ -12,6 +12,7 @@ import gradio as gr
 
 from pipelines.core.events import Progress
 
+from .history import record_result
 from .sessions import Session, SessionRegistry
 from .streaming import status_line, stream
 
@@ -109,7 +110,13 @@ def run(sessions: SessionRegistry, request, out: Outputs,
         except GeneratorExit:  # closed before the job began: nothing ran, the session is idle again
             token.finish()
             raise
-    yield from render_job(job(), out, lambda ev: done(ev, session), show, cancel=token)
+
+    def finished(ev):
+        values = done(ev, session)
+        record_result(session, ev.result)  # into the session's history (app/history.py)
+        return values
+
+    yield from render_job(job(), out, finished, show, cancel=token)
 
 
 def stopper(sessions: SessionRegistry):

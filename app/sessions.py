@@ -24,6 +24,8 @@ from pipelines.core.events import CancelToken
 from pipelines.core.metadata import save_png
 from pipelines.core.stream import PreviewOptions
 
+from .history import History
+
 MAX_SESSIONS = 64                  # sessions holding caches, all visitors together
 SESSIONS_PER_VISITOR = 8           # one visitor (IP or login) opening many tabs or minting hashes
 SESSION_BYTES = int(float(os.environ.get("STUDIO_SESSION_MB", "1536")) * 2**20)  # caches of one session
@@ -77,10 +79,14 @@ class Session:
     preview: PreviewOptions = field(default_factory=PreviewOptions)
     model_id: str | None = None      # hosted mode: the allow-listed model this session chose
     handoff: dict = field(default_factory=dict)   # results the "Send to" buttons pass on, kept server-side
+    history: History = field(init=False)          # results across tabs, PNGs in this session's folder
     token: CancelToken = field(default_factory=CancelToken)
     _live: set = field(default_factory=set)
     _out_dir: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.history = History(lambda: self.out_dir)
 
     def new_job(self) -> JobToken:
         """A fresh token per job, so a Stop aimed at an old job cannot cancel the next one."""
@@ -149,6 +155,7 @@ class Session:
         for cache in self.caches():
             cache.clear()
         self.handoff.clear()
+        self.history.clear()
         if self._out_dir is not None:
             shutil.rmtree(self._out_dir, ignore_errors=True)
             self._out_dir = None

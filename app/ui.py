@@ -7,10 +7,12 @@ import gradio as gr
 
 from pipelines.studio import Studio
 
+from . import history_panel
 from .context import Context, use_label
 from .guard import harden
 from .hosting import Hosting
 from .runner import GPU
+from .sending import wire_send_rows
 from .sessions import SessionRegistry
 from .tabs import diffedit, drag, edit, generate, instruct, interpolate, invert, models, real_interpolate, sdedit
 
@@ -34,8 +36,15 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
             diffedit.build(ctx)
             sdedit.build(ctx)
             dragging = drag.build(ctx)
+        history = history_panel.build()
         models.wire(ctx, panel, demo)
         wire_handoffs(ctx, gen, seeds, inv, ed, ip2p, dragging)
+        ctx.receiver("invert", inv.input, inv.prompt)
+        ctx.receiver("edit", ed.input, ed.source_prompt)
+        ctx.receiver("instruct", ip2p.input)
+        ctx.receiver("drag", dragging.image, dragging.prompt)  # a new image clears the points (its change event)
+        wire_send_rows(ctx)
+        history_panel.wire(ctx, history, demo)
 
         def drop_session(request: gr.Request):
             sessions.drop(request)

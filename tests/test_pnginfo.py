@@ -3,6 +3,7 @@ checks of app/uploads.py included) and through Context.restore_updates, which th
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import gradio as gr
@@ -197,3 +198,89 @@ def test_text_after_the_pixels_is_found_without_decoding(upload_dir):
     path = upload_dir / "late.png"
     path.write_bytes(data)
     assert read_metadata(path) == {"prompt": "late text", "steps": 9}
+
+
+# ------------------------------------------------------------------------------------------ download names
+NAME = r"{method}_seed{seed}_\d{{8}}-\d{{6}}(_\d\d)?(-\d+)?\.{ext}"
+
+
+def test_result_files_are_named_pngs_with_their_parameters(tmp_path):
+    import re
+
+    from app import downloads
+    from app.sessions import Session
+    from pipelines.core.metadata import read_metadata
+
+    session = Session()
+    try:
+        meta = {"prompt": "p", "task": "generate", "seed": 1234, "guidance": 7.5, "size": "24x16"}
+        image = with_metadata(Image.new("RGB", (24, 16), (200, 0, 0)), meta)
+        path = downloads.result_file(session, image, "generate", 1234)
+        assert re.fullmatch(NAME.format(method="generate", seed=1234, ext="png"), os.path.basename(path))
+        with Image.open(path) as im:
+            assert im.size == (24, 16) and im.getpixel((0, 0)) == (200, 0, 0)
+            assert "CFG scale: 7.5" in im.text["parameters"]
+        assert read_metadata(path) == meta
+        # the same second again: a new file, not an overwrite
+        second = downloads.result_file(session, image, "generate", 1234)
+        assert second != path and os.path.isfile(path)
+        # seeds from the image's own parameters; -1 (none) leaves the seed out
+        frame = with_metadata(Image.new("RGB", (8, 8)), {"task": "interpolate", "seed_a": 3, "seed_b": 4})
+        frames = downloads.result_files(session, [frame, frame], "interpolate")
+        assert [os.path.basename(f).split("_")[1] for f in frames] == ["seed3-4", "seed3-4"]
+        assert re.fullmatch(r"interpolate_seed3-4_\d{8}-\d{6}_02\.png", os.path.basename(frames[1]))
+        assert re.fullmatch(r"invert_\d{8}-\d{6}\.png",
+                            os.path.basename(downloads.result_file(session, image, "invert", -1)))
+        # a file the pipeline wrote into the session's folder (a GIF, an MP4) is moved under the new name
+        gif = session.out_dir / "interp_3_4.gif"
+        gif.write_bytes(b"GIF89a")
+        named = downloads.result_file(session, str(gif), "interpolate", "3-4")
+        assert not gif.exists() and named.endswith(".gif") and open(named, "rb").read() == b"GIF89a"
+        folder = session.out_dir / downloads.FOLDER
+    finally:
+        session.release()
+    assert not folder.exists()  # cleaned with the session
+
+
+def test_result_folder_is_bounded(monkeypatch):
+    from app import downloads
+    from app.sessions import Session
+
+    monkeypatch.setattr(downloads, "MAX_FILES", 3)
+    monkeypatch.setattr(downloads, "get_limits", lambda: type("L", (), {"max_frames": 0})())
+    session = Session()
+    try:
+        paths = [downloads.result_file(session, Image.new("RGB", (4, 4), (k, 0, 0)), "generate", k)
+                 for k in range(6)]
+        kept = sorted(p.name for p in (session.out_dir / downloads.FOLDER).iterdir())
+        assert kept == sorted(os.path.basename(p) for p in paths[-3:])
+    finally:
+        session.release()
+
+
+def test_generate_download_is_named_native_and_carries_its_parameters(app_url, tmp_path):
+    """Through the real app: the file Gradio serves has the method-seed-time name, the model's size and the
+    PNG text (A1111's "CFG scale"), byte for byte what the studio wrote."""
+    import re
+
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False, download_files=str(tmp_path))
+    _, path, seed, status = client.predict("a red circle", "", 4321, 3, 6.5, 64, 48, False, 1.0,
+                                           api_name="/generate")
+    assert seed == 4321 and status.startswith("Done")
+    assert re.fullmatch(NAME.format(method="generate", seed=4321, ext="png"), os.path.basename(path))
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (64, 48)
+        text = im.text["parameters"]
+    assert "CFG scale: 6.5" in text and "Seed: 4321" in text and "Size: 64x48" in text
+    assert json.loads(Image.open(path).text["studio"])["seed"] == 4321
+
+    _, gallery, gif, *_, mp4 = client.predict("a red circle", "", "", 3, 4, 2, 5.0, 64, 64, False, 1.0, 3,
+                                              api_name="/interpolate_sequence")
+    names = [os.path.basename(item["image"]) for item in gallery]
+    assert [re.fullmatch(NAME.format(method="interpolate", seed="3-4", ext="png"), n) is not None
+            for n in names] == [True] * 3
+    assert re.fullmatch(NAME.format(method="interpolate", seed="3-4", ext="gif"), os.path.basename(gif))
+    assert re.fullmatch(NAME.format(method="interpolate", seed="3-4", ext="mp4"),
+                        os.path.basename(mp4["video"] if isinstance(mp4, dict) else mp4))

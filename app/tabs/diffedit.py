@@ -9,7 +9,7 @@ from PIL import Image
 from pipelines.core.limits import get_limits
 from pipelines.diffedit import DiffEditParams
 
-from .. import examples, masks
+from .. import downloads, examples, masks
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..uploads import SafeImageMask
@@ -106,7 +106,8 @@ def build(ctx: Context) -> None:
             r = ev.result
             how = "your mask" if hand_mask is not None else "an estimated mask (nothing was painted)"
             note = " · inversion reused" if r.cached else ""
-            return dict(preview=ev.preview, edited=r.edited.image, mask=masks.enlarge_for_display(r.overlay),
+            return dict(preview=ev.preview, edited=downloads.result_file(session, r.edited.image, "diffedit"),
+                        mask=masks.enlarge_for_display(r.overlay),
                         status=f"Done with {how}: {100 * float(r.mask.mean()):.0f}% of the image{note}")
 
         yield from ctx.run(request, edit_out, work, done)

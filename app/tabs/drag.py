@@ -13,7 +13,7 @@ from pipelines.core.lora import SMOOTH_NAME
 from pipelines.drag import DragParams, check_points, draw_points, parse_points
 from pipelines.inversion import prepare_image
 
-from .. import examples, masks
+from .. import downloads, examples, masks
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -172,7 +172,8 @@ def build(ctx: Context) -> DragTab:
             if warm:
                 region += (" · warm start" if r.params.get("warm_start") else
                            " (so no warm start: paint the region to carry)")
-            return dict(preview=ev.preview, original=r.source, dragged=r.image.image,
+            return dict(preview=ev.preview, original=r.source,
+                        dragged=downloads.result_file(session, r.image.image, "drag"),
                         status=f"Done · LoRA {t.get('lora', 0):.1f} s, inversion {t.get('inversion', 0):.1f} s, "
                                f"drag {t.get('drag', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s{note}{region}")
 

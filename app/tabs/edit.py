@@ -11,7 +11,7 @@ from pipelines.inversion import METHODS as INVERSION_METHODS
 from pipelines.p2p import MODES as P2P_MODES
 from pipelines.p2p import P2PSettings
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context, LoraControls, inversion_controls, steps_slider
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -109,7 +109,8 @@ def build(ctx: Context) -> EditTab:
             note = " (inversion reused from cache)" if res.cached else ""
             what = (f"threshold r={res.params['r']:g}" if res.params["edit_method"] == "threshold"
                     else f"Prompt-to-Prompt ({res.params['p2p_mode']})")
-            return dict(preview=res.edited.image, edited=res.edited.image, reconstruction=res.reconstruction,
+            return dict(preview=res.edited.image, edited=downloads.result_file(session, res.edited.image, "edit"),
+                        reconstruction=res.reconstruction,
                         mask=res.mask, status=f"Done{note} · {what} · {INVERSION_METHODS[res.params['inversion']]}")
 
         yield from ctx.run(request, out, work, done)

@@ -7,7 +7,7 @@ import gradio as gr
 
 from pipelines.generate import GenerateParams
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context, steps_slider
 from ..runner import GPU, Outputs
 
@@ -66,7 +66,8 @@ def build(ctx: Context) -> GenerateTab:
         def done(ev, session):
             r = ev.result
             session.keep_result("generate", r.image)
-            return dict(preview=r.image, image=r.image, seed=r.seed, status=f"Done · seed {r.seed}")
+            return dict(preview=r.image, image=downloads.result_file(session, r.image, "generate", r.seed), seed=r.seed,
+                        status=f"Done · seed {r.seed}")
 
         yield from ctx.run(request, out, work, done)
 

@@ -9,7 +9,7 @@ from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
 from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -85,7 +85,8 @@ def build(ctx: Context) -> InstructTab:
         def done(ev, session):
             r = ev.result
             session.keep_result("instruct", r.edited.image)
-            return dict(preview=ev.preview, edited=r.edited.image, seed=r.params["seed"],
+            return dict(preview=ev.preview, edited=downloads.result_file(session, r.edited.image, "instruct"),
+                        seed=r.params["seed"],
                         text_guidance=r.params["text_guidance"], image_guidance=r.params["image_guidance"],
                         status=f"Done · {ev.message}")
 

@@ -9,7 +9,7 @@ import gradio as gr
 from pipelines.core.limits import get_limits
 from pipelines.interpolation import InterpolationParams
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context, steps_slider
 from ..runner import GPU, Outputs, progress
 from .sequences import compare_cleared, compare_done, compare_progress, comparison_outputs, distance_frame
@@ -85,7 +85,8 @@ def build(ctx: Context) -> InterpolateTab:
         def done(ev, session):
             session.keep_result("frame", ev.result.image)
             seeds = f"seeds {ev.result.params['seed_a']} → {ev.result.params['seed_b']}"
-            return dict(frame=ev.result.image, status=f"Frame at eta={float(eta):.2f} · {seeds}")
+            return dict(frame=downloads.result_file(session, ev.result.image, "interpolate"),
+                        status=f"Frame at eta={float(eta):.2f} · {seeds}")
 
         yield from ctx.run(request, frame_out, work, done, show=lambda ev: progress(ev, "frame"))
 
@@ -99,9 +100,12 @@ def build(ctx: Context) -> InterpolateTab:
         def done(ev, session):
             r = ev.result
             session.keep_result("frame", r.frames[-1])
-            return dict(frame=r.frames[-1], frames=r.frames, gif=r.gif_path, istd=r.istd,
+            files = downloads.result_files(session, r.frames, "interpolate")
+            seeds = downloads.seed_label(r.frames[-1])  # the animations are named like the frames
+            return dict(frame=files[-1], frames=files,
+                        gif=downloads.result_file(session, r.gif_path, "interpolate", seeds), istd=r.istd,
                         plot=distance_frame(r.distances), status=f"{len(r.frames)} frames · ISTD {r.istd:.4f}",
-                        mp4=r.mp4_path)
+                        mp4=downloads.result_file(session, r.mp4_path, "interpolate", seeds))
 
         def show(ev):
             values = progress(ev, "frame")

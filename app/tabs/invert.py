@@ -10,7 +10,7 @@ import pandas as pd
 from pipelines.core.events import Kind
 from pipelines.inversion import InversionParams
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context, LoraControls, inversion_controls, steps_slider
 from ..runner import GPU, Outputs
 from ..streaming import status_line, upload_path
@@ -93,7 +93,8 @@ def build(ctx: Context) -> InvertTab:
         def done(ev, session):
             r = ev.result
             note = " (inversion reused from cache)" if r.cached else ""
-            return dict(preview=r.reconstruction.image, source=r.source, reconstruction=r.reconstruction.image,
+            return dict(preview=r.reconstruction.image, source=r.source,
+                        reconstruction=downloads.result_file(session, r.reconstruction.image, "invert"),
                         loss=loss_frame(r.losses), metrics=rounded_metrics(r.metrics, method=r.method, cached=r.cached),
                         status=f"Done{note} · {ev.message}")
 

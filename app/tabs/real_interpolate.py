@@ -8,7 +8,7 @@ from pipelines.core.events import Kind
 from pipelines.core.limits import get_limits
 from pipelines.real_interpolation import RealInterpolationParams
 
-from .. import examples
+from .. import downloads, examples
 from ..context import Context, inversion_controls, steps_slider
 from ..runner import GPU, Outputs, progress
 from ..streaming import upload_path
@@ -79,7 +79,8 @@ def build(ctx: Context) -> None:
 
         def done(ev, session):
             note = " (inversion reused from cache)" if ev.cached else ""
-            return dict(frame=ev.result.image, status=f"Frame at eta={float(eta):.2f}{note}")
+            return dict(frame=downloads.result_file(session, ev.result.image, "interpolate_images"),
+                        status=f"Frame at eta={float(eta):.2f}{note}")
 
         yield from ctx.run(request, frame_out, work, done, show=lambda ev: progress(ev, "frame"))
 
@@ -94,7 +95,10 @@ def build(ctx: Context) -> None:
 
         def done(ev, session):
             r = ev.result
-            return dict(frame=r.frames[-1], frames=r.frames, gif=r.gif_path, mp4=r.mp4_path, istd=r.istd,
+            files = downloads.result_files(session, r.frames, "interpolate_images")
+            return dict(frame=files[-1], frames=files,
+                        gif=downloads.result_file(session, r.gif_path, "interpolate_images"),
+                        mp4=downloads.result_file(session, r.mp4_path, "interpolate_images"), istd=r.istd,
                         plot=distance_frame(r.distances), status=f"{len(r.frames)} frames · ISTD {r.istd:.4f}")
 
         def show(ev):

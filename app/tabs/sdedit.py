@@ -7,7 +7,7 @@ from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
 from pipelines.sdedit import SDEditParams
 
-from .. import examples, masks
+from .. import downloads, examples, masks
 from ..context import Context
 from ..runner import GPU, Outputs, progress
 from ..uploads import SafeImageEditor
@@ -76,7 +76,9 @@ def build(ctx: Context) -> None:
 
         def done(ev, session):
             r = ev.result
-            return dict(preview=ev.preview, candidates=[(im.image, f"seed {im.seed}") for im in r.images],
+            files = downloads.result_files(session, [im.image for im in r.images], "sdedit",
+                                           [im.seed for im in r.images])
+            return dict(preview=ev.preview, candidates=[(f, f"seed {im.seed}") for f, im in zip(files, r.images)],
                         status=f"Done · {len(r.images)} candidate(s) · {r.params['steps_run']} steps from "
                                f"t={r.params['start_timestep']}")
 

@@ -7,6 +7,7 @@ import pandas as pd
 
 from pipelines.interpolation import ComparisonFrames, LoraComparison, comparison_labels
 
+from .. import downloads
 from ..streaming import status_line
 
 COMPARE_PLOT_COLUMNS = ("pair", "distance", "series")
@@ -45,11 +46,16 @@ def comparison_outputs(prefix: str) -> dict:
                 ratio=ratio)
 
 
-def compare_done(ev, _session=None) -> dict:
+def compare_done(ev, session=None) -> dict:
     r = ev.result
     ratio = r.istd_ratio
     ratio_text = f" · ratio {ratio:.3f}" if ratio is not None else ""
-    return dict(without=r.without.frames, with_lora=r.with_lora.frames, plot=comparison_frame(r),
+    without, with_lora = r.without.frames, r.with_lora.frames
+    if session is not None:  # named files: "interpolate-without-lora_seed0-1_<time>_01.png"
+        task = downloads.task_of(without[0] if without else None, "interpolate")
+        without = downloads.result_files(session, without, f"{task}-without-lora")
+        with_lora = downloads.result_files(session, with_lora, f"{task}-with-lora")
+    return dict(without=without, with_lora=with_lora, plot=comparison_frame(r),
                 istd_without=r.without.istd, istd_with=r.with_lora.istd, ratio=ratio,
                 status=f"{len(r.without.frames)} frames each · ISTD {r.without.istd:.4f} without, "
                        f"{r.with_lora.istd:.4f} with {r.lora}{ratio_text}")
