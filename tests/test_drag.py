@@ -149,6 +149,17 @@ def test_draw_points_colours_and_leaves_the_input_alone(image):
     assert now[30, 30][0] > 200 and now[30, 30][2] < 80   # the current handle, filled red
 
 
+@pytest.mark.parametrize("background", [0, 255])
+def test_the_arrow_shows_on_black_and_on_white(background):
+    """Along the handle-to-target line, pixels far from the background's brightness, whatever it is."""
+    plain = Image.new("RGB", (64, 64), (background,) * 3)
+    out = pixels(draw_points(plain, [(10, 32)], [(54, 32)])).astype(int)
+    lum = out.mean(-1)
+    between = lum[28:37, 20:44]   # the shaft, away from the points at its ends
+    assert (np.abs(between - background) > 150).sum(0).min() >= 1   # every column of the shaft crosses a contrast
+    assert (np.abs(lum - background) > 150).sum() > 30
+
+
 # ------------------------------------------------------------------------------------------- UNet helpers
 
 def test_layer_and_block_mapping(model):
@@ -286,6 +297,9 @@ def test_drag_streams_restores_the_unet_and_caches_per_image(model, image):
     dragging = [e for e in events if e.stage == "dragging"]
     assert all(len(e.partial) == 1 and len(e.partial[0]) == 2 for e in dragging)
     assert dragging[-1].preview is not None and dragging[-1].preview.size == (64, 64)
+    # every stage's previews are full decodes at the image's size (the linear preview is the 16x16 latent's)
+    previews = [e.preview.size for e in events if e.stage in ("inverting", "denoising") and e.preview is not None]
+    assert previews and set(previews) == {(64, 64)}
     r = events[-1].result
     assert r.image.image.size == (64, 64) and r.source.size == (64, 64)
     assert len(r.handles) == 1 and r.targets == [(34.0, 28.0)]

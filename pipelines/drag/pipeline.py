@@ -263,6 +263,15 @@ def _drag_preview(model, opts: PreviewOptions, x0: torch.Tensor, size, handles, 
     return draw_points(img, handles, targets, current)
 
 
+def _readable(opts: PreviewOptions) -> PreviewOptions:
+    """The drag's previews are full decodes (every PREVIEW_EVERY steps unless the session asks for more often):
+    they are there to show where the object is, and the linear latent preview cannot on small latents. No
+    previews when the session has them off."""
+    if not (opts.every or opts.full_decode_every):
+        return opts
+    return PreviewOptions(every=0, full_decode_every=opts.full_decode_every or PREVIEW_EVERY)
+
+
 def _edited_branch(states):
     for st in states:
         yield ddim.StepState(st.index, st.total, st.timestep, st.latents, st.pred_x0[1:2])
@@ -275,7 +284,7 @@ def drag(model, image, p: DragParams, mask=None, cache: LRUCache | None = None, 
     """The DragDiffusion job; the last event's result is a DragResult. `image`: anything prepare_image takes;
     `mask`: None/empty = the whole image editable, else a bool/uint8 array or PIL image of any size."""
     s = validate_drag(model, p)
-    opts = preview or PreviewOptions()
+    opts = _readable(preview or PreviewOptions())
     source = prepare_image(model, image)
     handles, targets = check_points(p.handles, p.targets, source.size)
     masks = prepare_drag_mask(mask, source.size, model.vae_factor)

@@ -203,11 +203,13 @@ def track_points(f0: torch.Tensor, f1: torch.Tensor, initial, current, r2: int) 
 HANDLE = (230, 30, 30)
 TARGET = (40, 90, 240)
 ARROW = (255, 255, 255)
+ARROW_OUTLINE = (0, 0, 0)   # drawn under the white arrow, so it shows on white images as on black ones
 
 
 def draw_points(image: Image.Image, handles, targets, current=None) -> Image.Image:
-    """A copy of `image` with handles (red), targets (blue) and a white arrow per pair. With `current` (the
-    tracked handle positions) the original handles become red rings and the arrows start at `current`."""
+    """A copy of `image` with handles (red), targets (blue) and a white arrow with a black outline per pair.
+    With `current` (the tracked handle positions) the original handles become red rings and the arrows start at
+    `current`."""
     arr = np.array(image.convert("RGB"))  # a writable copy: cv2 draws in place
     h, w = arr.shape[:2]
     radius = max(2, min(h, w) // 64)
@@ -217,10 +219,11 @@ def draw_points(image: Image.Image, handles, targets, current=None) -> Image.Ima
         return round(float(p[0])), round(float(p[1]))
 
     starts = list(current) if current is not None else list(handles)
-    for a, b in zip(starts, targets):
-        if distance(px(a), px(b)) >= 1:
-            tip = min(0.4, 3 * radius / max(distance(px(a), px(b)), 1))
-            cv2.arrowedLine(arr, px(a), px(b), ARROW, thick, cv2.LINE_AA, tipLength=tip)
+    arrows = [(px(a), px(b)) for a, b in zip(starts, targets) if distance(px(a), px(b)) >= 1]
+    for colour, width in ((ARROW_OUTLINE, thick + 2), (ARROW, thick)):  # every outline first, then the arrows
+        for a, b in arrows:
+            tip = min(0.4, 3 * radius / max(distance(a, b), 1))
+            cv2.arrowedLine(arr, a, b, colour, width, cv2.LINE_AA, tipLength=tip)
     for p in targets:
         cv2.circle(arr, px(p), radius, TARGET, -1, cv2.LINE_AA)
     for p in handles:
