@@ -64,7 +64,9 @@ def build(ctx: Context) -> None:
                     used = gr.Image(label="Mask used", format="png", interactive=False, height=180,
                                     elem_id="diffedit-used")
                 status = gr.Markdown("", elem_id="diffedit-status")
+                ctx.send_row("diffedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
 
+    ctx.receiver("diffedit", editor, source, kind="editor")  # "Send to DiffEdit" (app/sending.py)
     mask_out = Outputs(editor=editor, heat=heat, status=status)
     edit_out = Outputs(preview=preview, edited=result, mask=used, status=status)
 

@@ -116,6 +116,7 @@ def build(ctx: Context) -> DragTab:
                     r_result = gr.Image(label="Dragged", format="png", type="filepath", interactive=False,
                                         height=256, elem_id="drag-result")
                 r_status = gr.Markdown("", elem_id="drag-status")
+                ctx.send_row("drag", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "dragged image")
 
     def on_upload(path, request: gr.Request):
         if not path:

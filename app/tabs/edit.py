@@ -86,6 +86,7 @@ def build(ctx: Context) -> EditTab:
                     mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200,
                                     elem_id="edit-mask")
                 status = gr.Markdown("", elem_id="edit-status")
+                ctx.send_row("edit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
 
     out = Outputs(preview=preview, edited=edited, reconstruction=recon, mask=mask, status=status)
 

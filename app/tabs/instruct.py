@@ -70,6 +70,7 @@ def build(ctx: Context) -> InstructTab:
                 result = gr.Image(label="Edited", format="png", type="filepath", interactive=False, height=256,
                                   elem_id="ip2p-result")
                 status = gr.Markdown("", elem_id="ip2p-status")
+                ctx.send_row("instruct", ["invert", "edit", "diffedit", "sdedit", "drag"], "edited image")
 
     out = Outputs(preview=preview, edited=result, seed=seed, text_guidance=text_g, image_guidance=image_g,
                   status=status)

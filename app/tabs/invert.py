@@ -78,6 +78,7 @@ def build(ctx: Context) -> InvertTab:
                 metrics = gr.JSON(label="Reconstruction metrics (PSNR / SSIM / MSE) and UNet evaluations")
                 status = gr.Markdown("", elem_id="inv-status")
                 send_edit = gr.Button("Edit this image (reuses the inversion)")
+                ctx.send_row("invert", ["instruct", "diffedit", "sdedit", "drag"], "reconstruction")
 
     out = Outputs(preview=preview, source=source, reconstruction=recon, loss=loss, metrics=metrics, status=status)
 

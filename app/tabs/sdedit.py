@@ -56,7 +56,9 @@ def build(ctx: Context) -> None:
                                    elem_id="sdedit-preview")
                 gallery = gr.Gallery(label="Results (pick one)", columns=4, format="png", elem_id="sdedit-gallery")
                 status = gr.Markdown("", elem_id="sdedit-status")
+                ctx.send_row("sdedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "picked result")
 
+    ctx.receiver("sdedit", canvas, prompt, kind="editor")  # "Send to SDEdit" (app/sending.py)
     out = Outputs(preview=preview, candidates=gallery, status=status)
 
     def run_sdedit(canvas, prompt, neg, strength, steps, guidance, seed, repeats, keep, request: gr.Request):
