@@ -12,6 +12,7 @@ from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
 from pipelines.core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME
 from pipelines.inversion import METHODS as INVERSION_METHODS
+from pipelines.recommended import recommended, source_note
 from pipelines.studio import Studio
 
 from . import pnginfo, runner
@@ -79,6 +80,28 @@ class SendRow:
 
 
 @dataclass
+class RecommendedControl:
+    """A control that starts at the active model's recommended value of `method`'s parameter `name`."""
+    control: gr.Component
+    method: str
+    name: str
+    info: str = ""   # the control's own info text; where its value comes from is appended
+
+
+def recommended_info(model, method: str, name: str, info: str = "") -> str:
+    note = source_note(model, method, name)
+    note = note[0].upper() + note[1:]
+    return f"{info} · {note}" if info else note
+
+
+def recommended_updates(model, controls: list[RecommendedControl]) -> list:
+    """Every recommended control at `model`'s value, its info text saying whose (one dict per control)."""
+    values = {c.method: recommended(model, c.method) for c in controls}
+    return [gr.update(value=values[c.method][c.name], info=recommended_info(model, c.method, c.name, c.info))
+            for c in controls]
+
+
+@dataclass
 class LoraControls:
     use: gr.Checkbox
     strength: gr.Slider
@@ -115,6 +138,7 @@ class Context:
         self.guidance: list[gr.Slider] = []          # set to the model's recommended guidance (Instruct's sT, sI)
         self.loras: list[LoraControls] = []
         self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
+        self.recommended: list[RecommendedControl] = []  # start at the model's recommended settings (drag, SDEdit)
         # "Send to" hand-offs and the history (app/ui.py wires them once every tab is built)
         self.gpu_events: list = []                   # every job event, as the tabs gave them to stop_button
         self.receivers: dict[str, Receiver] = {}     # tab id -> where a sent image (and its prompt) goes
@@ -201,6 +225,21 @@ class Context:
                            label=label)
         self.sizes.append(slider)
         return slider
+
+    def recommended_control(self, cls, method: str, name: str, *args, info: str = "", **kwargs):
+        """`cls(*args, **kwargs)` starting at the active model's recommended value of `method`'s parameter `name`
+        (pipelines/recommended.py), its info text saying so; a model switch moves it (app/tabs/models.py)."""
+        m = self.studio.model
+        control = cls(*args, value=recommended(m, method)[name], info=recommended_info(m, method, name, info),
+                      **kwargs)
+        self.recommended.append(RecommendedControl(control, method, name, info))
+        return control
+
+    def recommended_outputs(self) -> list:
+        return [c.control for c in self.recommended]
+
+    def recommended_updates(self, request=None) -> list:
+        return recommended_updates(self.engine(request).model, self.recommended)
 
     def lora_controls(self, prefix: str) -> LoraControls:
         """Use-LoRA checkbox (ticked when the model has the Smooth LoRA), strength, and the adapter menu (shown
