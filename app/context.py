@@ -4,6 +4,7 @@ model panel can update them in every tab."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import gradio as gr
@@ -109,6 +110,32 @@ class LoraControls:
     compare: gr.Button | None = None   # the tab's "Compare with and without" button, whose label names the adapter
 
 
+# ------------------------------------------------------------------ image sizes
+def snap_size(value, multiple: int) -> int:
+    """The nearest positive multiple of `multiple` (with 8: a typed 99 -> 96, 100 -> 104: halves round up)."""
+    return max(multiple, int(float(value) / multiple + 0.5) * multiple)
+
+
+def snapped_sizes(model, width, height) -> tuple:
+    """Width and height as the UI runs them: typed values snapped to the model's size multiple (the slider's
+    number box accepts any number), and a note saying what changed ("width 100 → 104"), else "". Empty values
+    stay empty (the model's native size); the pipelines still refuse what is out of range."""
+    step, out, notes = model.size_multiple, [], []
+    for name, v in (("width", width), ("height", height)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = None
+        if f is None or not math.isfinite(f) or f <= 0:
+            out.append(v)  # empty (native size) or not a size: the pipeline decides, with its own message
+            continue
+        snapped = snap_size(f, step)
+        if snapped != f:
+            notes.append(f"{name} {f:g} → {snapped}")
+        out.append(snapped)
+    return out[0], out[1], ", ".join(notes)
+
+
 # ------------------------------------------------------------------ shared controls without state
 def steps_slider(default: int, elem_id: str | None = None) -> gr.Slider:
     top = get_limits().max_steps  # the server refuses more, so the slider stops there
@@ -138,12 +165,12 @@ class Context:
         self.guidance: list[gr.Slider] = []          # set to the model's recommended guidance (Instruct's sT, sI)
         self.loras: list[LoraControls] = []
         self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
+        self.restore: dict[str, pnginfo.TabParams] = {}  # tab id -> its controls by parameter key (PNG info)
         self.recommended: list[RecommendedControl] = []  # start at the model's recommended settings (drag, SDEdit)
         # "Send to" hand-offs and the history (app/ui.py wires them once every tab is built)
         self.gpu_events: list = []                   # every job event, as the tabs gave them to stop_button
         self.receivers: dict[str, Receiver] = {}     # tab id -> where a sent image (and its prompt) goes
         self.send_rows: list[SendRow] = []
-        self.restore: dict[str, pnginfo.TabParams] = {}  # tab id -> its controls by parameter key (PNG info)
 
     # -------------------------------------------------------------- the model a request runs on
     def engine(self, request) -> Studio:
@@ -209,7 +236,6 @@ class Context:
         self.send_rows.append(row)
         return row
 
-
     def kept(self, request, key: str, what: str) -> str:
         """What this session made under `key` (hand-offs pass it server-side, never a path the client sends)."""
         session = self.sessions.peek(request)
@@ -219,11 +245,22 @@ class Context:
         return path
 
     # -------------------------------------------------------------- controls that follow the model
-    def size_slider(self, label: str) -> gr.Slider:
+    def size_slider(self, label: str, elem_id: str | None = None) -> gr.Slider:
         m = self.studio.model
         slider = gr.Slider(m.size_multiple, max(1024, m.resolution), value=m.resolution, step=m.size_multiple,
-                           label=label)
+                           label=label, elem_id=elem_id)
         self.sizes.append(slider)
+
+        def snap(value, request: gr.Request):
+            """A typed size (the number box takes any number) moves to the model's multiple when the box is left;
+            the handlers snap too (snapped_sizes), for API calls and a Run clicked before leaving the box."""
+            try:
+                snapped = snap_size(value, self.engine(request).model.size_multiple)
+            except (TypeError, ValueError, OverflowError):
+                return gr.skip()
+            return gr.skip() if snapped == value else snapped
+
+        slider.release(snap, slider, slider, queue=False, api_visibility="private")
         return slider
 
     def recommended_control(self, cls, method: str, name: str, *args, info: str = "", **kwargs):
@@ -240,6 +277,35 @@ class Context:
 
     def recommended_updates(self, request=None) -> list:
         return recommended_updates(self.engine(request).model, self.recommended)
+
+    def seed_controls(self, key: str, default: int = -1, label: str = "Seed (-1 = random)",
+                      elem_id: str | None = None) -> gr.Number:
+        """A seed box with "♻️ reuse last seed" (the seed this session's last run of `key` used, kept server-side:
+        the tab's done handler calls remember_seed) and "🎲 random (-1)" beside it."""
+        elem_id = elem_id or f"{key}-seed"
+        with gr.Column(min_width=160):
+            number = gr.Number(default, label=label, precision=0, elem_id=elem_id)
+            with gr.Row():
+                reuse = gr.Button("♻️ reuse last seed", size="sm", min_width=60, elem_id=f"{elem_id}-reuse")
+                randomize = gr.Button("🎲 random (-1)", size="sm", min_width=60, elem_id=f"{elem_id}-random")
+
+        def last_seed(request: gr.Request):
+            session = self.sessions.peek(request)
+            seed = session.last_seeds.get(key) if session is not None else None
+            if seed is None:
+                gr.Info("No seed to reuse yet: run this tab once first.")
+                return gr.skip()
+            return seed
+
+        reuse.click(last_seed, None, number, api_visibility="private")
+        randomize.click(None, None, number, js="() => -1")  # in the page: no server round trip
+        return number
+
+    @staticmethod
+    def remember_seed(session, key: str, seed) -> None:
+        """The seed a run of `key` used, for its "reuse last seed" button."""
+        if seed is not None and int(seed) >= 0:
+            session.last_seeds[key] = int(seed)
 
     def lora_controls(self, prefix: str) -> LoraControls:
         """Use-LoRA checkbox (ticked when the model has the Smooth LoRA), strength, and the adapter menu (shown

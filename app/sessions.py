@@ -79,6 +79,7 @@ class Session:
     preview: PreviewOptions = field(default_factory=PreviewOptions)
     model_id: str | None = None      # hosted mode: the allow-listed model this session chose
     handoff: dict = field(default_factory=dict)   # results the "Send to" buttons pass on, kept server-side
+    last_seeds: dict = field(default_factory=dict)  # seed box id -> the seed its tab's last run used ("reuse")
     history: History = field(init=False)          # results across tabs, PNGs in this session's folder
     token: CancelToken = field(default_factory=CancelToken)
     _live: set = field(default_factory=set)

@@ -1,17 +1,18 @@
 """Text-to-image: DDIM from seeded noise, with live previews and an optional LoRA."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .core import ddim
-from .core.events import CancelToken, Job, Progress
+from .core.events import CancelToken, Job, Kind, Progress
 from .core.latents import decode_to_pil, initial_noise
+from .core.limits import get_limits
 from .core.lora import lora_applied
 from .core.metadata import with_metadata
 from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
-from .core.validation import check_prompt, check_size, resolve_seed, validate_common
+from .core.validation import MAX_SEED, check_number, check_prompt, check_size, resolve_seed, validate_common
 from .drag.trajectory import Trajectory, store_trajectory
 
 
@@ -56,3 +57,41 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
             **base_metadata(model, p.lora, strength)}
     result = ImageResult(with_metadata(image, meta), seed, meta)
     yield Progress("done", total, total, preview=result.image, result=result, message=f"seed {seed}")
+
+
+def batch_seeds(seed, count: int) -> list[int]:
+    """The seeds of a batch: `seed` (a random one for -1), then +1 for each further image (wrapping past
+    MAX_SEED), as A1111's batch count does."""
+    first = resolve_seed(seed)
+    return [(first + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def generate_batch(model, p: GenerateParams, count: int = 1, cancel: CancelToken | None = None,
+                   preview: PreviewOptions | None = None, trajectories=None) -> Job:
+    """`count` images, one `generate` job per image with the seeds of batch_seeds. Progress runs over the whole
+    batch ("image 2/4 · sampling"); each finished image is streamed as a RESULTS event whose `partial` lists the
+    images so far; the last event's result is the last image (an ImageResult, as generate's) and its `partial`
+    the whole batch. Everything is checked before the first image starts."""
+    count = check_number(count, "Batch count", 1, get_limits().max_batch_count, integer=True)
+    check_prompt(p.prompt)
+    steps = validate_common(model, p.steps, p.guidance, p.lora_strength)[0]
+    check_size(model, p.width, p.height)
+    seeds = batch_seeds(p.seed, count)
+    per = steps + 1
+    total = per * count
+    done = []
+    for i, seed in enumerate(seeds):
+        if cancel is not None:
+            cancel.check()
+        label = f"image {i + 1}/{count}" if count > 1 else ""
+        for ev in generate(model, replace(p, seed=seed), cancel, preview, trajectories):
+            step = i * per + ev.step
+            if ev.done:
+                done.append(ev.result)
+                if i + 1 < count:
+                    yield Progress(f"{label} done", step, total, preview=ev.result.image, partial=list(done),
+                                   kind=Kind.RESULTS, message=f"seed {seed}")
+                    break
+                yield replace(ev, step=total, total=total, partial=list(done), kind=Kind.RESULTS)
+            else:
+                yield replace(ev, stage=f"{label} · {ev.stage}" if label else ev.stage, step=step, total=total)

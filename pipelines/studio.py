@@ -19,7 +19,7 @@ from .core.tiny_model import TINY_ID
 from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from .drag import DragParams, drag
 from .edit import EditParams, text_edit
-from .generate import GenerateParams, generate
+from .generate import GenerateParams, generate, generate_batch
 from .instruct import InstructParams, instruct_edit
 from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
@@ -115,6 +115,11 @@ class Studio:
     # --- operations -------------------------------------------------------------------------------
     def generate(self, p: GenerateParams, cancel: CancelToken | None = None, preview=None, trajectories=None) -> Job:
         return self._exclusive(lambda m: generate(m, p, cancel, preview, trajectories), cancel)
+
+    def generate_batch(self, p: GenerateParams, count: int = 1, cancel: CancelToken | None = None, preview=None,
+                       trajectories=None) -> Job:
+        """`count` images with consecutive seeds, one job holding the model (pipelines/generate.py)."""
+        return self._exclusive(lambda m: generate_batch(m, p, count, cancel, preview, trajectories), cancel)
 
     def interpolation_frame(self, p: InterpolationParams, eta: float, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: interpolation_frame(m, p, eta, cache, cancel, preview), cancel)

@@ -5,11 +5,13 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from pipelines.core.events import Kind
+from pipelines.core.limits import get_limits
 from pipelines.generate import GenerateParams
 
 from .. import downloads, examples
-from ..context import Context, steps_slider
-from ..runner import GPU, Outputs
+from ..context import Context, snapped_sizes, steps_slider
+from ..runner import GPU, Outputs, progress
 
 
 @dataclass
@@ -28,52 +30,92 @@ def build(ctx: Context) -> GenerateTab:
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
                 neg = gr.Textbox(label="Negative prompt")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="gen-seed")
+                    seed = ctx.seed_controls("generate", -1, elem_id="gen-seed")
                     steps = steps_slider(30, "gen-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():
-                    w, h = ctx.size_slider("Width"), ctx.size_slider("Height")
+                    w, h = ctx.size_slider("Width", "gen-width"), ctx.size_slider("Height", "gen-height")
+                    batch = gr.Slider(1, get_limits().max_batch_count, value=1, step=1, label="Batch count",
+                                      info="Images per run, seeds seed, seed+1, ...", elem_id="gen-batch")
                 lora = ctx.lora_controls("gen")
                 ctx.restorable("generate", prompt=prompt, negative_prompt=neg, seed=seed, steps=steps, guidance=guid,
                                width=w, height=h, lora=lora)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
+                    api_only = gr.Button(visible=False)  # carries the API's /generate (below)
+                status = gr.Markdown("", elem_id="gen-status")
                 gr.Examples(examples.PROMPTS, [prompt])
             with gr.Column():
                 preview = gr.Image(label="Live preview (predicted x0)", format="jpeg", interactive=False, height=320,
                                    elem_id="gen-preview")
                 image = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=320,
                                  elem_id="gen-result")
-                seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
-                status = gr.Markdown("", elem_id="gen-status")
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="gen-seed-used")
+                batch_gallery = gr.Gallery(label="Batch (each image as it finishes)", columns=4, height="auto",
+                                           format="png", interactive=False, visible=False, elem_id="gen-batch-gallery")
                 with gr.Row():
                     send = gr.Button("Send to Invert")
                     send_edit = gr.Button("Send to Edit")
                     send_ip2p = gr.Button("Send to Instruct")
                     send_drag = gr.Button("Send to Drag", elem_id="gen-send-drag")
 
-    out = Outputs(preview=preview, image=image, seed=seed_used, status=status)
+    # The /generate endpoint keeps its four outputs and its errors (a width of 100 is refused, as in the Python
+    # API and the CLI); the page's button snaps typed sizes and also streams the batch into the gallery.
+    api_out = Outputs(preview=preview, image=image, seed=seed_used, status=status)
+    page_out = Outputs(preview=preview, image=image, seed=seed_used, status=status, batch=batch_gallery)
 
-    def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
-                     request: gr.Request = None):
-        def work(session, token):
-            p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h,
-                               ctx.lora_name(use_lora, lora_adapter, request), strength)
-            # the drag cache keeps the trajectory: dragging the result skips inversion
-            yield from ctx.engine(request).generate(p, token, session.preview, trajectories=session.drag_cache)
+    def generate_handler(out: Outputs, page: bool):
+        def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
+                         batch_count=1, request: gr.Request = None):
+            note = ""
+            if page:  # a typed width of 100 runs at the model's nearest multiple, and the status says so
+                w, h, snapped = snapped_sizes(ctx.engine(request).model, w, h)
+                note = f" · {snapped}" if snapped else ""
+            try:
+                gallery = page and float(batch_count) > 1
+            except (TypeError, ValueError):  # the job refuses it with its own message
+                gallery = False
 
-        def done(ev, session):
-            r = ev.result
-            session.keep_result("generate", r.image)
-            return dict(preview=r.image, image=downloads.result_file(session, r.image, "generate", r.seed), seed=r.seed,
-                        status=f"Done · seed {r.seed}")
+            def work(session, token):
+                p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h,
+                                   ctx.lora_name(use_lora, lora_adapter, request), strength)
+                # the drag cache keeps the trajectory: dragging the result skips inversion
+                yield from ctx.engine(request).generate_batch(p, batch_count, token, session.preview,
+                                                              trajectories=session.drag_cache)
 
-        yield from ctx.run(request, out, work, done)
+            def batch_items(results):
+                return [(r.image, f"seed {r.seed}") for r in results]
 
-    # The LoRA adapter menu is the endpoint's last input (older positional calls keep working; left out, the
-    # adapter is the Smooth LoRA's).
-    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu]
-    event = run.click(run_generate, inputs, out, api_name="generate", **GPU)
-    ctx.stop_button(stop, status, [event], api_name="stop", api_visibility="public")
+            def show(ev):
+                values = progress(ev)
+                values["status"] += note
+                if ev.kind is Kind.RESULTS:  # an image of the batch finished: it shows until the next one does
+                    values.update(image=ev.preview, seed=ev.partial[-1].seed)
+                    if gallery:
+                        values["batch"] = gr.update(value=batch_items(ev.partial), visible=True)
+                return values
+
+            def done(ev, session):
+                r = ev.result
+                session.keep_result("generate", r.image)
+                ctx.remember_seed(session, "generate", ev.partial[0].seed if ev.partial else r.seed)
+                seeds = f"seeds {ev.partial[0].seed}–{r.seed}" if len(ev.partial or []) > 1 else f"seed {r.seed}"
+                values = dict(preview=r.image, image=downloads.result_file(session, r.image, "generate", r.seed),
+                              seed=r.seed, status=f"Done · {seeds}{note}")
+                if page:
+                    values["batch"] = (gr.update(value=batch_items(ev.partial), visible=True) if gallery
+                                       else gr.update(value=None, visible=False))
+                return values
+
+            yield from ctx.run(request, out, work, done, show)
+        return run_generate
+
+    # New inputs are appended (the LoRA adapter menu, then the batch count), so older positional calls keep
+    # working; left out, the adapter is the Smooth LoRA's and the batch one image.
+    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu, batch]
+    event = run.click(generate_handler(page_out, page=True), inputs, page_out, api_visibility="private", **GPU)
+    # the API's /generate: the same job without the gallery output
+    api_event = api_only.click(generate_handler(api_out, page=False), inputs, api_out, api_name="generate", **GPU)
+    ctx.stop_button(stop, status, [event, api_event], api_name="stop", api_visibility="public")
     return GenerateTab(prompt, send, send_edit, send_ip2p, send_drag)

@@ -30,6 +30,7 @@ class Limits:
     max_lora_rank: int = 256             # the drag's per-image LoRA rank
     max_points: int = 16                 # drag handle/target pairs
     max_repeats: int = 8                 # SDEdit candidates per job
+    max_batch_count: int = 8             # Generate's images per job (batch count)
     max_mask_draws: int = 64             # DiffEdit noise draws
     max_inner_steps: int = 50            # null-text inversion iterations per step
     max_loras: int = 8                   # LoRA adapters loaded on a model at once
