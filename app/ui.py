@@ -11,7 +11,7 @@ from . import history_panel
 from .context import Context, use_label
 from .guard import harden
 from .hosting import Hosting
-from .runner import GPU
+from .runner import GPU, progress_on_status
 from .sending import wire_send_rows
 from .sessions import SessionRegistry
 from .tabs import diffedit, drag, edit, generate, instruct, interpolate, invert, models, real_interpolate, sdedit
@@ -51,6 +51,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
 
         demo.unload(drop_session)
     harden(demo, sessions, GPU["concurrency_id"])
+    progress_on_status(demo)
     return demo
 
 

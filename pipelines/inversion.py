@@ -171,10 +171,11 @@ def _stream_nti(model, job, offset: int, total: int, opts: PreviewOptions | None
         if tag == "null":
             curve.append(float(sum(ev.losses)))
             yield Progress("fitting null-text", offset + done, total, preview=image, partial=list(curve),
-                           kind=Kind.LOSSES, message=f"step loss {curve[-1]:.2e} after {ev.iterations} iteration(s)")
+                           kind=Kind.LOSSES, message=f"step loss {curve[-1]:.2e} after {ev.iterations} iteration(s)",
+                           stage_step=ev.index + 1, stage_total=ev.total)
         else:
             stage = "inverting" if tag == "pivot" else "reconstructing"
-            yield Progress(stage, offset + done, total, preview=image)
+            yield Progress(stage, offset + done, total, preview=image, stage_step=ev.index + 1, stage_total=ev.total)
 
 
 def invert_and_reconstruct(model, image, p: InversionParams, cache: LRUCache | None = None,

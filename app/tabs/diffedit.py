@@ -51,6 +51,7 @@ def build(ctx: Context) -> None:
                     mask_btn = gr.Button("1. Estimate mask", elem_id="diffedit-mask")
                     run = gr.Button("2. Apply edit", variant="primary", elem_id="diffedit-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="diffedit-stop")
+                status = gr.Markdown("", elem_id="diffedit-status")
                 gr.Markdown(DIFFEDIT_HELP)
                 gr.Examples(examples.DIFFEDITS, [editor, target, source], elem_id="diffedit-examples")
             with gr.Column():
@@ -63,7 +64,6 @@ def build(ctx: Context) -> None:
                                     height=180, elem_id="diffedit-heat")
                     used = gr.Image(label="Mask used", format="png", interactive=False, height=180,
                                     elem_id="diffedit-used")
-                status = gr.Markdown("", elem_id="diffedit-status")
                 ctx.send_row("diffedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
 
     ctx.receiver("diffedit", editor, source, kind="editor")  # "Send to DiffEdit" (app/sending.py)

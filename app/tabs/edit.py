@@ -74,6 +74,7 @@ def build(ctx: Context) -> EditTab:
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
+                status = gr.Markdown("", elem_id="edit-status")
                 gr.Examples(examples.EDITS, [image, src, tgt])
             with gr.Column():
                 preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
@@ -85,7 +86,6 @@ def build(ctx: Context) -> EditTab:
                                      elem_id="edit-recon")
                     mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200,
                                     elem_id="edit-mask")
-                status = gr.Markdown("", elem_id="edit-status")
                 ctx.send_row("edit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
 
     out = Outputs(preview=preview, edited=edited, reconstruction=recon, mask=mask, status=status)

@@ -62,6 +62,7 @@ def build(ctx: Context) -> InstructTab:
                     run = gr.Button("Edit", variant="primary", elem_id="ip2p-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="ip2p-stop")
                     reuse = gr.Button("Use result as input", elem_id="ip2p-reuse")
+                status = gr.Markdown("", elem_id="ip2p-status")
                 gr.Markdown(INSTRUCT_HELP)
                 gr.Examples(examples.INSTRUCTIONS, [image, text])
             with gr.Column():
@@ -69,7 +70,6 @@ def build(ctx: Context) -> InstructTab:
                                    elem_id="ip2p-preview")
                 result = gr.Image(label="Edited", format="png", type="filepath", interactive=False, height=256,
                                   elem_id="ip2p-result")
-                status = gr.Markdown("", elem_id="ip2p-status")
                 ctx.send_row("instruct", ["invert", "edit", "diffedit", "sdedit", "drag"], "edited image")
 
     out = Outputs(preview=preview, edited=result, seed=seed, text_guidance=text_g, image_guidance=image_g,

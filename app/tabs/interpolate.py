@@ -50,11 +50,11 @@ def build(ctx: Context) -> InterpolateTab:
                     seq = gr.Button("Render sequence", elem_id="int-seq")
                     stop = gr.Button("Stop", variant="stop", elem_id="int-stop")
                 cmp = ctx.compare_button("int", lora)
+                status = gr.Markdown("", elem_id="int-status")
                 gr.Examples(examples.PAIRS, [prompt_a, prompt_b])
             with gr.Column():
                 frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320,
                                  elem_id="int-frame-img")
-                status = gr.Markdown("", elem_id="int-status")
                 with gr.Row():
                     send = gr.Button("Send frame to Invert")
                     send_edit = gr.Button("Send frame to Edit")

@@ -63,6 +63,7 @@ def build(ctx: Context) -> InvertTab:
                 with gr.Row():
                     run = gr.Button("Invert and reconstruct", variant="primary", elem_id="inv-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="inv-stop")
+                status = gr.Markdown("", elem_id="inv-status")
                 gr.Examples(examples.IMAGES, [image, prompt])
             with gr.Column():
                 preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
@@ -76,7 +77,6 @@ def build(ctx: Context) -> InvertTab:
                                    x_title="inversion step", y_title="fitted loss", y_axis_format=".1e",
                                    elem_id="inv-loss")
                 metrics = gr.JSON(label="Reconstruction metrics (PSNR / SSIM / MSE) and UNet evaluations")
-                status = gr.Markdown("", elem_id="inv-status")
                 send_edit = gr.Button("Edit this image (reuses the inversion)")
                 ctx.send_row("invert", ["instruct", "diffedit", "sdedit", "drag"], "reconstruction")
 

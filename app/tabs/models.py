@@ -16,7 +16,6 @@ from pipelines.instruct import recommended_guidance
 
 from ..context import Context, compare_label, use_label
 from ..runner import GPU, Outputs, render_job
-from ..streaming import status_line
 
 
 @dataclass
@@ -91,7 +90,7 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
 
         # The final event carries the new model; it is rendered before switch_model makes it studio.model.
         def done(ev):
-            return dict(active=ctx.model_status(ev.result), status=status_line(ev), **model_sizes(ev.result))
+            return dict(active=ctx.model_status(ev.result), status=ev.message, **model_sizes(ev.result))
 
         yield from render_job(studio.switch_model(source), model_out, done)
 
@@ -111,7 +110,7 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
 
         def done(ev):
             loaded.append(ev.result)
-            return dict(active=ctx.model_status(), status=status_line(ev))
+            return dict(active=ctx.model_status(), status=ev.message)
 
         # The Smooth LoRA loads as "smooth" (Studio.load_lora), so loading it again replaces that adapter.
         before = set(studio.model.loras)
@@ -128,7 +127,7 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
         name = (name or "").strip()
 
         def done(ev):
-            return dict(active=ctx.model_status(), status=status_line(ev))
+            return dict(active=ctx.model_status(), status=ev.message)
 
         try:
             yield from render_job(studio.unload_lora(name), lora_out, done)
@@ -142,15 +141,8 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
     # chained, so the endpoints' outputs stay as they were.
     lora_controls = ctx.lora_outputs()
     hidden = dict(api_visibility="private", queue=False)
-    # the controls that start at the model's recommended settings (drag, SDEdit) move to the new model's
-    recommended = ctx.recommended_outputs()
-
-    def refresh_recommended(request: gr.Request = None):
-        return ctx.recommended_updates(request)
-
     panel.load_model.click(run_load_model, [panel.model], model_out, api_name="load_model",
-                           **GPU).then(refresh_lora_controls, None, lora_controls,
-                                       **hidden).then(refresh_recommended, None, recommended, **hidden)
+                           **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
     panel.load_lora.click(run_load_lora, [panel.lora], lora_out, api_name="load_lora",
                           **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
     panel.unload_lora.click(run_unload_lora, [panel.lora], lora_out, api_name="unload_lora",
@@ -174,4 +166,3 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
     demo.load(page_status, None, panel.active, api_visibility="private")
     # the model may have changed since this page was built (another session loaded one)
     demo.load(refresh_lora_controls, None, lora_controls, **hidden)
-    demo.load(refresh_recommended, None, recommended, **hidden)

@@ -43,11 +43,11 @@ def build(ctx: Context) -> None:
                     seq = gr.Button("Render sequence", elem_id="rint-seq")
                     stop = gr.Button("Stop", variant="stop", elem_id="rint-stop")
                 cmp = ctx.compare_button("rint", lora)
+                status = gr.Markdown("", elem_id="rint-status")
                 gr.Examples(examples.IMAGE_PAIRS, [image_a, image_b, prompt_a, prompt_b])
             with gr.Column():
                 frame = gr.Image(label="Frame", format="png", type="filepath", interactive=False, height=320,
                                  elem_id="rint-frame-img")
-                status = gr.Markdown("", elem_id="rint-status")
                 gallery = gr.Gallery(label="Sequence", columns=6, format="png", elem_id="rint-gallery")
                 gif = gr.Image(label="Animation (GIF)", type="filepath", interactive=False)
                 mp4 = gr.Video(label="Animation (MP4)", interactive=False, elem_id="rint-mp4")

@@ -49,13 +49,13 @@ def build(ctx: Context) -> None:
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="sdedit-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="sdedit-stop")
+                status = gr.Markdown("", elem_id="sdedit-status")
                 gr.Markdown(SDEDIT_HELP)
                 gr.Examples(examples.SDEDITS, [canvas, prompt, strength])
             with gr.Column():
                 preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
                                    elem_id="sdedit-preview")
                 gallery = gr.Gallery(label="Results (pick one)", columns=4, format="png", elem_id="sdedit-gallery")
-                status = gr.Markdown("", elem_id="sdedit-status")
                 ctx.send_row("sdedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "picked result")
 
     ctx.receiver("sdedit", canvas, prompt, kind="editor")  # "Send to SDEdit" (app/sending.py)

@@ -59,6 +59,8 @@ class Progress:
     result:  the final result object; set only on the last event
     kind:    what `preview` and `partial` hold (Kind)
     cached:  the job reused cached work (an inversion, a LoRA) instead of computing it
+    stage_step/stage_total: progress within the current stage (1-based), when the stage counts steps: what a
+             user reads ("sampling: step 3/30"); step/total measure the whole job (several stages, cached work)
     """
 
     stage: str
@@ -70,10 +72,17 @@ class Progress:
     message: str = ""
     kind: Kind = Kind.STEP
     cached: bool = False
+    stage_step: int | None = None
+    stage_total: int | None = None
 
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    @property
+    def fraction(self) -> float:
+        """How much of the whole job is done, in [0, 1]."""
+        return min(max(self.step / self.total, 0.0), 1.0) if self.total else 0.0
 
 
 Job = Generator[Progress, None, Any]

@@ -33,7 +33,8 @@ def stream_steps(
     for st in states:
         x = st.latents
         yield Progress(stage, offset + st.index + 1, total, preview=step_preview(model, opts, st.index + 1, st.total,
-                                                                                 st.pred_x0))
+                                                                                 st.pred_x0),
+                       stage_step=st.index + 1, stage_total=st.total)
     return x
 
 
