@@ -62,6 +62,12 @@ def recommended(model, method: str) -> dict:
     return {**reference(method), **overrides(model, method)}
 
 
+def recommended_params(model, method: str, **values):
+    """The method's params dataclass at `model`'s recommended settings; `values` (the handles, a prompt, any
+    setting the caller chooses) win: `recommended_params(studio.model, "drag", handles=[...], targets=[...])`."""
+    return METHODS[method](**{**recommended(model, method), **values})
+
+
 def source_note(model, method: str, name: str) -> str:
     """Where a control's starting value comes from, for its info text."""
     return f"recommended for {model.label}" if name in overrides(model, method) else "reference default"

@@ -16,7 +16,7 @@ import pytest
 from pipelines.core.events import run_to_end
 from pipelines.core.models import EMBEDDED_DIR, load_model
 from pipelines.drag import DragParams
-from pipelines.recommended import overrides, recommended, reference, source_note
+from pipelines.recommended import overrides, recommended, recommended_params, reference, source_note
 from pipelines.sdedit import SDEditParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,14 @@ def test_a_folder_with_and_without_the_section(tiny_model, tmp_path):
     assert source_note(model, "drag", "lora_steps") == "recommended for tiny with recommendations"
     assert source_note(model, "drag", "r2") == "reference default"
     assert recommended(model, "sdedit") == reference("sdedit")  # no entry for that method
+
+
+def test_recommended_params_for_the_python_api(tiny_model):
+    model = with_info(tiny_model, {"recommended": {"drag": DRAG}})
+    p = recommended_params(model, "drag", handles=[(1, 2)], targets=[(3, 4)], drag_iterations=7)
+    assert isinstance(p, DragParams) and p.handles == [(1, 2)] and p.drag_iterations == 7  # the caller's value wins
+    assert (p.lora_steps, p.latent_lr, p.warm_start, p.r2) == (40, 0.03, True, DragParams.r2)
+    assert recommended_params(tiny_model, "drag", handles=[], targets=[]) == DragParams([], [])
 
 
 @pytest.mark.parametrize("entry, expected", [
