@@ -26,6 +26,10 @@ image is inverted, the handles are pulled towards their targets (previews show w
 denoised with the original's self-attention keys and values."""
 
 
+# translucent, so the picture stays visible under the region (any alpha > 0 counts as painted: masks.painted)
+REGION_PAINT = ("#ff28c8", 0.45)
+
+
 @dataclass
 class DragTab:
     image: gr.Image
@@ -45,6 +49,17 @@ def points_view(source: Image.Image, points: list) -> Image.Image:
     return draw_points(shown, pts[0::2], pts[1::2])
 
 
+def points_text(value) -> str:
+    """The clicked points, one pair a line: "1. (12, 30) → (40, 30)"; a handle still waiting shows "→ ?"."""
+    try:
+        points = clicked_points(value)
+    except InputError:
+        return ""
+    pairs = [points[i:i + 2] for i in range(0, len(points), 2)]
+    return "\n".join(f"{k}. ({h[0]}, {h[1]}) → " + (f"({t[0][0]}, {t[0][1]})" if t else "?")
+                     for k, (h, *t) in enumerate(pairs, 1))
+
+
 def clicked_points(value) -> list[list[int]]:
     """The points clicked so far, checked like the drag's own points (an odd count is a handle still waiting
     for its target)."""
@@ -58,6 +73,9 @@ def build(ctx: Context) -> DragTab:
     def source_of(path, request=None) -> Image.Image:
         return prepare_image(ctx.engine(request).model, upload_path(path, "an image to drag"))
 
+    def rec(cls, name, *args, **kwargs):
+        return ctx.recommended_control(cls, "drag", name, *args, **kwargs)
+
     with gr.Tab("Drag (DragDiffusion)", id="drag"):
         with gr.Row():
             with gr.Column():
@@ -65,34 +83,37 @@ def build(ctx: Context) -> DragTab:
                                    elem_id="drag-input")
                 r_mask = SafeImageMask(label="Editable region (paint; empty = whole image)", type="numpy",
                                       format="png", sources=[], elem_id="drag-mask",
-                                      brush=gr.Brush(colors=["#ff28c8"], color_mode="fixed", default_size=24))
+                                      brush=gr.Brush(colors=[REGION_PAINT], default_color=REGION_PAINT,
+                                                     color_mode="fixed", default_size=24))
                 r_prompt = gr.Textbox(label="Prompt (optional: describing the image)", elem_id="drag-prompt")
                 with gr.Accordion("Drag settings", open=False):
                     with gr.Row():
-                        r_lora_steps = gr.Slider(0, 300, value=80, step=1, label="LoRA steps (0 = no LoRA)",
-                                                 elem_id="drag-lora-steps")
-                        r_lora_rank = gr.Slider(1, 64, value=16, step=1, label="LoRA rank")
-                        r_lora_lr = gr.Number(5e-4, label="LoRA learning rate")
+                        # every setting starts at the active model's recommended value (a model switch moves it)
+                        r_lora_steps = rec(gr.Slider, "lora_steps", 0, 300, step=1, label="LoRA steps (0 = no LoRA)",
+                                           elem_id="drag-lora-steps")
+                        r_lora_rank = rec(gr.Slider, "lora_rank", 1, 64, step=1, label="LoRA rank")
+                        r_lora_lr = rec(gr.Number, "lora_lr", label="LoRA learning rate")
                     with gr.Row():
-                        r_iters = gr.Slider(1, 300, value=80, step=1, label="Drag iterations", elem_id="drag-iters")
-                        r_latent_lr = gr.Number(0.01, label="Latent learning rate")
-                        r_lambda = gr.Slider(0, 1, value=0.1, step=0.01, label="Mask term lambda")
+                        r_iters = rec(gr.Slider, "drag_iterations", 1, 300, step=1, label="Drag iterations",
+                                      elem_id="drag-iters")
+                        r_latent_lr = rec(gr.Number, "latent_lr", label="Latent learning rate")
+                        r_lambda = rec(gr.Slider, "mask_weight", 0, 1, step=0.01, label="Mask term lambda")
                     with gr.Row():
-                        r_strength = gr.Slider(0.1, 1.0, value=0.7, step=0.02,
-                                               label="Inversion strength (of 50 steps)")
-                        r_block = gr.Slider(0, 3, value=DragParams.feature_block, step=1,
-                                            label="Feature block (UNet up block)")
-                        r_r1 = gr.Slider(0, 5, value=1, step=1, label="r1 (supervision patch)")
-                        r_r2 = gr.Slider(1, 10, value=3, step=1, label="r2 (tracking radius)")
+                        r_strength = rec(gr.Slider, "inversion_strength", 0.1, 1.0, step=0.02,
+                                         label="Inversion strength (of 50 steps)")
+                        r_block = rec(gr.Slider, "feature_block", 0, 3, step=1, label="Feature block (UNet up block)")
+                        r_r1 = rec(gr.Slider, "r1", 0, 5, step=1, label="r1 (supervision patch)")
+                        r_r2 = rec(gr.Slider, "r2", 1, 10, step=1, label="r2 (tracking radius)")
                     r_smooth = gr.Checkbox(SMOOTH_NAME in ctx.studio.model.loras,
                                            label="Use the Smooth LoRA during the drag",
                                            info="Ticked when the model has the Smooth LoRA (else load it in "
                                                 "'Model and LoRA')", elem_id="drag-smooth")
-                    r_warm = gr.Checkbox(False, label="Warm start: carry the painted region along the drag first",
-                                         info="The optimisation then only corrects it: far fewer iterations, and "
-                                              "colours hold on long drags and small images. Needs a painted region. "
-                                              "Try it with LoRA steps 0: the LoRA remembers the old layout.",
-                                         elem_id="drag-warm")
+                    r_warm = rec(gr.Checkbox, "warm_start", label="Warm start: carry the painted region along the drag "
+                                                                  "first",
+                                 info="The optimisation then only corrects it: far fewer iterations, and colours "
+                                      "hold on long drags and small images. Needs a painted region. Keep the LoRA "
+                                      "short (40 steps or none): it remembers the old layout.",
+                                 elem_id="drag-warm")
                 ctx.restorable("drag", prompt=r_prompt, lora_steps=r_lora_steps, lora_rank=r_lora_rank,
                                lora_lr=r_lora_lr, drag_iterations=r_iters, latent_lr=r_latent_lr, mask_weight=r_lambda,
                                inversion_strength=r_strength, feature_block=r_block, r1=r_r1, r2=r_r2,
@@ -108,8 +129,13 @@ def build(ctx: Context) -> DragTab:
             with gr.Column():
                 r_points_img = gr.Image(label="Click: handle (red), then target (blue)", interactive=False,
                                         format="png", elem_id="drag-points")
+                # the points as the `drag` endpoint takes them (a JSON list of [x, y]), kept out of sight; the
+                # list below shows them one pair a line
                 r_points = gr.JSON([], label="Points (x, y) in model pixels: handle, target, handle, ...",
-                                   elem_id="drag-points-json")
+                                   visible="hidden", elem_id="drag-points-json")
+                r_points_list = gr.Textbox("", label="Points (x, y) in model pixels: handle → target",
+                                           placeholder="No points yet: click a handle, then its target",
+                                           interactive=False, lines=1, max_lines=8, elem_id="drag-points-list")
                 r_preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
                                      elem_id="drag-preview")
                 with gr.Row():
@@ -180,6 +206,7 @@ def build(ctx: Context) -> DragTab:
 
         yield from ctx.run(request, out, work, done)
 
+    r_points.change(points_text, [r_points], [r_points_list], api_visibility="private", queue=False)
     r_image.change(on_upload, [r_image], [r_points_img, r_points, r_mask, r_status], api_visibility="private",
                    queue=False)
     r_points_img.select(on_click, [r_image, r_points], [r_points_img, r_points, r_status], api_visibility="private",

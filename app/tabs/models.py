@@ -141,8 +141,15 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
     # chained, so the endpoints' outputs stay as they were.
     lora_controls = ctx.lora_outputs()
     hidden = dict(api_visibility="private", queue=False)
+    # the controls that start at the model's recommended settings (drag, SDEdit) move to the new model's
+    recommended = ctx.recommended_outputs()
+
+    def refresh_recommended(request: gr.Request = None):
+        return ctx.recommended_updates(request)
+
     panel.load_model.click(run_load_model, [panel.model], model_out, api_name="load_model",
-                           **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
+                           **GPU).then(refresh_lora_controls, None, lora_controls,
+                                       **hidden).then(refresh_recommended, None, recommended, **hidden)
     panel.load_lora.click(run_load_lora, [panel.lora], lora_out, api_name="load_lora",
                           **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
     panel.unload_lora.click(run_unload_lora, [panel.lora], lora_out, api_name="unload_lora",
@@ -166,3 +173,4 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
     demo.load(page_status, None, panel.active, api_visibility="private")
     # the model may have changed since this page was built (another session loaded one)
     demo.load(refresh_lora_controls, None, lora_controls, **hidden)
+    demo.load(refresh_recommended, None, recommended, **hidden)
