@@ -337,13 +337,19 @@ class Context:
                                     sum(lora.compare is not None for lora in self.loras), len(self.drag_smooth))
 
     # -------------------------------------------------------------- PNG info: settings restored from parameters
-    def restorable(self, tab_id: str, lora: LoraControls | None = None, **controls) -> gr.File:
+    def restorable(self, tab_id: str, lora: LoraControls | None = None, when: dict | None = None,
+                   **controls) -> gr.File:
         """Registers the tab's controls by parameter key (the studio's metadata keys: prompt, negative_prompt,
         seed, steps, guidance, width, height, ...; `lora` adds use_lora, lora_strength and lora_adapter) and
-        puts the "Restore settings from a PNG" drop box here, with its note (app/pnginfo.py)."""
+        puts the "Restore settings from a PNG" drop box here, with its note (app/pnginfo.py). `when` maps a
+        parameter key to (control, value): the control is set to the value whenever that key is restored."""
         if lora is not None:
             controls.update(use_lora=lora.use, lora_strength=lora.strength, lora_adapter=lora.menu)
-        tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora)
+        follows = {}
+        for key, (control, value) in (when or {}).items():
+            controls[f"{key}_follows"] = control
+            follows[f"{key}_follows"] = (key, value)
+        tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora, when=follows)
         tab.drop = gr.File(label=pnginfo.DROP_LABEL, file_types=[".png"], file_count="single", height=64,
                            elem_id=f"{tab_id}-restore-png", elem_classes=["restore-png"])
         tab.note = gr.Markdown("", elem_id=f"{tab_id}-restore-note")

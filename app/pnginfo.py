@@ -48,7 +48,8 @@ class TabParams:
     drop: gr.File | None = None
     note: gr.Markdown | None = None
     lora: object = None                     # the tab's LoraControls (use, strength, menu), if any
-    keys: list = field(default_factory=list)
+    # {control key: (key, value)}: the control takes `value` whenever `key` is restored (a restored seed fixes it)
+    when: dict = field(default_factory=dict)
 
     def outputs(self) -> list:
         return list(self.controls.values())
@@ -142,7 +143,7 @@ def restore_values(tab: TabParams, params: dict, loaded_loras=()) -> tuple[dict,
     values, used, problems = {}, set(), []
     no_lora = str(params.get("lora", "none")).strip().lower() in ("", "none")
     for key, component in tab.controls.items():
-        if key in ("use_lora", "lora_adapter") or (key == "lora_strength" and no_lora):
+        if key in ("use_lora", "lora_adapter") or key in tab.when or (key == "lora_strength" and no_lora):
             continue  # the LoRA's strength is kept when the PNG used none
         raw, source = lookup(params, key)
         if source is None:
@@ -152,6 +153,9 @@ def restore_values(tab: TabParams, params: dict, loaded_loras=()) -> tuple[dict,
         if note:
             problems.append(note)
         if value is not None:
+            values[key] = value
+    for key, (source, value) in tab.when.items():
+        if source in values:
             values[key] = value
     if no_lora:
         used.update(("lora", "lora_strength"))  # no LoRA was used: nothing to report where a tab has none
@@ -169,7 +173,8 @@ def restore_values(tab: TabParams, params: dict, loaded_loras=()) -> tuple[dict,
         used.add("size")
     skipped = [text_name(k) for k in params
                if k not in used and k not in RESULT_KEYS and (params[k] or k not in ("prompt", "negative_prompt"))]
-    restored = [text_name(k) if k not in ("use_lora", "lora_adapter") else "LoRA" for k in values]
+    restored = [text_name(k) if k not in ("use_lora", "lora_adapter") else "LoRA" for k in values
+                if k not in tab.when]
     restored = list(dict.fromkeys(restored))
     if not restored:
         note = "Nothing in this PNG's parameters applies to this tab."

@@ -124,6 +124,11 @@ def test_instruct_reads_a1111_cfg_scales_and_sampler(ctx):
     got = values(ctx, "instruct", updates)
     assert got["instruction"] == "turn it blue" and got["text_guidance"] == 7.5
     assert got["image_guidance"] == 1.4 and got["steps"] == 30 and got["seed"] == 3 and got["scheduler"] == "ddim"
+    # a restored seed and CFG are used as they are, not randomized again
+    assert got["seed_follows"] == "Fix seed" and got["text_guidance_follows"] == "Fix CFG"
+    assert "follows" not in note
+    updates, _ = ctx.restore_updates("instruct", {"instruction": "x"})
+    assert "seed_follows" not in values(ctx, "instruct", updates)
 
 
 def test_lora_name_not_loaded_is_unticked_with_a_note(ctx):

@@ -57,7 +57,8 @@ def build(ctx: Context) -> InstructTab:
                                         elem_id="ip2p-image-guidance")
                     ctx.guidance += [text_g, image_g]  # a model switch sets them to its recommended scales
                 ctx.restorable("instruct", instruction=text, steps=steps, scheduler=sched, seed=seed,
-                               text_guidance=text_g, image_guidance=image_g)
+                               text_guidance=text_g, image_guidance=image_g,
+                               when={"seed": (seed_mode, FIX_SEED), "text_guidance": (cfg_mode, FIX_CFG)})
                 with gr.Row():
                     run = gr.Button("Edit", variant="primary", elem_id="ip2p-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="ip2p-stop")
