@@ -112,6 +112,14 @@ def result_images(result) -> list[tuple[Image.Image, dict]]:
     return []
 
 
+def event_images(ev) -> list[tuple[Image.Image, dict]]:
+    """The images of a job's final event: a batch's every image (its partial results), else its result's."""
+    partial = getattr(ev, "partial", None)
+    if isinstance(partial, list) and partial and all(isinstance(r, ImageResult) for r in partial):
+        return [(r.image, r.params) for r in partial]
+    return result_images(getattr(ev, "result", None))
+
+
 @dataclass
 class HistoryItem:
     id: str
@@ -186,9 +194,9 @@ class History:
         self._insert([item], newest=True)
         return item
 
-    def record(self, result) -> list[HistoryItem]:
-        """Adds a finished job's images (result_images); the first of them ends up first."""
-        items = [self._make(image, params, time.time()) for image, params in result_images(result)]
+    def record(self, images: list[tuple[Image.Image, dict]]) -> list[HistoryItem]:
+        """Adds (image, parameters) pairs, e.g. a finished job's (event_images); the first ends up first."""
+        items = [self._make(image, params, time.time()) for image, params in images]
         if items:
             self._insert(items, newest=True)
         return items
@@ -268,12 +276,12 @@ def _remove(item: HistoryItem) -> None:
             pass
 
 
-def record_result(session, result) -> None:
+def record_result(session, ev) -> None:
     """The runner's hook after a job's final event: its images go into the session's history, and a single
     image is also kept under its method's name for the "Send to" buttons (app/context.py send_row). A failure
     here is logged and never fails the job."""
     try:
-        items = session.history.record(result)
+        items = session.history.record(event_images(ev))
         if len(items) == 1 and items[0].task and items[0].full:
             with Image.open(items[0].path) as png:  # a copy: the item's file goes when the item is dropped
                 png.load()

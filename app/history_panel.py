@@ -125,7 +125,7 @@ def wire(ctx: Context, panel: HistoryPanel, demo: gr.Blocks) -> None:
         button.click(sender(tab), [panel.selected], receiver_outputs(ctx.receivers[tab]) + [ctx.tabs], **hidden)
 
     # one Restore button for every tab: each tab's controls (ctx.restorable, app/pnginfo.py) and its note
-    tabs = list(getattr(ctx, "restore", {}))
+    tabs = list(ctx.restore)
     slots, outputs = {}, []
     for tab in tabs:
         members = ctx.restore_outputs(tab) + [ctx.restore[tab].note]

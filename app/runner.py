@@ -193,7 +193,7 @@ def run(sessions: SessionRegistry, request, out: Outputs,
 
     def finished(ev):
         values = done(ev, session)
-        record_result(session, ev.result)  # into the session's history (app/history.py)
+        record_result(session, ev)  # its images into the session's history (app/history.py)
         return values
 
     yield from render_job(job(), out, finished, show, cancel=token)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 
 import numpy as np
 import pytest
@@ -72,7 +71,7 @@ def wait_for_captions(pg, n: int) -> list[str]:
 
 def generate(pg, seed: int) -> None:
     pg.fill("#gen-prompt textarea", "a small red circle")
-    pg.get_by_label(re.compile(r"^Seed")).first.fill(str(seed))
+    pg.fill("#gen-seed input", str(seed))
     set_number(pg, "gen-steps", 2)
     pg.click("#gen-run")
 
@@ -95,9 +94,13 @@ def test_history_holds_runs_survives_a_reload_and_stays_in_its_browser(browser, 
     pg.wait_for_selector("#gen-prompt textarea")
     assert wait_for_captions(pg, 2) == shown                               # kept in this browser
 
-    # the restored item is a real one of this (new) session: selecting it shows its parameters
+    # the restored items are real ones of this (new) session: select one, restore its settings into its tab
+    pg.fill("#gen-seed input", "-1")
     pg.locator("#history-gallery .thumbnail-item").nth(1).click()
     sync_api.expect(pg.locator("#history-status")).to_contain_text("seed 11")
+    pg.click("#history-restore")
+    sync_api.expect(pg.locator("#history-status")).to_contain_text("restored")
+    sync_api.expect(pg.locator("#gen-seed input")).to_have_value("11")
 
     other = browser.new_context(viewport={"width": 1400, "height": 1600})
     try:

@@ -13,9 +13,10 @@ from PIL import Image
 
 from app import history as hist
 from app.context import Receiver
-from app.history import History, clean_params, record_result, result_images
+from app.history import History, clean_params, event_images, record_result, result_images
 from app.sending import receiver_values
 from app.sessions import SessionRegistry
+from pipelines.core.events import Progress
 from pipelines.core.metadata import read_metadata, with_metadata
 from pipelines.core.results import ImageResult
 from pipelines.interpolation import SequenceResult
@@ -65,7 +66,7 @@ def png_b64(image: Image.Image, fmt: str = "PNG", info: dict | None = None) -> s
 # ------------------------------------------------------------------ adding and bounds
 def test_newest_first_with_parameters_and_pixels(history):
     for s in (1, 2, 3):
-        history.record(result(s))
+        history.record(result_images(result(s)))
     assert seeds(history) == [3, 2, 1]
     first = history.items[0]
     assert first.task == "generate" and first.tab == "generate" and first.full and first.stored_full
@@ -81,7 +82,7 @@ def test_newest_first_with_parameters_and_pixels(history):
 def test_bounded_by_count_oldest_dropped_with_its_file(tmp_path):
     h = History(lambda: tmp_path, max_items=3)
     for s in range(5):
-        h.record(result(s))
+        h.record(result_images(result(s)))
     assert seeds(h) == [4, 3, 2]
     assert sorted(p.name for p in tmp_path.glob("history_*.png")) == sorted(i.path.name for i in h.items)
 
@@ -90,13 +91,13 @@ def test_bounded_by_bytes(tmp_path):
     one = len(History(lambda: tmp_path).add(picture(0), params(0)).stored)
     h = History(lambda: tmp_path, max_bytes=int(2.5 * one))
     for s in range(6):
-        h.record(result(s))
+        h.record(result_images(result(s)))
     assert seeds(h) == [5, 4]
     assert sum(len(i.stored) for i in h.items) <= h.max_bytes
 
 
 def test_large_result_kept_whole_here_and_as_thumbnail_in_the_browser(history):
-    item = history.record(result(7, side=512, noisy=True))[0]
+    item = history.record(result_images(result(7, side=512, noisy=True)))[0]
     assert item.full and not item.stored_full
     with Image.open(item.path) as png:
         assert png.size == (512, 512)
@@ -124,18 +125,28 @@ def test_result_images_of_each_kind():
     assert result_images(mask_only) == [] and result_images(None) == []
 
 
+def final(result, partial=None) -> Progress:
+    return Progress("done", 1, 1, partial=partial, result=result)
+
+
+def test_a_batch_records_every_image():
+    batch = [result(s) for s in (4, 5, 6)]
+    assert [p["seed"] for _, p in event_images(final(batch[-1], batch))] == [4, 5, 6]
+    assert [p["seed"] for _, p in event_images(final(batch[-1]))] == [6]
+
+
 def test_record_result_keeps_a_single_image_for_send_to(tmp_path):
     registry = SessionRegistry()
     session = registry.get(types.SimpleNamespace(session_hash="a"))
-    record_result(session, result(3, task="drag"))
+    record_result(session, final(result(3, task="drag")))
     kept = session.handoff_png("drag")
     with Image.open(kept) as png:
         assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(picture(3)))
         assert read_metadata(png)["task"] == "drag"
-    record_result(session, SDEditResult([result(s, task="sdedit") for s in (1, 2)], picture(0), None, {}))
+    record_result(session, final(SDEditResult([result(s, task="sdedit") for s in (1, 2)], picture(0), None, {})))
     assert session.handoff_png("sdedit") is None  # several candidates: the one the user picks is kept by the tab
     assert [i.params["seed"] for i in session.history.items] == [1, 2, 3]
-    record_result(session, object())  # nothing to record: nothing happens, nothing raises
+    record_result(session, final(object()))  # nothing to record: nothing happens, nothing raises
     assert len(session.history.items) == 3
 
 
@@ -143,7 +154,7 @@ def test_sessions_never_share_a_history():
     registry = SessionRegistry()
     mine = registry.get(types.SimpleNamespace(session_hash="mine"))
     other = registry.get(types.SimpleNamespace(session_hash="other"))
-    record_result(mine, result(1))
+    record_result(mine, final(result(1)))
     assert len(mine.history.items) == 1 and other.history.items == [] and other.history.gallery() == []
     path = mine.history.items[0].path
     assert path.parent == mine.out_dir and path.exists()
@@ -154,8 +165,8 @@ def test_sessions_never_share_a_history():
 # ------------------------------------------------------------------ the browser's copy
 def test_round_trip_through_the_browser(tmp_path, history):
     for s in (1, 2):
-        history.record(result(s))
-    history.record(result(3, side=512, noisy=True))
+        history.record(result_images(result(s)))
+    history.record(result_images(result(3, side=512, noisy=True)))
     stored = json.loads(json.dumps(history.to_browser()))  # what localStorage holds is JSON
     assert all(set(d) == {"png", "full", "time"} for d in stored)
     assert not any(str(tmp_path) in json.dumps(d) for d in stored)  # no server path goes to the browser
@@ -171,16 +182,16 @@ def test_round_trip_through_the_browser(tmp_path, history):
 
 
 def test_browser_items_go_after_this_sessions_own(tmp_path, history):
-    history.record(result(1))
+    history.record(result_images(result(1)))
     stored = history.to_browser()
     h = History(lambda: tmp_path, max_items=2)
-    h.record(result(9))
+    h.record(result_images(result(9)))
     h.load_browser(stored + stored + stored)
     assert seeds(h) == [9, 1]
 
 
 def test_hostile_browser_items_are_skipped(tmp_path, history):
-    history.record(result(4))
+    history.record(result_images(result(4)))
     good = history.to_browser()
     flat = Image.new("RGB", (hist.MAX_SIDE + 8, 64), (10, 20, 30))   # small file, too many pixels across
     huge_b64 = "A" * (hist._B64_ITEM + 4)
@@ -201,7 +212,7 @@ def test_hostile_browser_items_are_skipped(tmp_path, history):
 
 
 def test_only_the_first_items_of_a_long_list_are_read(tmp_path, history):
-    history.record(result(1))
+    history.record(result_images(result(1)))
     stored = history.to_browser()
     h = History(lambda: tmp_path, max_items=4)
     assert h.load_browser([{"png": "bad"}] * 4 + stored) == 0  # the rest of a long list is not even looked at
@@ -223,7 +234,7 @@ def test_browser_parameters_are_plain_and_bounded(history):
 
 # ------------------------------------------------------------------ what a send puts into a tab
 def test_receiver_values(history):
-    item = history.record(result(2))[0]
+    item = history.record(result_images(result(2)))[0]
     path_value, prompt = receiver_values(Receiver("drag", None, prompt=object()), str(item.path), item.params)
     assert path_value == str(item.path) and prompt == "a red circle 2"
     (editor,) = receiver_values(Receiver("sdedit", None, kind="editor"), str(item.path), item.params)
