@@ -30,8 +30,8 @@ def build(ctx: Context) -> InterpolateTab:
                 prompt_b = gr.Textbox(label="Prompt B (optional; empty = prompt A)")
                 neg = gr.Textbox(label="Negative prompt")
                 with gr.Row():
-                    seed_a = gr.Number(0, label="Seed A", precision=0)
-                    seed_b = gr.Number(1, label="Seed B", precision=0)
+                    seed_a = ctx.seed_controls("interpolate-a", 0, label="Seed A", elem_id="int-seed-a")
+                    seed_b = ctx.seed_controls("interpolate-b", 1, label="Seed B", elem_id="int-seed-b")
                 with gr.Row():
                     steps = steps_slider(30, "int-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
@@ -84,6 +84,8 @@ def build(ctx: Context) -> InterpolateTab:
 
         def done(ev, session):
             session.keep_result("frame", ev.result.image)
+            ctx.remember_seed(session, "interpolate-a", ev.result.params["seed_a"])
+            ctx.remember_seed(session, "interpolate-b", ev.result.params["seed_b"])
             seeds = f"seeds {ev.result.params['seed_a']} → {ev.result.params['seed_b']}"
             return dict(frame=downloads.result_file(session, ev.result.image, "interpolate"),
                         status=f"Frame at eta={float(eta):.2f} · {seeds}")
