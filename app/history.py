@@ -35,7 +35,8 @@ MAX_ITEMS = 48                 # items kept, oldest dropped
 MAX_BYTES = 1_500_000          # PNG bytes the browser keeps, all items together (x1.8 once base64'd twice)
 ITEM_BYTES = 96 * 1024         # an item's PNG kept whole up to this size; a larger result keeps a thumbnail
 THUMB_SIDE = 128               # long side of a thumbnail
-MAX_SIDE = 2048                # longest side of an image accepted back from the browser
+MAX_SIDE = 1024                # longest side of an image accepted back from the browser (the largest result)
+LOAD_PIXELS = 8_000_000        # pixels decoded from the browser's copy in one load, all items together
 MAX_PARAMS = 80                # parameters per item (a drag result has ~40)
 MAX_TEXT = 2000                # characters of one parameter value (as JSON)
 CAPTION_PROMPT = 48            # characters of the prompt shown in a caption
@@ -218,8 +219,9 @@ class History:
                      "time": round(i.created, 3)} for i in self.items]
 
     # -------------------------------------------------------------- from the browser
-    def _from_browser(self, raw) -> HistoryItem | None:
-        """One stored item back from the browser, or None when it is malformed or refused."""
+    def _from_browser(self, raw, budget: list[int]) -> HistoryItem | None:
+        """One stored item back from the browser, or None when it is malformed or refused (also when decoding it
+        would go over what is left of the load's pixel budget, budget[0])."""
         if not isinstance(raw, dict) or not isinstance(raw.get("png"), str) or len(raw["png"]) > _B64_ITEM:
             return None
         try:
@@ -230,8 +232,9 @@ class History:
             return None
         try:
             width, height, fmt = check_image_header(data)  # sizes and formats checked before decoding
-            if fmt != "PNG" or max(width, height) > MAX_SIDE:
+            if fmt != "PNG" or max(width, height) > MAX_SIDE or width * height > budget[0]:
                 return None
+            budget[0] -= width * height
             image = load_rgb(data)
             params = read_metadata(data)
         except InputError:
@@ -247,10 +250,10 @@ class History:
         self.restored = True
         if not isinstance(value, list):
             return 0
-        items = []
+        items, budget = [], [LOAD_PIXELS]
         for raw in value[:self.max_items]:
             try:
-                item = self._from_browser(raw)
+                item = self._from_browser(raw, budget)
             except Exception:  # noqa: BLE001 - whatever a crafted item does, it is skipped
                 log.warning("history item from the browser skipped", exc_info=True)
                 item = None

@@ -193,7 +193,7 @@ def test_browser_items_go_after_this_sessions_own(tmp_path, history):
 def test_hostile_browser_items_are_skipped(tmp_path, history):
     history.record(result_images(result(4)))
     good = history.to_browser()
-    flat = Image.new("RGB", (hist.MAX_SIDE + 8, 64), (10, 20, 30))   # small file, too many pixels across
+    flat = Image.new("RGB", (hist.MAX_SIDE + 8,) * 2, (10, 20, 30))   # a small file of a too large image
     huge_b64 = "A" * (hist._B64_ITEM + 4)
     hostile = [
         None, 3, "x", [], {"png": 5}, {"png": "not base64!!"}, {"png": ""}, {"png": huge_b64},
@@ -216,6 +216,15 @@ def test_only_the_first_items_of_a_long_list_are_read(tmp_path, history):
     stored = history.to_browser()
     h = History(lambda: tmp_path, max_items=4)
     assert h.load_browser([{"png": "bad"}] * 4 + stored) == 0  # the rest of a long list is not even looked at
+
+
+def test_a_load_decodes_a_bounded_number_of_pixels(tmp_path, history, monkeypatch):
+    for s in (1, 2, 3):
+        history.record(result_images(result(s)))
+    monkeypatch.setattr(hist, "LOAD_PIXELS", 2 * 64 * 64 + 1)
+    fresh = History(lambda: tmp_path)
+    assert fresh.load_browser(history.to_browser()) == 2
+    assert seeds(fresh) == [3, 2]
 
 
 def test_browser_parameters_are_plain_and_bounded(history):
