@@ -100,7 +100,8 @@ def progress_bar(value: int, maximum: int) -> str:
 def progress_status(ev: Progress, clock: JobClock) -> str:
     """The status of a running job: its line (escaped: stages and messages may quote what a visitor typed), then
     the job's progress bar with the time it has taken and the time left."""
-    times = duration(clock.elapsed()) + ("" if clock.left is None else f" · about {duration(clock.left)} left")
+    left = clock.left if ev.step < ev.total else None   # at the end there is nothing left to estimate
+    times = duration(clock.elapsed()) + ("" if left is None else f" · about {duration(left)} left")
     return f"{html.escape(status_line(ev), quote=False)}\n\n{progress_bar(ev.step, ev.total)} {times}"
 
 
