@@ -350,7 +350,7 @@ class Context:
             controls[f"{key}_follows"] = control
             follows[f"{key}_follows"] = (key, value)
         tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora, when=follows)
-        tab.drop = gr.File(label=pnginfo.DROP_LABEL, file_types=[".png"], file_count="single", height=64,
+        tab.drop = gr.File(label=pnginfo.DROP_LABEL, file_types=[".png"], file_count="single", height=110,
                            elem_id=f"{tab_id}-restore-png", elem_classes=["restore-png"])
         tab.note = gr.Markdown("", elem_id=f"{tab_id}-restore-note")
 

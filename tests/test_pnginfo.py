@@ -289,3 +289,45 @@ def test_generate_download_is_named_native_and_carries_its_parameters(app_url, t
     assert re.fullmatch(NAME.format(method="interpolate", seed="3-4", ext="gif"), os.path.basename(gif))
     assert re.fullmatch(NAME.format(method="interpolate", seed="3-4", ext="mp4"),
                         os.path.basename(mp4["video"] if isinstance(mp4, dict) else mp4))
+
+
+# ------------------------------------------------------------------------------------------ in the browser
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update", "--no-first-run", "--disable-sync"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_dropping_an_a1111_png_on_generate_sets_its_controls(browser, app_url, tmp_path):
+    path = png_with_text(tmp_path / "a1111.png", {"parameters": A1111_TXT2IMG.replace("Size: 512x768",
+                                                                                      "Size: 96x128")})
+    context = browser.new_context(viewport={"width": 1400, "height": 1600})
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
+                  else route.abort())
+    pg = context.new_page()
+    pg.set_default_timeout(45_000)
+    try:
+        pg.goto(app_url, wait_until="domcontentloaded")
+        pg.wait_for_selector("#gen-prompt textarea")
+        pg.set_input_files("#generate-restore-png input[type=file]", str(path))
+        note = pg.locator("#generate-restore-note")
+        note.get_by_text("Restored:").wait_for()
+        assert pg.input_value("#gen-prompt textarea") == "masterpiece, a castle on a hill, <lora:detail:0.6>"
+        assert pg.input_value("#gen-steps input[type=number]") == "20"
+        assert pg.input_value("#gen-seed input") == "42"
+        assert "CFG scale" in note.inner_text() and "v1-5-pruned" in note.inner_text()
+        pg.screenshot(path=str(tmp_path / "restored.png"), full_page=True)
+    finally:
+        context.close()
