@@ -131,16 +131,18 @@ def test_diffedit_bad_input(client):
 
 # ------------------------------------------------------------------------------------------ SDEdit
 def test_sdedit_candidates(client):
-    _, gallery, status = sdedit(client, editor(STROKES), repeats=2)
+    _, gallery, chosen, status = sdedit(client, editor(STROKES), repeats=2)
     assert status.startswith("Done") and "2 candidate" in status
     assert len(gallery) == 2
     seeds = [item["caption"] for item in gallery]
     assert seeds == ["seed 3", "seed 4"]
+    first = gallery[0]["image"]
+    assert np.array_equal(pixels(chosen), pixels(first["path"] if isinstance(first, dict) else first))
 
 
 def test_sdedit_keep_unpainted_regions(client, tmp_path):
     strokes = layer_file(tmp_path, (0, 0, 192, 192))  # top-left corner painted black
-    _, gallery, status = sdedit(client, editor(STROKES, [strokes]), keep=True)
+    _, gallery, _, status = sdedit(client, editor(STROKES, [strokes]), keep=True)
     assert status.startswith("Done")
     item = gallery[0]["image"]
     out = pixels(item["path"] if isinstance(item, dict) else item)

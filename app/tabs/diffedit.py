@@ -24,10 +24,14 @@ def build(ctx: Context) -> None:
     with gr.Tab("DiffEdit (mask)", id="diffedit"):
         with gr.Row():
             with gr.Column():
-                # PNG, not the default WebP: a lossy alpha channel would grow the mask by its artefacts
+                # PNG, not the default WebP: a lossy alpha channel would grow the mask by its artefacts. The
+                # canvas size is the one masks.editor_value lays its mask layer out for; the brush paints in the
+                # estimated mask's own translucent colour
                 editor = SafeImageMask(label="Image and mask (paint to add, erase to remove)", type="numpy",
                                        format="png", sources=["upload", "clipboard"], elem_id="diffedit-editor",
-                                       brush=gr.Brush(colors=["#ff28c8"], color_mode="fixed", default_size=24))
+                                       canvas_size=masks.EDITOR_CANVAS,
+                                       brush=gr.Brush(colors=[masks.OVERLAY_BRUSH], color_mode="fixed",
+                                                      default_size=24))
                 target = gr.Textbox(label="Target prompt (what the edited image shows)", elem_id="diffedit-target")
                 source = gr.Textbox(label="Source prompt (what the image shows; optional)",
                                     elem_id="diffedit-source")
@@ -39,11 +43,12 @@ def build(ctx: Context) -> None:
                 with gr.Accordion("Mask estimate and sampling", open=False):
                     with gr.Row():
                         mask_strength = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask encode strength")
-                        draws = gr.Slider(1, 32, value=10, step=1, label="Noise draws")
-                        seed = gr.Number(0, label="Mask noise seed (-1 = random)", precision=0)
+                        draws = gr.Slider(1, 32, value=10, step=1, label="Noise draws", elem_id="diffedit-draws")
+                        seed = ctx.seed_controls("diffedit", 0, label="Mask noise seed (-1 = random)",
+                                                 elem_id="diffedit-seed")
                     with gr.Row():
                         steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
-                                          label="Steps")
+                                          label="Steps", elem_id="diffedit-steps")
                         guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 ctx.restorable("diffedit", prompt=target, source_prompt=source, threshold=threshold, encode_ratio=ratio,
                                mask_strength=mask_strength, mask_draws=draws, seed=seed, steps=steps, guidance=guid)
@@ -90,7 +95,10 @@ def build(ctx: Context) -> None:
             m = ev.result
             heat = Image.fromarray((np.clip(m.heat, 0, 1) * 255).astype(np.uint8))
             share = 100 * float(m.mask.mean())
-            return dict(editor=masks.editor_value(m.source, m.mask), heat=masks.enlarge_for_display(heat),
+            ctx.remember_seed(session, "diffedit", m.params.get("seed"))
+            # the editor's own picture, untouched (its size and zoom stay), with the estimate as its one layer
+            return dict(editor=masks.editor_value(masks.background(editor), m.mask),
+                        heat=masks.enlarge_for_display(heat),
                         status=f"Mask estimated: {share:.0f}% of the image. Paint or erase on it, then Apply edit.")
 
         yield from ctx.run(request, mask_out, work, done)
@@ -108,12 +116,20 @@ def build(ctx: Context) -> None:
             r = ev.result
             how = "your mask" if hand_mask is not None else "an estimated mask (nothing was painted)"
             note = " · inversion reused" if r.cached else ""
+            session.keep_result("diffedit", r.edited.image)  # what "Send to" passes on
             return dict(preview=ev.preview, edited=downloads.result_file(session, r.edited.image, "diffedit"),
                         mask=masks.enlarge_for_display(r.overlay),
                         status=f"Done with {how}: {100 * float(r.mask.mean()):.0f}% of the image{note}")
 
         yield from ctx.run(request, edit_out, work, done)
 
+    def show_enlarged(value):
+        """A small picture, as it lands in the editor (upload, example, "Send to"), comes back enlarged once, so
+        the brush, the estimate's layer and the zoom are the same before and after Estimate."""
+        shown = masks.display_value(value)
+        return gr.skip() if shown is None else shown
+
+    editor.upload(show_enlarged, editor, editor, queue=False, show_progress="hidden", api_visibility="private")
     settings = [target, source, threshold, ratio, mask_strength, draws, seed, steps, guid]
     mask_event = mask_btn.click(run_diffedit_mask, [editor] + settings, mask_out, api_name="diffedit_mask", **GPU)
     event = run.click(run_diffedit, [editor] + settings, edit_out, api_name="diffedit", **GPU)

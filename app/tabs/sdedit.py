@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gradio as gr
+from PIL import Image
 
 from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
@@ -33,15 +34,15 @@ def build(ctx: Context) -> None:
                                          elem_id="sdedit-canvas")
                 prompt = gr.Textbox(label="Prompt", elem_id="sdedit-prompt")
                 neg = gr.Textbox(label="Negative prompt")
-                strength = gr.Slider(0.3, 0.9, value=0.6, step=0.01, label="Strength t0",
-                                     info="Low: faithful to the strokes · high: realistic, less faithful",
-                                     elem_id="sdedit-strength")
+                strength = ctx.recommended_control(gr.Slider, "sdedit", "strength", 0.3, 0.9, step=0.01,
+                                                   label="Strength t0", elem_id="sdedit-strength",
+                                                   info="Low: faithful to the strokes · high: realistic, less faithful")
                 with gr.Row():
                     steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
                                       label="Steps (full schedule)", elem_id="sdedit-steps")
                     guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, elem_id="sdedit-seed")
+                    seed = ctx.seed_controls("sdedit", -1, elem_id="sdedit-seed")
                     repeats = gr.Slider(1, 8, value=1, step=1, label="Repeats N (candidates)", elem_id="sdedit-repeats")
                     keep = gr.Checkbox(False, label="Keep unpainted regions (masked SDEdit)")
                 ctx.restorable("sdedit", prompt=prompt, negative_prompt=neg, strength=strength, steps=steps,
@@ -55,11 +56,16 @@ def build(ctx: Context) -> None:
             with gr.Column():
                 preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
                                    elem_id="sdedit-preview")
-                gallery = gr.Gallery(label="Results (pick one)", columns=4, format="png", elem_id="sdedit-gallery")
+                # a click picks a candidate (no lightbox): it becomes the chosen result below
+                gallery = gr.Gallery(label="Results (click one to pick it)", columns=4, format="png",
+                                     allow_preview=False, elem_id="sdedit-gallery")
+                chosen = gr.Image(label="Chosen result", type="filepath", format="png", interactive=False, height=256,
+                                  elem_id="sdedit-chosen")
+                made = gr.State([])  # this run's candidate files, server-side: a pick is an index into them
                 ctx.send_row("sdedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "picked result")
 
     ctx.receiver("sdedit", canvas, prompt, kind="editor")  # "Send to SDEdit" (app/sending.py)
-    out = Outputs(preview=preview, candidates=gallery, status=status)
+    out = Outputs(preview=preview, candidates=gallery, chosen=chosen, made=made, status=status)
 
     def run_sdedit(canvas, prompt, neg, strength, steps, guidance, seed, repeats, keep, request: gr.Request):
         def work(session, token):
@@ -78,11 +84,15 @@ def build(ctx: Context) -> None:
 
         def done(ev, session):
             r = ev.result
+            ctx.remember_seed(session, "sdedit", r.images[0].seed)  # the candidates' seeds count up from it
             files = downloads.result_files(session, [im.image for im in r.images], "sdedit",
                                            [im.seed for im in r.images])
+            session.keep_result("sdedit", r.images[0].image)  # the first is chosen until another is picked
+            pick_note = " · click one to pick it" if len(files) > 1 else ""
             return dict(preview=ev.preview, candidates=[(f, f"seed {im.seed}") for f, im in zip(files, r.images)],
+                        chosen=files[0], made=files,
                         status=f"Done · {len(r.images)} candidate(s) · {r.params['steps_run']} steps from "
-                               f"t={r.params['start_timestep']}")
+                               f"t={r.params['start_timestep']}{pick_note}")
 
         def show(ev):
             values = progress(ev)
@@ -90,8 +100,27 @@ def build(ctx: Context) -> None:
                 values["candidates"] = [(im.image, f"seed {im.seed}") for im in ev.partial]
             return values
 
-        yield from ctx.run(request, out, work, done, show)
+        yield from ctx.run(request, out, work, done, show, start={"made": []})
 
+    def pick(files, evt: gr.SelectData, request: gr.Request):
+        """The clicked candidate becomes the result: shown as chosen and kept for "Send to" (by its index into
+        what this session's run made, never a path from the page)."""
+        index = evt.index
+        files = files if isinstance(files, list) else []
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(files):
+            raise InputError("Pick a candidate once the run has finished.")
+        session = ctx.sessions.peek(request)
+        try:
+            with Image.open(files[index]) as png:
+                png.load()
+                picked = png.copy()
+        except OSError:
+            raise InputError("That candidate is no longer kept: generate again.") from None
+        if session is not None:
+            session.keep_result("sdedit", picked)
+        return files[index]
+
+    gallery.select(pick, [made], [chosen], queue=False, show_progress="hidden", api_visibility="private")
     inputs = [canvas, prompt, neg, strength, steps, guid, seed, repeats, keep]
     event = run.click(run_sdedit, inputs, out, api_name="sdedit", **GPU)
     ctx.stop_button(stop, status, [event], api_name="sdedit_stop")
