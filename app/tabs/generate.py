@@ -103,9 +103,14 @@ def build(ctx: Context) -> GenerateTab:
                 seeds = f"seeds {ev.partial[0].seed}–{r.seed}" if len(ev.partial or []) > 1 else f"seed {r.seed}"
                 values = dict(preview=r.image, image=downloads.result_file(session, r.image, "generate", r.seed),
                               seed=r.seed, status=f"Done · {seeds}{note}")
-                if page:
-                    values["batch"] = (gr.update(value=batch_items(ev.partial), visible=True) if gallery
-                                       else gr.update(value=None, visible=False))
+                if page and gallery:
+                    # the batch as named files too: each downloads as generate_seed<seed>_<time>_<n>.png
+                    files = downloads.result_files(session, [x.image for x in ev.partial], "generate",
+                                                   [x.seed for x in ev.partial])
+                    values["batch"] = gr.update(value=[(f, f"seed {x.seed}") for f, x in zip(files, ev.partial)],
+                                                visible=True)
+                elif page:
+                    values["batch"] = gr.update(value=None, visible=False)
                 return values
 
             yield from ctx.run(request, out, work, done, show)
