@@ -121,7 +121,7 @@ def test_drag_controls_start_at_the_models_recommended_values_and_follow_a_switc
     from app.ui import build_demo
     from pipelines.studio import Studio
 
-    tuned = with_info(tiny_model, {"recommended": {"drag": DRAG}}, "tuned tiny")
+    tuned = with_info(tiny_model, {"recommended": {"drag": DRAG, "sdedit": {"strength": 0.4}}}, "tuned tiny")
     studio = Studio()
     studio.model = tuned
     demo = build_demo(studio)
@@ -132,6 +132,8 @@ def test_drag_controls_start_at_the_models_recommended_values_and_follow_a_switc
     assert _by_label(demo, "Latent learning rate").value == 0.03
     assert _by_label(demo, "r1 (supervision patch)").value == 2
     assert _by_label(demo, "Inversion strength (of 50 steps)").value == 0.5
+    strength = _by_id(demo, "sdedit-strength")   # SDEdit's t0 follows the model's recommendation too
+    assert strength.value == 0.4 and strength.info.endswith("· Recommended for tuned tiny"), strength.info
     r2 = _by_label(demo, "r2 (tracking radius)")
     assert r2.value == 3 and r2.info == "Reference default"   # not in the model's section
 
