@@ -113,6 +113,13 @@ def convert(component, name: str, value) -> tuple[object, str | None]:
         integral = (isinstance(component, gr.Number) and component.precision == 0) or (
             isinstance(component, gr.Slider) and float(component.step).is_integer()
             and float(component.minimum).is_integer())
+        if integral and isinstance(component, gr.Slider) and component.step > 1:
+            # on the slider's grid (a width of 100 on a slider in steps of 8 is 96 or 104)
+            step, low = int(component.step), int(component.minimum)
+            snapped = min(low + round((number - low) / step) * step, int(component.maximum))
+            if snapped != round(number) and note is None:
+                note = f"{name}: {value} is not a multiple of {step}, set to {snapped}"
+            number = snapped
         return (int(round(number)) if integral else number), note
     return str(value), None  # a Textbox
 

@@ -113,6 +113,12 @@ def test_out_of_range_values_are_clamped_with_a_note(ctx):
     assert got["width"] == width.maximum and got["height"] == width.minimum
     assert "seed" not in got
     assert "Steps: 100000 is outside" in note and "Seed: 'not a seed' is not a number" in note
+    # a size off the model's grid is snapped to it, with a note
+    step = int(width.step)
+    updates, note = ctx.restore_updates("generate", {"size": f"{8 * step + 3}x{8 * step}"})
+    got = values(ctx, "generate", updates)
+    assert got["width"] == 8 * step and got["height"] == 8 * step
+    assert step > 1 and f"Width: {8 * step + 3} is not a multiple of {step}" in note
 
 
 def test_instruct_reads_a1111_cfg_scales_and_sampler(ctx):
