@@ -95,7 +95,7 @@ def wire(ctx: Context, panel: HistoryPanel, demo: gr.Blocks) -> None:
         session = ctx.sessions.peek(request)
         item = session.history.get(item_id) if session is not None and isinstance(item_id, str) else None
         if item is None:
-            raise InputError("Click a result in the History first.")
+            raise InputError("There is no result selected in the History yet: click one first.")
         return item
 
     def select(evt: gr.SelectData, request: gr.Request):
