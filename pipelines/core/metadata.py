@@ -207,8 +207,10 @@ def read_png_text(fp, max_text: int = MAX_TEXT_BYTES) -> dict[str, str]:
                 fp.seek(pos + length + 4)  # the chunk's data and CRC, unread
     except InputError:
         raise
-    except (EOFError, SyntaxError, OSError, ValueError, zlib.error, UnicodeError) as exc:
-        # truncated file, broken chunk, or a compressed text over Pillow's limit: keep what was read, unless nothing
+    except ValueError as exc:  # a compressed text inflating past Pillow's limit (MAX_TEXT_CHUNK)
+        raise InputError(f"The PNG's text is too long (over {max_text // 1024} KB once decompressed).") from exc
+    except (EOFError, SyntaxError, OSError, zlib.error, UnicodeError) as exc:
+        # truncated file or a broken chunk: keep what was read, unless nothing
         if not stream.im_text:
             raise InputError("The PNG is damaged: its text could not be read.") from exc
     finally:
