@@ -138,3 +138,19 @@ def test_send_a_drag_result_back_to_drag(context, app_url):
     k = shown.shape[0] // dragged.shape[0]
     assert k > 1 and np.array_equal(shown, np.repeat(np.repeat(dragged, k, axis=0), k, axis=1))
     assert wait_for_captions(pg, 2)[0].startswith("drag")                 # and it is in the History
+
+
+def test_send_a_history_item_to_sdedit(context, app_url):
+    """The History's own Send: the selected item's picture goes into SDEdit's canvas (an editor value) and its
+    prompt into SDEdit's prompt, and SDEdit runs on it."""
+    pg = open_page(context, app_url)
+    generate(pg, 3)
+    wait_for_captions(pg, 1)
+    pg.locator("#history-gallery .thumbnail-item").first.click()
+    sync_api.expect(pg.locator("#history-status")).to_contain_text("seed 3")
+    pg.click("#history-send-sdedit")
+    sync_api.expect(pg.locator("#sdedit-prompt textarea")).to_have_value("a small red circle")
+    set_number(pg, "sdedit-steps", 4)
+    pg.click("#sdedit-run")
+    sync_api.expect(pg.locator("#sdedit-status")).to_contain_text("Done", timeout=90_000)
+    assert wait_for_captions(pg, 2)[0].startswith("sdedit")  # painted nothing: the sent picture was the guide
