@@ -60,3 +60,26 @@ def cv2_blur(noise):
 
     f = cv2.GaussianBlur(noise.astype(np.float32), (0, 0), 3)
     return (f - f.min()) / (f.max() - f.min()) * 255
+
+
+# ------------------------------------------------------------------------------------------ the note in the UI
+class _Model:
+    def __init__(self, id):
+        self.id = id
+
+
+def test_the_note_shows_for_photos_on_the_embedded_model_only(tmp_path):
+    from app.world_note import PHOTO_NOTE, note_for
+
+    photo = tmp_path / "photo.jpg"
+    _rgb(skimage.data.chelsea()).save(photo)
+    world = render(sample_scene(7))
+    assert note_for(_Model("embedded"), str(photo)) == PHOTO_NOTE
+    assert "Load an SD1.5 model in 'Model and LoRA'" in PHOTO_NOTE
+    assert note_for(_Model("embedded"), world) == ""
+    assert note_for(_Model("stable-diffusion-v1-5/stable-diffusion-v1-5"), str(photo)) == ""
+    # an editor's value: its background is the upload
+    rgba = np.dstack([np.asarray(_rgb(skimage.data.astronaut())), np.full((512, 512), 255, np.uint8)])
+    assert note_for(_Model("embedded"), {"background": rgba, "layers": [], "composite": rgba}) == PHOTO_NOTE
+    assert note_for(_Model("embedded"), {"background": None, "layers": [], "composite": None}) == ""
+    assert note_for(_Model("embedded"), None) == ""

@@ -9,7 +9,7 @@ from PIL import Image
 from pipelines.core.limits import get_limits
 from pipelines.diffedit import DiffEditParams
 
-from .. import downloads, examples, masks
+from .. import downloads, examples, masks, world_note
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..uploads import SafeImageMask
@@ -31,7 +31,9 @@ def build(ctx: Context) -> None:
                                        format="png", sources=["upload", "clipboard"], elem_id="diffedit-editor",
                                        canvas_size=masks.EDITOR_CANVAS,
                                        brush=gr.Brush(colors=[masks.OVERLAY_BRUSH], color_mode="fixed",
-                                                      default_size=24))
+                                                      default_size=24),
+                                       eraser=gr.Eraser(default_size=24))
+                world_note.add(ctx, editor, "diffedit-photo-note")
                 target = gr.Textbox(label="Target prompt (what the edited image shows)", elem_id="diffedit-target")
                 source = gr.Textbox(label="Source prompt (what the image shows; optional)",
                                     elem_id="diffedit-source")

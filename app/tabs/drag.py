@@ -13,7 +13,7 @@ from pipelines.core.lora import SMOOTH_NAME
 from pipelines.drag import DragParams, check_points, draw_points, parse_points
 from pipelines.inversion import prepare_image
 
-from .. import downloads, examples, masks
+from .. import downloads, examples, masks, world_note
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -81,6 +81,7 @@ def build(ctx: Context) -> DragTab:
             with gr.Column():
                 r_image = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
                                    elem_id="drag-input")
+                world_note.add(ctx, r_image, "drag-photo-note")
                 r_mask = SafeImageMask(label="Editable region (paint; empty = whole image)", type="numpy",
                                       format="png", sources=[], elem_id="drag-mask",
                                       brush=gr.Brush(colors=[REGION_PAINT], default_color=REGION_PAINT,

@@ -11,7 +11,7 @@ from pipelines.inversion import METHODS as INVERSION_METHODS
 from pipelines.p2p import MODES as P2P_MODES
 from pipelines.p2p import P2PSettings
 
-from .. import downloads, examples
+from .. import downloads, examples, world_note
 from ..context import Context, LoraControls, inversion_controls, steps_slider
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -35,6 +35,7 @@ def build(ctx: Context) -> EditTab:
             with gr.Column():
                 image = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"],
                                   elem_id="edit-input")
+                world_note.add(ctx, image, "edit-photo-note")
                 src = gr.Textbox(label="Source prompt (describing the image)", elem_id="edit-source-prompt")
                 tgt = gr.Textbox(label="Target prompt (describing the edit)", elem_id="edit-target-prompt")
                 method = gr.Radio([("Threshold r (prompt switch)", "threshold"), ("Prompt-to-Prompt", "p2p")],

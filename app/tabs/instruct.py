@@ -9,7 +9,7 @@ from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
 from pipelines.instruct import SCHEDULERS, InstructParams, recommended_guidance
 
-from .. import downloads, examples
+from .. import downloads, examples, world_note
 from ..context import Context
 from ..runner import GPU, Outputs
 from ..streaming import upload_path
@@ -34,6 +34,7 @@ def build(ctx: Context) -> InstructTab:
             with gr.Column():
                 image = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"],
                                   elem_id="ip2p-input")
+                world_note.add(ctx, image, "ip2p-photo-note")
                 text = gr.Textbox(label="Edit instruction", placeholder="e.g. make the background blue",
                                   elem_id="ip2p-instruction")
                 with gr.Row():

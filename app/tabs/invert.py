@@ -10,7 +10,7 @@ import pandas as pd
 from pipelines.core.events import Kind
 from pipelines.inversion import InversionParams
 
-from .. import downloads, examples
+from .. import downloads, examples, world_note
 from ..context import Context, LoraControls, inversion_controls, steps_slider
 from ..runner import GPU, Outputs
 from ..streaming import status_line, upload_path
@@ -48,6 +48,7 @@ def build(ctx: Context) -> InvertTab:
             with gr.Column():
                 image = SafeImage(label="Image", type="filepath", sources=["upload", "clipboard"],
                                   elem_id="inv-input")
+                world_note.add(ctx, image, "invert-photo-note")
                 prompt = gr.Textbox(label="Prompt describing the image (empty = unconditional)")
                 method, inner, force = inversion_controls("inv")
                 with gr.Row():

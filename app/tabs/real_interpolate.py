@@ -8,7 +8,7 @@ from pipelines.core.events import Kind
 from pipelines.core.limits import get_limits
 from pipelines.real_interpolation import RealInterpolationParams
 
-from .. import downloads, examples
+from .. import downloads, examples, world_note
 from ..context import Context, inversion_controls, steps_slider
 from ..runner import GPU, Outputs, progress
 from ..streaming import upload_path
@@ -23,8 +23,10 @@ def build(ctx: Context) -> None:
                 with gr.Row():
                     image_a = SafeImage(label="Image A", type="filepath", sources=["upload", "clipboard"],
                                         height=200, elem_id="rint-image-a")
+                    world_note.add(ctx, image_a, "rint-photo-note-a")
                     image_b = SafeImage(label="Image B", type="filepath", sources=["upload", "clipboard"],
                                         height=200, elem_id="rint-image-b")
+                    world_note.add(ctx, image_b, "rint-photo-note-b")
                 prompt_a = gr.Textbox(label="Prompt A (describing image A)", elem_id="rint-prompt-a")
                 prompt_b = gr.Textbox(label="Prompt B (describing image B; empty = prompt A)")
                 method, inner, force = inversion_controls("rint")

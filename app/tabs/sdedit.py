@@ -8,7 +8,7 @@ from pipelines.core.errors import InputError
 from pipelines.core.limits import get_limits
 from pipelines.sdedit import SDEditParams
 
-from .. import downloads, examples, masks
+from .. import downloads, examples, masks, world_note
 from ..context import Context
 from ..runner import GPU, Outputs, progress
 from ..uploads import SafeImageEditor
@@ -32,6 +32,7 @@ def build(ctx: Context) -> None:
                                          canvas_size=(masks.DISPLAY_SIDE, masks.DISPLAY_SIDE),
                                          brush=gr.Brush(colors=WORLD_COLOURS, default_size=32),
                                          elem_id="sdedit-canvas")
+                world_note.add(ctx, canvas, "sdedit-photo-note")
                 prompt = gr.Textbox(label="Prompt", elem_id="sdedit-prompt")
                 neg = gr.Textbox(label="Negative prompt")
                 strength = ctx.recommended_control(gr.Slider, "sdedit", "strength", 0.3, 0.9, step=0.01,
