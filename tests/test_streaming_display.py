@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.runner import Outputs, render_job, run
+from app.runner import Outputs, progress_on_status, render_job, run
 from app.sessions import SessionRegistry
 from app.streaming import JobClock, enlarged_preview, progress_status, status_line
 from pipelines.core.cache import LRUCache
@@ -74,6 +74,42 @@ def test_edit_counts_from_one_when_the_inversion_is_cached(studio):
     events = list(studio.edit(image, p, cache))
     assert any(ev.stage == "inversion (cached)" for ev in events)
     assert counters(events) == {"editing": [(k, STEPS) for k in range(1, STEPS + 1)]}
+
+
+def test_every_method_counts_each_stage_from_one_to_its_end(studio):
+    """Instruct, DiffEdit, SDEdit (two repeats), an interpolation sequence and a drag: every counted stage reads
+    1/n .. n/n, and the job's bar only moves forward and ends full."""
+    from pipelines.diffedit import DiffEditParams
+    from pipelines.drag import DragParams
+    from pipelines.instruct import InstructParams
+    from pipelines.interpolation import InterpolationParams
+    from pipelines.sdedit import SDEditParams
+
+    image = picture(studio.model, 2)
+    jobs = {
+        "instruct": studio.instruct(image, InstructParams("make it blue", steps=STEPS, seed=1)),
+        "diffedit": studio.diffedit(image, DiffEditParams("a blue square", "a red circle", steps=4, mask_draws=2),
+                                    None, LRUCache(2)),
+        "sdedit": studio.sdedit(image, SDEditParams("a circle", steps=6, strength=0.5, repeats=2, seed=3)),
+        "sequence": studio.interpolation_sequence(InterpolationParams("a red circle", steps=2), 2, LRUCache(2)),
+        "drag": studio.drag(image, DragParams([(20, 28)], [(30, 28)], prompt="a square", lora_steps=2,
+                                              drag_iterations=2, steps=6), None, LRUCache(2)),
+    }
+    expected = {"instruct": {"editing": STEPS}, "diffedit": {"inverting": 3, "editing (DiffEdit)": 3},
+                "sdedit": {"repeat 1/2: denoising": 3, "repeat 2/2: denoising": 3},
+                "sequence": {"frame 1/2": 2, "frame 2/2": 2}, "drag": {"inverting": 4, "denoising": 4}}
+    for name, job in jobs.items():
+        events = list(job)
+        seen = counters(events)
+        assert {stage: runs[-1][1] for stage, runs in seen.items()} == expected[name], (name, seen)
+        for stage, n in expected[name].items():
+            assert_counts(seen[stage], n)
+        done = [ev.fraction for ev in events]
+        assert done == sorted(done) and done[-1] == 1.0, name
+    # the drag's LoRA steps and iterations are counted in their messages
+    lines = [status_line(ev) for ev in events]
+    assert any(line.startswith("training LoRA · LoRA step 2/2") for line in lines), lines
+    assert any(line.startswith("dragging · iteration 2/2") for line in lines), lines
 
 
 def test_status_line_without_a_stage_counter_shows_the_stage_and_message():
@@ -161,6 +197,18 @@ def test_a_job_clears_results_but_never_inputs(components):
     assert all("studio-result" in components[k].elem_classes for k in ("preview", "result", "gallery"))
     assert "studio-status" in components["status"].elem_classes
     assert not components["editor"].elem_classes or "studio-result" not in components["editor"].elem_classes
+
+
+def test_progress_and_errors_go_on_the_status_only():
+    with gr.Blocks() as demo:
+        image, status, button = gr.Image(interactive=False), gr.Markdown(), gr.Button()
+        out = Outputs(result=image, status=status)
+        with_status = button.click(lambda: None, None, out)
+        without = button.click(lambda: None, None, [image])
+    progress_on_status(demo)
+    first, second = demo.fns[with_status["id"]], demo.fns[without["id"]]
+    assert first.show_progress_on == [status] and first.show_progress == "minimal"
+    assert second.show_progress == "hidden"
 
 
 def named(out: Outputs, update) -> dict:
