@@ -76,6 +76,7 @@ def test_edit_counts_from_one_when_the_inversion_is_cached(studio):
     assert counters(events) == {"editing": [(k, STEPS) for k in range(1, STEPS + 1)]}
 
 
+@pytest.mark.slow  # five jobs, a drag among them: several seconds
 def test_every_method_counts_each_stage_from_one_to_its_end(studio):
     """Instruct, DiffEdit, SDEdit (two repeats), an interpolation sequence and a drag: every counted stage reads
     1/n .. n/n, and the job's bar only moves forward and ends full."""
