@@ -19,11 +19,12 @@ from ..runner import GPU, Outputs
 from ..streaming import upload_path
 from ..uploads import SafeImage, SafeImageMask
 
-DRAG_HELP = """**1.** Upload an image (or send one from Generate). **2.** Optionally paint the region that may
-change (nothing painted = the whole image). **3.** Click a handle point (red), then its target (blue); repeat
-for more pairs. **4.** Drag. A per-image LoRA is trained first (cached for this image and settings), then the
-image is inverted, the handles are pulled towards their targets (previews show where they are) and the result is
-denoised with the original's self-attention keys and values."""
+DRAG_HELP = """**1.** Upload an image (or send one from Generate). **2.** Paint the region that may change: the
+object and where it goes (nothing painted = the whole image, and no warm start). **3.** Click a handle point (red),
+then its target (blue); repeat for more pairs. **4.** Drag. A per-image LoRA is trained first (cached for this image
+and settings), then the image is inverted, the handles are pulled towards their targets (previews show where they
+are) and the result is denoised with the original's self-attention keys and values. The settings start at the
+model's recommended values (each one's note says whether it is the model's or the reference's)."""
 
 
 # translucent, so the picture stays visible under the region (any alpha > 0 counts as painted: masks.painted)
