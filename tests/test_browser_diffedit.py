@@ -1,7 +1,8 @@
 """DiffEdit as a user does it in a real (headless) Chromium: upload a picture, estimate the mask, paint one stroke
-over it with the mouse, apply. Asserts on pixels: the estimate shows as a translucent layer exactly over the cells
-the server estimated, the edit used the clean picture (no overlay colour burnt into it), the mask it used is the
-estimate plus the stroke and nothing else, and the result outside that mask is the picture itself.
+with the mouse and erase one estimated cell, apply. Asserts on pixels: the estimate shows as a translucent layer
+exactly over the cells the server estimated, the edit used the clean picture (no overlay colour burnt into it), the
+mask it used is the estimate plus the stroke less the erased cell and nothing else, and the result outside that
+mask is the picture itself.
 
 Runs against the `app_url` fixture (127.0.0.1 only; every other request is blocked) and needs the Debian chromium
 at /usr/bin/chromium (playwright's own browsers are never downloaded).
@@ -28,7 +29,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 TIMEOUT_MS = 60_000
 PICTURE, TARGET, SOURCE = examples.DIFFEDITS[0]   # 64 px: a blue triangle on yellow
 DRAWS, STEPS = 2, 4                               # the test's settings: a few UNet calls in all
-BRUSH_RADIUS = 24                                 # the tab's brush, in display pixels (8 per picture pixel)
+RADIUS = 3                                        # of the tab's brush and eraser (24 display pixels), in picture pixels
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,18 @@ def page(browser, app_url, tmp_path):
 
 
 def set_slider(pg, elem_id: str, value) -> None:
-    box = pg.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
-    sync_api.expect(pg.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value), timeout=TIMEOUT_MS)
+    """Types into the slider's number box and leaves it (Gradio applies it on blur); typed again if a busy page
+    dropped it (a box that had just been mounted, as in an accordion that was opening)."""
+    box, rng = pg.locator(f"#{elem_id} input[type=number]"), pg.locator(f"#{elem_id} input[type=range]")
+    for _ in range(10):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            sync_api.expect(rng).to_have_value(str(value), timeout=3000)
+            return
+        except AssertionError:
+            continue
+    sync_api.expect(rng).to_have_value(str(value))
 
 
 def zoom(pg) -> int:
@@ -156,11 +165,23 @@ def test_diffedit_estimate_paint_apply(page, studio):
     def to_screen(x, y):  # picture pixels -> page coordinates
         return box["x"] + left + x * w / size, box["y"] + top + y * h / size
 
-    page.mouse.move(*to_screen(x0_px, y_px))
-    page.mouse.down()
-    for k in range(1, 11):
-        page.mouse.move(*to_screen(x0_px + (x1_px - x0_px) * k / 10, y_px), steps=2)
-    page.mouse.up()
+    def drag_through(points):
+        page.mouse.move(*to_screen(*points[0]))
+        page.mouse.down()
+        for x, y in points[1:]:
+            page.mouse.move(*to_screen(x, y), steps=3)
+        page.mouse.up()
+
+    drag_through([(x0_px + (x1_px - x0_px) * k / 10, y_px) for k in range(11)])
+    # and the eraser round the centre of one estimated cell: near enough to reach its corners, not so far that it
+    # clears a neighbour
+    cells = latent_cells(estimated, f)
+    ey, ex = np.argwhere(cells)[len(np.argwhere(cells)) // 2]
+    erased = np.zeros_like(cells)
+    erased[ey, ex] = True
+    cx, cy, d = ex * f + f / 2, ey * f + f / 2, max(0.0, f / 2 - RADIUS / np.sqrt(2) + 0.5)
+    page.locator("#diffedit-editor").get_by_label("Erase").first.click()
+    drag_through([(cx - d, cy - d), (cx + d, cy - d), (cx + d, cy + d), (cx - d, cy + d), (cx - d, cy - d)])
 
     page.click("#diffedit-run")
     sync_api.expect(page.locator("#diffedit-status")).to_contain_text("Done with your mask", timeout=TIMEOUT_MS)
@@ -176,13 +197,16 @@ def test_diffedit_estimate_paint_apply(page, studio):
     # the mask used is the estimate plus the stroke, whole latent cells, and nothing else (no stray copy)
     line = np.zeros((size, size), bool)
     line[int(y_px), int(x0_px):int(x1_px) + 1] = True
-    reach = BRUSH_RADIUS * size // 512 + 1
+    reach = RADIUS + 1
     near_line = np.zeros_like(line)
     near_line[max(0, int(y_px) - reach):int(y_px) + reach + 1, max(0, int(x0_px) - reach):int(x1_px) + reach + 1] = True
     assert np.array_equal(used, cells_to_image(latent_cells(used, f), f))
-    assert (used >= estimated).all(), "part of the estimate was dropped"
+    estimate_kept = estimated & ~cells_to_image(erased, f)
+    maps = f"estimated\n{cells.astype(int)}\nerased {ey, ex}\nused\n{latent_cells(used, f).astype(int)}"
+    assert (used >= estimate_kept).all(), "part of the estimate was dropped\n" + maps
+    assert not latent_cells(used, f)[ey, ex], "the erased cell is still in the mask used"
     assert (used >= cells_to_image(latent_cells(line, f), f)).all(), "the stroke is not in the mask used"
-    assert not (used & ~estimated & ~cells_to_image(latent_cells(near_line, f), f)).any(), \
+    assert not (used & ~estimate_kept & ~cells_to_image(latent_cells(near_line, f), f)).any(), \
         "the mask used holds cells that are neither estimated nor painted"
 
     # the edit: outside the mask (grown by the one-cell seam) the result is the picture itself
