@@ -2,7 +2,8 @@
 job headless and write PNGs that carry the same parameters as the UI's downloads (pipelines/core/metadata.py).
 
 Each job command's options are the fields of its parameter dataclass (`--steps`, `--guidance`, ...), so the command
-line always offers what the pipeline accepts, with the pipeline's own defaults and checks.
+line always offers what the pipeline accepts, with the pipeline's own defaults and checks; drag and sdedit options
+left out take the model's recommended values (pipelines/recommended.py), as the UI's controls start there.
 
     studio generate --prompt "a red circle" --seed 7 --out circle.png
     studio invert --image photo.png --method nti --out recon.png
@@ -142,9 +143,21 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def add_param_options(parser: argparse.ArgumentParser, params_cls, skip=()) -> list[str]:
-    """One `--field-name` option per scalar field of `params_cls`, defaulting to the dataclass default; returns
-    the field names offered."""
+GIVEN = "given_options"   # the namespace attribute naming the parameter options the caller gave
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the caller gave it: the ones left out may take the model's recommended
+    value (pipelines/recommended.py)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, {*(getattr(namespace, GIVEN, None) or ()), self.dest})
+
+
+def add_param_options(parser: argparse.ArgumentParser, params_cls, skip=(), recommendable=()) -> list[str]:
+    """One `--field-name` option per scalar field of `params_cls`, defaulting to the dataclass default (fields in
+    `recommendable` to the model's recommended value when it has one); returns the field names offered."""
     offered = []
     for f in dataclasses.fields(params_cls):
         if f.name in skip or f.name == "lora" or not f.init:  # --lora names the adapter (build_parser)
@@ -156,8 +169,10 @@ def add_param_options(parser: argparse.ArgumentParser, params_cls, skip=()) -> l
         flag = "--" + f.name.replace("_", "-")
         conv = _bool if kind is bool else kind
         help_text = f"default: {default!r}" + (" (none)" if optional and default is None else "")
+        if f.name in recommendable:
+            help_text = f"default: the model's recommended value, else {default!r}"
         parser.add_argument(flag, dest=f.name, type=conv, default=default, metavar=kind.__name__.upper(),
-                            help=help_text)
+                            help=help_text, action=_Given)
         offered.append(f.name)
     return offered
 
@@ -216,17 +231,22 @@ def _out_paths(out: Path, n: int) -> list[Path]:
 def run_command(cmd: Command, args: argparse.Namespace, offered: list[str]) -> list[Path]:
     from pipelines.core.events import run_to_end
     from pipelines.core.metadata import save_png
+    from pipelines.recommended import METHODS as RECOMMENDED
+    from pipelines.recommended import recommended
     from pipelines.studio import Studio
 
     params_cls = _resolve(cmd.params)
     values = {name: getattr(args, name) for name in offered}
     if cmd.name == "drag":
         values["handles"], values["targets"] = _parse_points(args.points)
-    params = params_cls(**values)
 
     studio = Studio().start(args.model)
     if studio.notice:
         print(studio.notice, file=sys.stderr)
+    if cmd.name in RECOMMENDED:  # the options left out take the model's recommended values
+        given = getattr(args, GIVEN, None) or set()
+        values.update({k: v for k, v in recommended(studio.model, cmd.name).items() if k in offered and k not in given})
+    params = params_cls(**values)
     if args.lora and "lora" in {f.name for f in dataclasses.fields(params_cls)}:
         # an adapter the model already has (the embedded model's "smooth"), or a LoRA file / Hub repo to load
         adapter = args.lora if args.lora in studio.model.loras else run_to_end(studio.load_lora(args.lora))
@@ -259,6 +279,9 @@ def run_command(cmd: Command, args: argparse.Namespace, offered: list[str]) -> l
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from pipelines.recommended import METHODS as RECOMMENDED
+    from pipelines.recommended import reference
+
     parser = argparse.ArgumentParser(prog="studio", description="Diffusion Studio: the web studio and headless jobs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_parser(sub.add_parser("serve", help="run the web studio (as python app.py)",
@@ -280,7 +303,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             p.add_argument("--points", required=True, help="handle/target pixels: hx,hy,tx,ty[,hx,hy,tx,ty ...]")
         if cmd.name == "interpolate":
             p.add_argument("--frames", type=int, default=11, help="number of frames, ends included (default 11)")
-        offered[cmd.name] = add_param_options(p, _resolve(cmd.params), cmd.skip)
+        offered[cmd.name] = add_param_options(p, _resolve(cmd.params), cmd.skip,
+                                              reference(cmd.name) if cmd.name in RECOMMENDED else ())
     return parser, offered
 
 

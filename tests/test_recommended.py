@@ -157,3 +157,25 @@ def test_drag_controls_start_at_the_models_recommended_values_and_follow_a_switc
     assert updates["lora_steps"]["info"] == "Reference default"
     assert updates["warm_start"]["info"].endswith("Reference default") and "Needs a painted region" in \
         updates["warm_start"]["info"]
+
+
+def test_the_command_line_takes_the_models_recommendations_for_options_left_out(tiny_model, tmp_path):
+    """`studio drag` on a folder recommending 3 iterations and strength 0.5: those are used, while the options
+    given (LoRA steps 0, 4 steps) win over the folder's."""
+    from app.cli import main
+    from pipelines.core.metadata import read_metadata
+
+    folder = shutil.copytree(Path(tiny_model.folder), tmp_path / "tiny-cli")
+    info = json.loads((folder / "studio_model.json").read_text())
+    info["recommended"] = {"drag": {"drag_iterations": 3, "inversion_strength": 0.5, "lora_steps": 60}}
+    (folder / "studio_model.json").write_text(json.dumps(info))
+    image, out = tmp_path / "in.png", tmp_path / "dragged.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(image)
+    assert main(["drag", "--model", str(folder), "--image", str(image), "--points", "20,20,28,20", "--lora-steps",
+                 "0", "--steps", "4", "--out", str(out), "--quiet"]) == 0
+    meta = read_metadata(out)
+    assert (meta["drag_iterations"], meta["inversion_strength"]) == (3, 0.5)    # the folder's
+    assert (meta["lora_steps"], meta["steps"]) == (0, 4)                         # given: the caller's
+    assert meta["r2"] == DragParams.r2                                            # neither: the reference
