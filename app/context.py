@@ -19,6 +19,7 @@ from pipelines.studio import Studio
 from . import pnginfo, runner
 from .hosting import Hosting
 from .sessions import SessionRegistry
+from .uploads import SafeImage, client_path
 
 SMOOTH_LABEL = "Use the Smooth LoRA"
 COMPARE_SMOOTH_LABEL = "Compare with and without the Smooth LoRA"
@@ -338,7 +339,7 @@ class Context:
 
     # -------------------------------------------------------------- PNG info: settings restored from parameters
     def restorable(self, tab_id: str, lora: LoraControls | None = None, when: dict | None = None,
-                   **controls) -> gr.File:
+                   **controls) -> gr.Image:
         """Registers the tab's controls by parameter key (the studio's metadata keys: prompt, negative_prompt,
         seed, steps, guidance, width, height, ...; `lora` adds use_lora, lora_strength and lora_adapter) and
         puts the "Restore settings from a PNG" drop box here, with its note (app/pnginfo.py). `when` maps a
@@ -350,8 +351,10 @@ class Context:
             controls[f"{key}_follows"] = control
             follows[f"{key}_follows"] = (key, value)
         tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora, when=follows)
-        tab.drop = gr.File(label=pnginfo.DROP_LABEL, file_types=[".png"], file_count="single", height=110,
-                           elem_id=f"{tab_id}-restore-png", elem_classes=["restore-png"])
+        # an Image slot (not gr.File): a URL or a foreign path gets the studio's upload refusal, as in every
+        # other image slot; only its path is used (preprocess=False), the pixels are never decoded
+        tab.drop = SafeImage(label=pnginfo.DROP_LABEL, type="filepath", sources=["upload", "clipboard"], height=110,
+                             elem_id=f"{tab_id}-restore-png", elem_classes=["restore-png"])
         tab.note = gr.Markdown("", elem_id=f"{tab_id}-restore-note")
 
         def restore_png(file, request: gr.Request):
@@ -382,10 +385,12 @@ class Context:
         return updates, note
 
     def restore_from_upload(self, tab_id: str, file, request=None) -> tuple:
-        """The drop box's handler: the tab's updates, the cleared drop box and the note; a file that is not
-        an uploaded PNG with parameters only changes the note."""
+        """The drop box's handler: the tab's updates, the cleared drop box and the note. A file refused by the
+        upload checks (not in Gradio's upload folder, too large, not an image) is refused like every upload
+        (InputError: the studio's message); a PNG without readable parameters only changes the note."""
+        path = client_path(file, "a PNG")
         try:
-            updates, note = self.restore_updates(tab_id, pnginfo.read_upload(file), request)
+            updates, note = self.restore_updates(tab_id, pnginfo.read_upload(path), request)
         except InputError as exc:
             updates, note = [gr.skip() for _ in self.restore_outputs(tab_id)], f"⚠️ {exc}"
         except Exception:  # noqa: BLE001 - a hostile file never shows a traceback; the log has it

@@ -17,8 +17,6 @@ import gradio as gr
 from pipelines.core.errors import InputError
 from pipelines.core.metadata import read_metadata, text_name
 
-from .uploads import client_path
-
 DROP_LABEL = "Restore settings from a PNG (studio or A1111)"
 NO_PARAMETERS = "This PNG carries no generation parameters (neither a studio nor an A1111 'parameters' text)."
 
@@ -45,7 +43,7 @@ class TabParams:
     """One tab's restorable controls: {parameter key: component}, in registration order."""
     tab_id: str
     controls: dict
-    drop: gr.File | None = None
+    drop: gr.Image | None = None
     note: gr.Markdown | None = None
     lora: object = None                     # the tab's LoraControls (use, strength, menu), if any
     # {control key: (key, value)}: the control takes `value` whenever `key` is restored (a restored seed fixes it)
@@ -202,10 +200,9 @@ def restore_updates(tab: TabParams, params: dict, loaded_loras=()) -> tuple[list
     return [gr.update(value=values[k]) if k in values else gr.skip() for k in tab.controls], note
 
 
-def read_upload(file) -> dict:
-    """The parameters of a PNG the client uploaded (only files in Gradio's upload folder, within the size
-    caps; only its text chunks are read). InputError with the message to show otherwise."""
-    path = client_path(file, "a PNG")
+def read_upload(path: str) -> dict:
+    """The parameters of a PNG the client uploaded, from its text chunks only; InputError with the message to
+    show when it has none or they cannot be read. `path` is what client_path (app/uploads.py) returned."""
     params = read_metadata(path)
     if not params:
         raise InputError(NO_PARAMETERS)

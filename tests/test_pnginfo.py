@@ -72,7 +72,7 @@ def test_every_tab_has_a_drop_box_and_registered_controls(ctx):
             "drag"}
     assert set(ctx.restore) == tabs
     for tab_id, tab in ctx.restore.items():
-        assert isinstance(tab.drop, gr.File) and tab.drop.file_types == [".png"], tab_id
+        assert isinstance(tab.drop, gr.Image) and tab.drop.label.startswith("Restore settings from a PNG"), tab_id
         assert "prompt" in tab.controls or "instruction" in tab.controls, tab_id
         assert all(isinstance(c, gr.components.Component) for c in tab.controls.values()), tab_id
 
@@ -151,30 +151,39 @@ def test_png_without_parameters_gives_a_message(ctx, upload_dir):
     assert got == {} and "carries no generation parameters" in note
 
 
+def refused(ctx, tab_id: str, payload) -> str:
+    """The drop box refuses a file the upload checks reject as every upload slot does: the studio's message."""
+    from pipelines.core.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        ctx.restore_from_upload(tab_id, payload)
+    return str(info.value)
+
+
 def test_hostile_files_give_a_message(ctx, upload_dir, tmp_path):
-    outside = png_with_text(tmp_path / "outside.png", {"parameters": "a cat\nSteps: 5"})
-    got, note = drop(ctx, "generate", outside)
-    assert got == {} and "only opens images uploaded to it" in note
-
-    text = upload_dir / "notes.png"
-    text.write_text("Steps: 5, CFG scale: 7")
-    got, note = drop(ctx, "generate", text)
-    assert got == {} and note.startswith("⚠️")
-
-    # a 1 MB parameters chunk is refused before it is parsed
-    big = png_with_text(upload_dir / "big.png", {"parameters": "a" * 2**20 + "\nSteps: 5"})
-    got, note = drop(ctx, "generate", big)
-    assert got == {} and "too long" in note
-
-    # the same as a zTXt chunk that inflates to 1 MB
-    info = PngInfo()
-    info.add_text("parameters", "b" * 2**20 + "\nSteps: 5", zip=True)
-    Image.new("RGB", (8, 8)).save(upload_dir / "zbig.png", pnginfo=info)
-    got, note = drop(ctx, "generate", upload_dir / "zbig.png")
-    assert got == {} and note.startswith("⚠️")  # Pillow's own header check refuses it first
     from pipelines.core.errors import InputError
     from pipelines.core.metadata import read_metadata
 
+    # outside Gradio's upload folder, as a path or a URL: the studio's upload refusal
+    outside = png_with_text(tmp_path / "outside.png", {"parameters": "a cat\nSteps: 5"})
+    assert "only opens images uploaded to it" in refused(ctx, "generate", {"path": str(outside)})
+    assert "not fetched" in refused(ctx, "generate", {"url": "http://example.com/x.png", "path": None})
+    # not an image at all
+    text = upload_dir / "notes.png"
+    text.write_text("Steps: 5, CFG scale: 7")
+    assert "not an image" in refused(ctx, "generate", {"path": str(text)})
+
+    # a 1 MB parameters chunk is refused before it is parsed: a note, nothing changed
+    big = png_with_text(upload_dir / "big.png", {"parameters": "a" * 2**20 + "\nSteps: 5"})
+    got, note = drop(ctx, "generate", big)
+    assert got == {} and note.startswith("⚠️") and "too long" in note
+
+    # the same as a zTXt chunk that inflates to 1 MB: Pillow's header check refuses the file first; the text
+    # reader on its own says why
+    info = PngInfo()
+    info.add_text("parameters", "b" * 2**20 + "\nSteps: 5", zip=True)
+    Image.new("RGB", (8, 8)).save(upload_dir / "zbig.png", pnginfo=info)
+    assert refused(ctx, "generate", {"path": str(upload_dir / "zbig.png")})
     with pytest.raises(InputError, match="too long"):
         read_metadata(upload_dir / "zbig.png")
 
@@ -193,8 +202,7 @@ def test_png_bomb_is_refused_from_its_header(ctx, upload_dir):
             + chunk(b"IDAT", zlib.compress(b"\0" * 2**20)) + chunk(b"IEND", b""))
     path = upload_dir / "bomb.png"
     path.write_bytes(data)
-    got, note = drop(ctx, "generate", path)
-    assert got == {} and note.startswith("⚠️") and "too large" in note.lower()
+    assert "too large" in refused(ctx, "generate", {"path": str(path)}).lower()
 
 
 def test_text_after_the_pixels_is_found_without_decoding(upload_dir):
