@@ -35,14 +35,17 @@ class HistoryPanel:
 def build() -> HistoryPanel:
     store = gr.BrowserState([], storage_key=STORAGE_KEY, secret=STORAGE_SECRET)
     with gr.Accordion("History", open=True, elem_id="history"):
-        gallery = gr.Gallery(label="Results in this browser, newest first: click one", columns=8, height=240,
-                             interactive=False, elem_id="history-gallery")
+        # six small tiles a row however few items there are (fit_columns would make 3 items a third wide each);
+        # "studio-result": small pictures enlarged crisp (app/static/studio.css)
+        gallery = gr.Gallery(label="Results in this browser, newest first: click one", columns=6, fit_columns=False,
+                             height=320, object_fit="contain", interactive=False, elem_id="history-gallery",
+                             elem_classes=["studio-result"])
         with gr.Row():
-            restore = gr.Button("Restore settings", size="sm", elem_id="history-restore")
-            sends = {t: gr.Button(f"Send to {SEND_LABELS[t]}", size="sm", elem_id=f"history-send-{t}")
+            restore = gr.Button("Restore settings", size="sm", min_width=100, elem_id="history-restore")
+            sends = {t: gr.Button(f"Send to {SEND_LABELS[t]}", size="sm", min_width=100, elem_id=f"history-send-{t}")
                      for t in SEND_TARGETS}
         status = gr.Markdown("", elem_id="history-status")
-        params = gr.JSON(label="Parameters of the selected result", open=False, elem_id="history-params")
+        params = gr.JSON(label="Parameters of the selected result", max_height=240, elem_id="history-params")
     return HistoryPanel(store, gallery, params, gr.State(None), restore, sends, status)
 
 

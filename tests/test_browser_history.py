@@ -17,6 +17,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 
 TIMEOUT_MS = 45_000
 CAPTIONS = "#history-gallery .caption-label"
+POINTS_SHOWN = ("() => { const i = document.querySelector('#drag-points img'); "
+                "return i && i.complete && i.naturalWidth > 0; }")
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,11 @@ def browser():
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"],
         )
+        sync_api.expect.set_options(timeout=TIMEOUT_MS)  # the box is shared: a UI update can take seconds
         try:
             yield b
         finally:
+            sync_api.expect.set_options(timeout=5_000)  # Playwright's default, for other modules
             b.close()
 
 
@@ -122,6 +126,7 @@ def test_send_a_drag_result_back_to_drag(context, app_url):
     box = points.bounding_box()
     points.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.5})
     sync_api.expect(pg.locator("#drag-status")).to_contain_text("now click its target")
+    pg.wait_for_function(POINTS_SHOWN)  # the redrawn view has loaded: a click now lands on it
     points.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.5})
     sync_api.expect(pg.locator("#drag-status")).to_contain_text("target at")
     pg.get_by_text("Drag settings").click()
