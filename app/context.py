@@ -381,7 +381,7 @@ class Context:
                     use["label"] = use_label(update["value"])
         made_with = params.get("model") if isinstance(params, dict) else None
         if made_with and str(made_with) != model.id:
-            note += f" It was made with the model '{made_with}' (active: '{model.id}')."
+            note += f" It was made with the model '{pnginfo.shown(made_with)}' (active: '{model.id}')."
         return updates, note
 
     def restore_from_upload(self, tab_id: str, file, request=None) -> tuple:

@@ -9,7 +9,9 @@ metadata dict from anywhere else (the history gallery).
 """
 from __future__ import annotations
 
+import html
 import math
+import re
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -36,6 +38,18 @@ RESULT_KEYS = frozenset({
     "image_a", "image_b", "seeds", "repeat", "feature_up_block", "supervision_grid", "mutual_attention_layers",
     "handles", "targets", "mask", "normalisation", "lora_hashes", "version", "vae", "vae_hash", "hashes",
 })
+
+
+MAX_LISTED = 12   # skipped settings named in a note; the rest are counted
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
+
+
+def shown(value, limit: int = 60) -> str:
+    """Text from a PNG as the note shows it: one line, cut to `limit` characters, with HTML and Markdown
+    escaped (a hostile key or value must not become a link, an image or markup)."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return _MARKDOWN.sub(r"\\\1", html.escape(text, quote=False))
 
 
 @dataclass
@@ -94,19 +108,19 @@ def convert(component, name: str, value) -> tuple[object, str | None]:
     """`value` as `component` takes it, and a note when it was clamped or could not be used (value None)."""
     if isinstance(component, gr.Checkbox):
         truth = _truth(value)
-        return (truth, None) if truth is not None else (None, f"{name}: {value!r} is not yes/no")
+        return (truth, None) if truth is not None else (None, f"{name}: '{shown(value)}' is not yes/no")
     if isinstance(component, (gr.Radio, gr.Dropdown)):
         chosen = _choice(component, value)
-        return (chosen, None) if chosen is not None else (None, f"{name}: {value!r} is not one of its choices")
+        return (chosen, None) if chosen is not None else (None, f"{name}: '{shown(value)}' is not one of its choices")
     if isinstance(component, (gr.Slider, gr.Number)):
         number = _number(value)
         if number is None:
-            return None, f"{name}: {value!r} is not a number"
+            return None, f"{name}: '{shown(value)}' is not a number"
         lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
         note = None
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             clamped = min(max(number, lo if lo is not None else number), hi if hi is not None else number)
-            note = f"{name}: {value} is outside {lo}-{hi}, set to {clamped:g}"
+            note = f"{name}: {shown(value)} is outside {lo}-{hi}, set to {clamped:g}"
             number = clamped
         integral = (isinstance(component, gr.Number) and component.precision == 0) or (
             isinstance(component, gr.Slider) and float(component.step).is_integer()
@@ -116,7 +130,7 @@ def convert(component, name: str, value) -> tuple[object, str | None]:
             step, low = int(component.step), int(component.minimum)
             snapped = min(low + round((number - low) / step) * step, int(component.maximum))
             if snapped != round(number) and note is None:
-                note = f"{name}: {value} is not a multiple of {step}, set to {snapped}"
+                note = f"{name}: {shown(value)} is not a multiple of {step}, set to {snapped}"
             number = snapped
         return (int(round(number)) if integral else number), note
     return str(value), None  # a Textbox
@@ -173,11 +187,13 @@ def restore_values(tab: TabParams, params: dict, loaded_loras=()) -> tuple[dict,
             values["use_lora"], values["lora_adapter"] = True, name
         else:
             values["use_lora"] = False
-            problems.append(f"LoRA {name!r} is not loaded (load it in 'Model and LoRA', then tick it)")
+            problems.append(f"LoRA '{shown(name)}' is not loaded (load it in 'Model and LoRA', then tick it)")
     if "width" in tab.controls:
         used.add("size")
-    skipped = [text_name(k) for k in params
+    skipped = [shown(text_name(k)) for k in params
                if k not in used and k not in RESULT_KEYS and (params[k] or k not in ("prompt", "negative_prompt"))]
+    if len(skipped) > MAX_LISTED:
+        skipped = skipped[:MAX_LISTED] + [f"and {len(skipped) - MAX_LISTED} more"]
     restored = [text_name(k) if k not in ("use_lora", "lora_adapter") else "LoRA" for k in values
                 if k not in tab.when]
     restored = list(dict.fromkeys(restored))

@@ -144,6 +144,17 @@ def test_lora_name_not_loaded_is_unticked_with_a_note(ctx):
     assert "LoRA 'nowhere' is not loaded" in note
 
 
+def test_hostile_keys_and_values_are_shown_as_plain_text(ctx):
+    """The note is Markdown: what a PNG says can neither become markup, a link or an image, nor flood it."""
+    params = {"prompt": "x", "steps": "<img src=x onerror=alert(1)>", "![t](http://evil.example/t.png)": 1,
+              "model": "[click](http://evil.example)", **{f"junk_{k}": k for k in range(40)}}
+    updates, note = ctx.restore_updates("generate", params)
+    assert values(ctx, "generate", updates) == {"prompt": "x"}
+    assert "<img" not in note and "](http" not in note and "[click]" not in note
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in note  # escaped, still readable once rendered
+    assert note.count("Junk ") == 11 and "and 29 more" in note  # 12 of 41 named (the image key first)
+
+
 def test_png_without_parameters_gives_a_message(ctx, upload_dir):
     path = upload_dir / "plain.png"
     Image.new("RGB", (8, 8)).save(path)
