@@ -32,7 +32,9 @@ from pipelines.core.results import ImageResult
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 48                 # items kept, oldest dropped
-MAX_BYTES = 1_500_000          # PNG bytes the browser keeps, all items together (x1.8 once base64'd twice)
+# PNG bytes the browser keeps, all items together: as base64 in JSON they are sent back on every page load, under
+# the hosting's 2 MB request limit (app/hosting.py BODY_LIMIT); localStorage holds them base64'd twice (x1.8)
+MAX_BYTES = 1_000_000
 ITEM_BYTES = 96 * 1024         # an item's PNG kept whole up to this size; a larger result keeps a thumbnail
 THUMB_SIDE = 128               # long side of a thumbnail
 MAX_SIDE = 1024                # longest side of an image accepted back from the browser (the largest result)

@@ -107,6 +107,18 @@ def test_large_result_kept_whole_here_and_as_thumbnail_in_the_browser(history):
     assert history.to_browser()[0]["full"] is False
 
 
+def test_a_full_history_fits_in_a_page_load_request(history):
+    """The browser sends its whole copy back when the page loads: filled to its byte bound, it stays under the
+    hosting's request limit."""
+    from app.hosting import BODY_LIMIT
+
+    for s in range(60):
+        history.record(result_images(result(s, side=96, noisy=True)))  # ~28 KB each: the byte bound drops some
+    assert len(history.items) < 60 and all(i.stored_full for i in history.items)
+    payload = json.dumps({"data": [history.to_browser()], "fn_index": 999, "session_hash": "x" * 32})
+    assert len(payload) < BODY_LIMIT - 64 * 1024
+
+
 # ------------------------------------------------------------------ which images a result holds
 def test_result_images_of_each_kind():
     one = result(1)
