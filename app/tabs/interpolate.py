@@ -2,6 +2,7 @@
 and the sequence with and without the LoRA."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import gradio as gr
@@ -84,13 +85,17 @@ def build(ctx: Context) -> InterpolateTab:
 
         def done(ev, session):
             session.keep_result("frame", ev.result.image)
-            ctx.remember_seed(session, "interpolate-a", ev.result.params["seed_a"])
-            ctx.remember_seed(session, "interpolate-b", ev.result.params["seed_b"])
+            remember_seeds(session, ev.result.params)
             seeds = f"seeds {ev.result.params['seed_a']} → {ev.result.params['seed_b']}"
             return dict(frame=downloads.result_file(session, ev.result.image, "interpolate"),
                         status=f"Frame at eta={float(eta):.2f} · {seeds}")
 
         yield from ctx.run(request, frame_out, work, done, show=lambda ev: progress(ev, "frame"))
+
+    def remember_seeds(session, params: dict):
+        """Seeds A and B as the run used them (a -1 became a random seed), for the "reuse last seed" buttons."""
+        ctx.remember_seed(session, "interpolate-a", params.get("seed_a"))
+        ctx.remember_seed(session, "interpolate-b", params.get("seed_b"))
 
     def run_sequence(pa, pb, neg, sa, sb, steps, guidance, w, h, use_lora, strength, n, lora_adapter=None,
                      request: gr.Request = None):
@@ -102,6 +107,7 @@ def build(ctx: Context) -> InterpolateTab:
         def done(ev, session):
             r = ev.result
             session.keep_result("frame", r.frames[-1])
+            remember_seeds(session, json.loads(r.frames[-1].info.get("studio") or "{}"))  # the frames' parameters
             files = downloads.result_files(session, r.frames, "interpolate")
             seeds = downloads.seed_label(r.frames[-1])  # the animations are named like the frames
             return dict(frame=files[-1], frames=files,
