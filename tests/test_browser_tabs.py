@@ -294,7 +294,7 @@ def test_sdedit_turns_painted_strokes_into_candidates(page, studio):
     assert np.abs(first.astype(int) - rgb(from_other).astype(int)).mean() > 2, "the strokes changed nothing"
 
 
-def test_drag_marks_the_points_and_changes_the_region(page):
+def test_drag_marks_the_points_and_changes_the_region(page, studio):
     open_tab(page, "Drag (DragDiffusion)")
     upload(page, "drag-input", TRIANGLE)
     expect(page.locator("#drag-status")).to_contain_text("Image ready", timeout=TIMEOUT_MS)
@@ -322,11 +322,15 @@ def test_drag_marks_the_points_and_changes_the_region(page):
     page.get_by_text("Drag settings").click()
     set_slider(page, "drag-lora-steps", 0)
     set_slider(page, "drag-iters", 5)
+    set_slider(page, "drag-strength", 0.2)   # 10 of 50 steps inverted and denoised
     run(page, "drag-run", "drag-status")
     assert "no region painted" not in page.locator("#drag-status").inner_text()
     dragged = shown(page, "drag-result").astype(int)
-    source = rgb(Image.open(TRIANGLE)).astype(int)
-    assert dragged.shape == source.shape
-    side = source.shape[0]
-    region = np.abs(dragged - source)[side // 2 - 4:side // 2 + 4, side // 2 - 4:side * 3 // 4 + 4]
-    assert region.mean() > 10, "the drag left the painted region as it was"
+    # The tiny model's random VAE changes every pixel, so the drag is measured against the source's VAE round
+    # trip (what inverting and denoising alone give): the painted band around the points moved (1.5 measured),
+    # rows far from it hardly did (0.1).
+    side = dragged.shape[0]
+    change = np.abs(dragged - vae_round_trip(studio, TRIANGLE).astype(int)).mean(axis=2)
+    band = change[side // 2 - 4:side // 2 + 4, side // 2 - 4:side * 3 // 4 + 4].mean()
+    far = np.concatenate([change[:8], change[-8:]]).mean()
+    assert band > 0.5 and band > 4 * far, (band, far)

@@ -102,7 +102,7 @@ def build(ctx: Context) -> DragTab:
                         r_lambda = rec(gr.Slider, "mask_weight", 0, 1, step=0.01, label="Mask term lambda")
                     with gr.Row():
                         r_strength = rec(gr.Slider, "inversion_strength", 0.1, 1.0, step=0.02,
-                                         label="Inversion strength (of 50 steps)")
+                                         label="Inversion strength (of 50 steps)", elem_id="drag-strength")
                         r_block = rec(gr.Slider, "feature_block", 0, 3, step=1, label="Feature block (UNet up block)")
                         r_r1 = rec(gr.Slider, "r1", 0, 5, step=1, label="r1 (supervision patch)")
                         r_r2 = rec(gr.Slider, "r2", 1, 10, step=1, label="r2 (tracking radius)")
