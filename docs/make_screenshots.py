@@ -126,7 +126,7 @@ def interpolate(u: User) -> None:
     u.pg.get_by_label("Prompt B (optional; empty = prompt A)").fill("a large blue square on the right on a white "
                                                                     "background")
     u.slider("int-steps", 20)
-    u.slider("int-frames", 6)
+    u.slider("int-frames", 5)
     u.run("int-seq", "int-status", "frames")
 
 
@@ -147,6 +147,8 @@ def diffedit(u: User) -> None:
 
 
 def sdedit(u: User) -> None:
+    from playwright.sync_api import expect
+
     u.tab("SDEdit (strokes)")
     editor = u.pg.locator("#sdedit-canvas")
     editor.get_by_label("Brush").first.click()
@@ -159,6 +161,11 @@ def sdedit(u: User) -> None:
     u.slider("sdedit-repeats", 4)
     u.type("sdedit-seed", 1)
     u.run("sdedit-run", "sdedit-status")
+    chosen = u.pg.locator("#sdedit-chosen img").first
+    before = chosen.get_attribute("src") if chosen.count() else None
+    u.pg.locator("#sdedit-gallery img").nth(1).click()   # pick the second candidate
+    if before:
+        expect(chosen).not_to_have_attribute("src", before, timeout=TIMEOUT_MS)
 
 
 def drag(u: User) -> None:
@@ -189,7 +196,7 @@ TABS = {
     "interpolate": (interpolate, "int-status", ["int-gallery"]),
     "edit": (edit, "edit-status", ["edit-result", "edit-recon"]),
     "diffedit": (diffedit, "diffedit-status", ["diffedit-result", "diffedit-used"]),
-    "sdedit": (sdedit, "sdedit-status", ["sdedit-gallery"]),
+    "sdedit": (sdedit, "sdedit-status", ["sdedit-gallery", "sdedit-chosen"]),
     "drag": (drag, "drag-status", ["drag-result"]),
 }
 
