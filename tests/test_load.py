@@ -91,7 +91,7 @@ def run(client: Client, request) -> dict:
         return {"source": pixels(source), "recon": pixels(recon),
                 **{k: metrics[k] for k in ("psnr", "ssim", "mse")}}
     if api == "/sdedit":
-        _, gallery, status = out
+        _, gallery, _chosen, status = out
         assert "candidate" in status or "Done" in status, (label, status)
         return {"gallery": [pixels(item["image"]) for item in gallery], "n": len(gallery)}
     if api == "/instruct":

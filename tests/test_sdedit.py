@@ -180,7 +180,7 @@ def test_repeats_use_consecutive_seeds_and_reproduce(tiny_model):
     assert steps == sorted(steps)
     assert any(ev.stage.startswith("repeat 2/3") and ev.preview is not None for ev in events)
     assert [len(ev.partial) for ev in events if ev.partial] == [1, 2, 3]
-    assert '"seed":101' in res.images[1].image.info["studio"] and "Strength: 0.6" in res.images[1].image.info[
+    assert '"seed":101' in res.images[1].image.info["studio"] and "Denoising strength: 0.6" in res.images[1].image.info[
         "parameters"]
 
 
