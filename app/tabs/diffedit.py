@@ -6,6 +6,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pipelines.core.image_io import load_rgb
 from pipelines.core.limits import get_limits
 from pipelines.diffedit import DiffEditParams
 
@@ -18,6 +19,13 @@ DIFFEDIT_HELP = """**1. Estimate mask** compares the model's noise predictions f
 (10 noise draws at encode strength 0.5) and shows the region as a translucent layer: paint to add to it,
 erase to remove. **2. Apply edit** inverts the image to the encoding ratio r and decodes it with the target
 prompt, keeping the inverted image outside the mask. With nothing painted, Apply estimates the mask itself."""
+
+
+def show_enlarged(value):
+    """A small picture uploaded or pasted into the editor comes back enlarged once, so the brush, the estimate's
+    layer and the zoom are the same before and after Estimate (examples and "Send to" arrive enlarged)."""
+    shown = masks.display_value(value)
+    return gr.skip() if shown is None else shown
 
 
 def build(ctx: Context) -> None:
@@ -33,6 +41,11 @@ def build(ctx: Context) -> None:
                                        brush=gr.Brush(colors=[masks.OVERLAY_BRUSH], color_mode="fixed",
                                                       default_size=24),
                                        eraser=gr.Eraser(default_size=24))
+                # registered before the photo note's queued check: the page runs an event's listeners one after
+                # another, each to its end, so behind that check (queued after an Estimate job) the enlargement
+                # of the pre-Estimate picture would land after the estimate and replace its layer with none
+                editor.upload(show_enlarged, editor, editor, queue=False, show_progress="hidden",
+                              api_visibility="private")
                 world_note.add(ctx, editor, "diffedit-photo-note")
                 target = gr.Textbox(label="Target prompt (what the edited image shows)", elem_id="diffedit-target")
                 source = gr.Textbox(label="Source prompt (what the image shows; optional)",
@@ -60,7 +73,11 @@ def build(ctx: Context) -> None:
                     stop = gr.Button("Stop", variant="stop", elem_id="diffedit-stop")
                 status = gr.Markdown("", elem_id="diffedit-status")
                 gr.Markdown(DIFFEDIT_HELP)
-                gr.Examples(examples.DIFFEDITS, [editor, target, source], elem_id="diffedit-examples")
+                # each example's picture as an editor value already enlarged, as "Send to" sends one: a small one
+                # would be enlarged by the upload event, and the editor fires that event again with the small
+                # picture while an Estimate's value loads, so the enlargement could replace the estimate's layer
+                shown = [[masks.editor_value(load_rgb(path), None), *rest] for path, *rest in examples.DIFFEDITS]
+                gr.Examples(shown, [editor, target, source], elem_id="diffedit-examples")
             with gr.Column():
                 preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=256,
                                    elem_id="diffedit-preview")
@@ -125,13 +142,6 @@ def build(ctx: Context) -> None:
 
         yield from ctx.run(request, edit_out, work, done)
 
-    def show_enlarged(value):
-        """A small picture, as it lands in the editor (upload, example, "Send to"), comes back enlarged once, so
-        the brush, the estimate's layer and the zoom are the same before and after Estimate."""
-        shown = masks.display_value(value)
-        return gr.skip() if shown is None else shown
-
-    editor.upload(show_enlarged, editor, editor, queue=False, show_progress="hidden", api_visibility="private")
     settings = [target, source, threshold, ratio, mask_strength, draws, seed, steps, guid]
     mask_event = mask_btn.click(run_diffedit_mask, [editor] + settings, mask_out, api_name="diffedit_mask", **GPU)
     event = run.click(run_diffedit, [editor] + settings, edit_out, api_name="diffedit", **GPU)
