@@ -160,22 +160,3 @@ def test_diffedit_estimated_mask_survives_the_browser_editor(page):
     page.click("#diffedit-run")
     sync_api.expect(page.locator("#diffedit-status")).to_contain_text("Done with your mask", timeout=TIMEOUT_MS)
     page.wait_for_selector("#diffedit-result img")
-
-
-def test_sdedit_paint_on_a_blank_canvas(page):
-    page.get_by_role("tab", name="SDEdit (strokes)").click()
-    page.locator("#sdedit-canvas").get_by_label("Brush").first.click()  # the blank canvas needs the draw tool
-    canvas = page.locator("#sdedit-canvas canvas").first
-    canvas.wait_for()
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for k in range(12):
-        page.mouse.move(x + 6 * k, y + 3 * (k % 3), steps=2)
-    page.mouse.up()
-    page.fill("#sdedit-prompt textarea", PROMPT)
-    set_slider(page, "sdedit-strength", 0.5)
-    page.click("#sdedit-run")
-    sync_api.expect(page.locator("#sdedit-status")).to_contain_text("Done", timeout=TIMEOUT_MS)
-    sync_api.expect(page.locator("#sdedit-gallery img").first).to_be_visible()

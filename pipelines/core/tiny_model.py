@@ -89,7 +89,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     from .previews import fit_previewer
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # per process: parallel test workers
     tok_dir = tmp / "_tok"
     vocab_size = build_tokenizer_files(tok_dir)
     tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
@@ -153,9 +153,12 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
-    if folder.exists():
-        import shutil
+    import shutil
 
+    if (folder / "model_index.json").is_file():  # another process published the same build first
+        shutil.rmtree(tmp)
+        return folder
+    if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)  # atomic publish: a half-written folder is never loaded
     return folder
