@@ -5,14 +5,13 @@ Needs the Debian chromium at /usr/bin/chromium (playwright's own browsers are ne
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 PROMPT = "a small red circle on the left on a white background"
@@ -22,29 +21,15 @@ POLL_MS = 50
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"],
-        )
-        try:
-            yield b
-        finally:
-            b.close()
+    with launched_browser() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser, app_url, tmp_path):
     """A fresh browser session (its own Gradio session hash) on the app; a screenshot is taken at the end."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    # Only the app itself: no fonts/CDNs/telemetry from the outside world.
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                  else route.abort())
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app_url, wait_until="domcontentloaded")
-    pg.wait_for_selector("#gen-prompt textarea")
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = open_app(context, app_url, TIMEOUT_MS)
     pg.wait_for_selector("#model-status", state="visible")
     try:
         yield pg

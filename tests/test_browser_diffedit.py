@@ -10,11 +10,11 @@ at /usr/bin/chromium (playwright's own browsers are never downloaded).
 from __future__ import annotations
 
 import io
-import os
 import re
 
 import numpy as np
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 from PIL import Image
 
 from app import examples, masks
@@ -22,8 +22,7 @@ from pipelines.core.events import run_to_end
 from pipelines.core.masks import cells_to_image, grow_cells, latent_cells
 from pipelines.diffedit import OVERLAY_ALPHA, OVERLAY_TINT, DiffEditParams
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 TIMEOUT_MS = 60_000
@@ -34,27 +33,14 @@ RADIUS = 3                                        # of the tab's brush and erase
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"],
-        )
-        try:
-            yield b
-        finally:
-            b.close()
+    with launched_browser() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser, app_url, tmp_path):
-    context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                  else route.abort())
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app_url, wait_until="domcontentloaded")
-    pg.wait_for_selector("#gen-prompt textarea")
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = open_app(context, app_url, TIMEOUT_MS)
     try:
         yield pg
     finally:

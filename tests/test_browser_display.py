@@ -4,14 +4,13 @@ result fills its box, crisp (pixelated), while its download stays the 64 px PNG.
 from __future__ import annotations
 
 import io
-import os
 import re
 
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 PROMPT = "a small red circle on the left on a white background"
@@ -35,22 +34,8 @@ WATCH = """() => {
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"])
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1600})
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                          else route.abort())
-            pg = context.new_page()
-            pg.set_default_timeout(TIMEOUT_MS)
-            pg.goto(app_url, wait_until="domcontentloaded")
-            pg.wait_for_selector("#gen-prompt textarea")
-            yield pg
-        finally:
-            browser.close()
+    with launched_browser() as browser:
+        yield open_app(browser.new_context(viewport=VIEWPORT), app_url, TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ back to Drag becomes its input pixel for pixel. Runs against the `app_url` fixtu
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 TIMEOUT_MS = 45_000
@@ -23,27 +22,16 @@ POINTS_SHOWN = ("() => { const i = document.querySelector('#drag-points img'); "
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"],
-        )
+    with launched_browser() as b:
         sync_api.expect.set_options(timeout=TIMEOUT_MS)  # the box is shared: a UI update can take seconds
         try:
             yield b
         finally:
             sync_api.expect.set_options(timeout=5_000)  # Playwright's default, for other modules
-            b.close()
 
 
 def open_page(context, app_url):
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                  else route.abort())
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app_url, wait_until="domcontentloaded")
-    pg.wait_for_selector("#gen-prompt textarea")
+    pg = open_app(context, app_url, TIMEOUT_MS)
     pg.wait_for_selector("#history-gallery")
     return pg
 
@@ -51,7 +39,7 @@ def open_page(context, app_url):
 @pytest.fixture
 def context(browser):
     """A fresh browser profile: its own localStorage and its own Gradio sessions."""
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
+    ctx = browser.new_context(viewport=VIEWPORT)
     try:
         yield ctx
     finally:
@@ -106,7 +94,7 @@ def test_history_holds_runs_survives_a_reload_and_stays_in_its_browser(browser, 
     sync_api.expect(pg.locator("#history-status")).to_contain_text("restored")
     sync_api.expect(pg.locator("#gen-seed input")).to_have_value("11")
 
-    other = browser.new_context(viewport={"width": 1400, "height": 1600})
+    other = browser.new_context(viewport=VIEWPORT)
     try:
         stranger = open_page(other, app_url)
         stranger.wait_for_timeout(500)  # its load event has run (the gallery would fill now)

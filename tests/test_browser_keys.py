@@ -3,14 +3,13 @@ tab, a typed width snaps to the model's multiple, a batch streams into its galle
 the seed buttons reuse the last seed or go back to random. One page for the module (its own session)."""
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 PROMPT = "a small red circle on the left on a white background"
@@ -19,22 +18,8 @@ TIMEOUT_MS = 45_000
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"])
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1600})
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                          else route.abort())
-            pg = context.new_page()
-            pg.set_default_timeout(TIMEOUT_MS)
-            pg.goto(app_url, wait_until="domcontentloaded")
-            pg.wait_for_selector("#gen-prompt textarea")
-            yield pg
-        finally:
-            browser.close()
+    with launched_browser() as browser:
+        yield open_app(browser.new_context(viewport=VIEWPORT), app_url, TIMEOUT_MS)
 
 
 def set_number(pg, elem_id: str, value) -> None:

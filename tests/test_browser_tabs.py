@@ -9,15 +9,14 @@ are found by elem_id or label, never by position, so layout changes do not break
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 expect = sync_api.expect
 
@@ -30,28 +29,15 @@ TIMEOUT_MS = 45_000   # generous: the box may be busy; each task takes a few sec
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"],
-        )
-        try:
-            yield b
-        finally:
-            b.close()
+    with launched_browser() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser, app_url, tmp_path):
     """A fresh browser session (its own Gradio session) on the app; a screenshot is kept for a failing run."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                  else route.abort())
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app_url, wait_until="domcontentloaded")
-    pg.wait_for_selector("#gen-prompt textarea")
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = open_app(context, app_url, TIMEOUT_MS)
     try:
         yield pg
     finally:

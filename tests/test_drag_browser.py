@@ -4,16 +4,15 @@ tests/test_browser_tabs.py's."""
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 expect = sync_api.expect
 
@@ -24,24 +23,12 @@ TIMEOUT_MS = 45_000
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1600})
-        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                      else route.abort())
-        pg = context.new_page()
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(app_url, wait_until="domcontentloaded")
+    with launched_browser() as browser:
+        pg = open_app(browser.new_context(viewport=VIEWPORT), app_url, TIMEOUT_MS)
         pg.get_by_role("tab", name="Drag (DragDiffusion)").click()
         pg.locator("#drag-input input[type=file]").set_input_files(str(TRIANGLE))
         expect(pg.locator("#drag-status")).to_contain_text("Image ready", timeout=TIMEOUT_MS)
-        try:
-            yield pg
-        finally:
-            browser.close()
+        yield pg
 
 
 def _screenshot(element) -> np.ndarray:
