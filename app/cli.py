@@ -56,9 +56,7 @@ def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
 
-    from app.hosting import Hosting, calm_queue, launch_kwargs, queue_kwargs
-    from app.sessions import SessionRegistry
-    from app.ui import build_demo
+    from app.hosting import Hosting
     from pipelines.core.errors import InputError
     from pipelines.core.events import run_to_end
     from pipelines.core.limits import Limits, set_limits
@@ -74,11 +72,28 @@ def serve(args: argparse.Namespace) -> None:
             studio.notice = (studio.notice + " " if studio.notice else "") + f"LoRA not loaded: {exc}"
     if hosting.public:
         hosting.preload(studio)
+    launch(studio, hosting, host=args.host, port=args.port)
+
+
+def launch(studio, hosting=None, host: str = "127.0.0.1", port: int | None = None, **extra):
+    """The studio's Blocks with the production queue and launch settings, served on host:port (a free port when
+    None); `extra` goes to demo.launch (e.g. prevent_thread_lock=True). Returns the demo."""
+    import socket
+
+    from app.hosting import calm_queue, launch_kwargs, queue_kwargs
+    from app.sessions import SessionRegistry
+    from app.ui import build_demo
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     sessions = SessionRegistry()
     demo = build_demo(studio, sessions, hosting)
     demo.queue(**queue_kwargs())
     calm_queue(demo)
-    demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(sessions))
+    demo.launch(server_name=host, server_port=port, **extra, **launch_kwargs(sessions))
+    return demo
 
 
 # ---------------------------------------------------------------------------------------------- job commands

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,22 +32,11 @@ def start_app(model: str):
     """The studio on a free 127.0.0.1 port, as app.py starts it; returns (demo, url)."""
     import torch
 
-    from app.hosting import calm_queue, launch_kwargs, queue_kwargs
-    from app.sessions import SessionRegistry
-    from app.ui import build_demo
+    from app.cli import launch
     from pipelines.studio import Studio
 
     torch.set_num_threads(1)
-    studio = Studio().start(model)
-    sessions = SessionRegistry()
-    demo = build_demo(studio, sessions)
-    demo.queue(**queue_kwargs())
-    calm_queue(demo)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs(sessions))
+    demo = launch(Studio().start(model), prevent_thread_lock=True, quiet=True)
     return demo, demo.local_url.rstrip("/") + "/"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,22 +30,11 @@ def serve_embedded() -> str:
     """The app on the embedded model on 127.0.0.1 (as `studio serve --model embedded`), in this process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from app.hosting import calm_queue, launch_kwargs, queue_kwargs
-    from app.sessions import SessionRegistry
-    from app.ui import build_demo
+    from app.cli import launch
     from pipelines.core.models import EMBEDDED_ID
     from pipelines.studio import Studio
 
-    studio = Studio().start(EMBEDDED_ID)
-    sessions = SessionRegistry()
-    demo = build_demo(studio, sessions)
-    demo.queue(**queue_kwargs())
-    calm_queue(demo)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs(sessions))
+    demo = launch(Studio().start(EMBEDDED_ID), prevent_thread_lock=True, quiet=True)
     return demo.local_url.rstrip("/") + "/"
 
 

@@ -77,16 +77,9 @@ def app_url(studio, tmp_path_factory):
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio_tmp"))  # uploads and outputs
     for k in ("NO_PROXY", "no_proxy"):  # clients must reach 127.0.0.1 directly, never via a proxy
         os.environ[k] = ",".join(filter(None, [os.environ.get(k), "127.0.0.1", "localhost"]))
-    from app.hosting import calm_queue, launch_kwargs, queue_kwargs
-    from app.sessions import SessionRegistry
-    from app.ui import build_demo
+    from app.cli import launch
 
-    sessions = SessionRegistry()
-    demo = build_demo(studio, sessions)
-    demo.queue(**queue_kwargs())  # the production settings of app.py
-    calm_queue(demo)
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                **launch_kwargs(sessions))
+    demo = launch(studio, prevent_thread_lock=True, quiet=True)  # the production settings of app.py
     try:
         yield demo.local_url.rstrip("/") + "/"
     finally:
