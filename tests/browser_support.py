@@ -42,3 +42,18 @@ def open_app(context, app_url: str, timeout_ms: int):
     pg.goto(app_url, wait_until="domcontentloaded")
     pg.wait_for_selector("#gen-prompt textarea")
     return pg
+
+
+@contextmanager
+def fresh_page(browser, app_url: str, timeout_ms: int, screenshot):
+    """A page in a new browser context (its own Gradio session); a full-page screenshot is saved to `screenshot`
+    when it closes, for looking at a failed run."""
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = open_app(context, app_url, timeout_ms)
+    try:
+        yield pg
+    finally:
+        try:
+            pg.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            context.close()

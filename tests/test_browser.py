@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
+from browser_support import fresh_page, launched_browser, needs_chromium
 
 pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
@@ -28,16 +28,9 @@ def browser():
 @pytest.fixture
 def page(browser, app_url, tmp_path):
     """A fresh browser session (its own Gradio session hash) on the app; a screenshot is taken at the end."""
-    context = browser.new_context(viewport=VIEWPORT)
-    pg = open_app(context, app_url, TIMEOUT_MS)
-    pg.wait_for_selector("#model-status", state="visible")
-    try:
+    with fresh_page(browser, app_url, TIMEOUT_MS, tmp_path / "page.png") as pg:
+        pg.wait_for_selector("#model-status", state="visible")
         yield pg
-    finally:
-        try:
-            pg.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        finally:
-            context.close()
 
 
 def n(pg, selector) -> int:

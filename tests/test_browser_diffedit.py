@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 import pytest
-from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
+from browser_support import fresh_page, launched_browser, needs_chromium
 from PIL import Image
 
 from app import examples, masks
@@ -39,15 +39,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, app_url, tmp_path):
-    context = browser.new_context(viewport=VIEWPORT)
-    pg = open_app(context, app_url, TIMEOUT_MS)
-    try:
+    with fresh_page(browser, app_url, TIMEOUT_MS, tmp_path / "page.png") as pg:
         yield pg
-    finally:
-        try:
-            pg.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        finally:
-            context.close()
 
 
 def set_slider(pg, elem_id: str, value) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_support import VIEWPORT, launched_browser, needs_chromium, open_app
+from browser_support import fresh_page, launched_browser, needs_chromium
 from PIL import Image
 
 pytestmark = needs_chromium
@@ -36,15 +36,8 @@ def browser():
 @pytest.fixture
 def page(browser, app_url, tmp_path):
     """A fresh browser session (its own Gradio session) on the app; a screenshot is kept for a failing run."""
-    context = browser.new_context(viewport=VIEWPORT)
-    pg = open_app(context, app_url, TIMEOUT_MS)
-    try:
+    with fresh_page(browser, app_url, TIMEOUT_MS, tmp_path / "page.png") as pg:
         yield pg
-    finally:
-        try:
-            pg.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        finally:
-            context.close()
 
 
 # ------------------------------------------------------------------ what a user does
