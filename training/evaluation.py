@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from pipelines.core import ddim, metrics
+from pipelines.core import consistency, ddim, metrics
 from pipelines.instruct import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, instruct_eps
 from training import world
 from training.checker import check
@@ -151,6 +151,31 @@ def edit_batch(unet, text_encoder, tokenizer, vae, images: np.ndarray, instructi
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def codi_edit_batch(unet, adapter, text_encoder, tokenizer, vae, images: np.ndarray, instructions: list[str], seeds,
+                    steps: int, guidance: float = 1.0, chunk: int = 32,
+                    alphas_cumprod: torch.Tensor | None = None) -> np.ndarray:
+    """CoDi edits (the studio's sampler, pipelines/codi.py): the student (unet + adapter) reads the input image's
+    latent (posterior mean x the scaling factor) and the instruction, from per-seed noise, in `steps` (1-4) steps
+    with text guidance `guidance` (1: none). `alphas_cumprod`: the noise schedule (default SD 1.x's)."""
+    sched = consistency.CodiScheduler(steps, alphas_cumprod)
+    out = []
+    for i in range(0, len(images), chunk):
+        ins, s = instructions[i:i + chunk], seeds[i:i + chunk]
+        condition = encode(vae, images[i:i + chunk]).to(unet.device, unet.dtype)
+        cond = embed(text_encoder, tokenizer, ins).to(unet.device, unet.dtype)
+        uncond = embed(text_encoder, tokenizer, [""] * len(ins)).to(unet.device, unet.dtype)
+        x = noise_for(s, condition.shape[1:], unet.device).to(unet.dtype)
+
+        def eps(x_t, t, _k):
+            return consistency.guided_student_eps(unet, adapter, x_t, t, cond, uncond, condition, guidance)
+
+        for state in ddim.sample_scheduled(eps, x, sched):
+            x = state.latents
+        out.append(decode(vae, x))
+    return np.concatenate(out)
+
+
 def changed_region(before: np.ndarray, after: np.ndarray, margin: int = 2) -> np.ndarray:
     """Pixels an edit changes, grown by `margin` px (model outputs blur edges a little)."""
     import cv2
@@ -189,6 +214,18 @@ def edit_accuracy(unet, text_encoder, tokenizer, vae, scheduler_config, kind: st
     images = np.stack([world.render(s) for s, _ in pairs])
     outputs = edit_batch(unet, text_encoder, tokenizer, vae, images, [e.instruction for _, e in pairs],
                          range(len(pairs)), text_guidance, image_guidance, steps, scheduler_config)
+    scores = [score_edit(o, s, e) for o, (s, e) in zip(outputs, pairs)]
+    return {"success": float(np.mean([s["success"] for s in scores])),
+            "psnr_outside": float(np.nanmean([s["psnr_outside"] for s in scores])), "n": len(scores)}
+
+
+def codi_edit_accuracy(unet, adapter, text_encoder, tokenizer, vae, kind: str, count: int = 50, steps: int = 4,
+                       guidance: float = 1.0, alphas_cumprod: torch.Tensor | None = None) -> dict:
+    """`edit_accuracy` for a CoDi student on the same held-out edits and seeds."""
+    pairs = held_out_edits(count, kind)
+    images = np.stack([world.render(s) for s, _ in pairs])
+    outputs = codi_edit_batch(unet, adapter, text_encoder, tokenizer, vae, images, [e.instruction for _, e in pairs],
+                              range(len(pairs)), steps, guidance, alphas_cumprod=alphas_cumprod)
     scores = [score_edit(o, s, e) for o, (s, e) in zip(outputs, pairs)]
     return {"success": float(np.mean([s["success"] for s in scores])),
             "psnr_outside": float(np.nanmean([s["psnr_outside"] for s in scores])), "n": len(scores)}

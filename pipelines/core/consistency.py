@@ -74,3 +74,61 @@ def student_eps(unet, adapter, z_t: torch.Tensor, t: torch.Tensor, text: torch.T
     down, mid = adapter(z_t, t, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False)
     return unet(z_t, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid).sample
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+# The noise schedule of SD 1.x and of the embedded model (diffusers' scaled_linear, 0.00085-0.012, 1000 steps):
+# what the trainer distils on, and the alpha-bars the sampler uses when no scheduler config is given.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def schedule_alphas(scheduler_config=None) -> torch.Tensor:
+    """alpha-bar at every training timestep (float32, CPU) of a diffusers scheduler config, or of SD_SCHEDULE."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**SD_SCHEDULE) if scheduler_config is None else DDIMScheduler.from_config(scheduler_config)
+    return sched.alphas_cumprod.float().cpu()
+
+
+def guided_student_eps(unet, adapter, z_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
+                       condition: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The student's noise prediction with text classifier-free guidance eps_u + w (eps_c - eps_u), both branches
+    in one batched call (the unconditional one is the empty instruction with the same image condition); the
+    conditional prediction alone at w = 1."""
+    if uncond is None or guidance == 1.0:
+        return student_eps(unet, adapter, z_t, t, cond, condition)
+    eps_u, eps_c = student_eps(unet, adapter, torch.cat([z_t, z_t]), t, torch.cat([uncond, cond]),
+                               torch.cat([condition, condition])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+class _Step:
+    def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
+        self.prev_sample, self.pred_original_sample = prev_sample, pred_original_sample
+
+
+class CodiScheduler:
+    """CoDi's multistep sampler in the shape of a diffusers scheduler, for the studio's one sampling loop
+    (pipelines/core/ddim.py sample_scheduled): at each timestep of `sampling_timesteps`, the consistency function
+    gives x0 = f(z_t, t); the next timestep's latent is the deterministic re-noise sqrt(a_s) x0 + sqrt(1 - a_s) eps
+    with the same eps (no fresh noise); after the last timestep the result is x0 itself."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, steps: int, alphas_cumprod: torch.Tensor | None = None, grid: int = GRID,
+                 sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
+        self.alphas_cumprod = (schedule_alphas() if alphas_cumprod is None else alphas_cumprod).float().cpu()
+        self.timesteps = torch.tensor(sampling_timesteps(steps, grid, len(self.alphas_cumprod)))
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return x
+
+    def step(self, eps: torch.Tensor, t, z_t: torch.Tensor, **_unused) -> _Step:
+        t = int(t)
+        steps = self.timesteps.tolist()
+        x0 = consistency_x0(z_t.float(), eps.float(), torch.full((z_t.shape[0],), t), self.alphas_cumprod,
+                            self.sigma_data, self.timestep_scaling)
+        k = steps.index(t)
+        nxt = renoise(x0, eps.float(), self.alphas_cumprod[steps[k + 1]]) if k + 1 < len(steps) else x0
+        return _Step(nxt.to(z_t.dtype), x0.to(z_t.dtype))
