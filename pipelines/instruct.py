@@ -110,17 +110,18 @@ def instruct_size(width: int, height: int, resolution: int, multiple: int) -> tu
     return fit_size(width, height, resolution=long_cap, multiple=multiple)
 
 
-def size_multiple(model) -> int:
+def size_multiple(model, unet=None) -> int:
     """64 for SD1.5 (VAE factor 8 x the UNet's 3 downsamplings, the reference's multiple); for the embedded
-    model its VAE factor 4 x 4 = 16, so every UNet level still divides the latent evenly."""
-    unet = model.instruct_unet() or model.unet
+    model its VAE factor 4 x 4 = 16, so every UNet level still divides the latent evenly. `unet`: the UNet that
+    will edit (default: the model's InstructPix2Pix UNet)."""
+    unet = unet if unet is not None else model.instruct_unet() or model.unet
     return model.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def prepare_input(model, image) -> Image.Image:
+def prepare_input(model, image, unet=None) -> Image.Image:
     """Any upload -> RGB resized and centre-cropped (ImageOps.fit) to `instruct_size`, as the reference app."""
     img = load_rgb(image)
-    size = instruct_size(*img.size, model.resolution, size_multiple(model))
+    size = instruct_size(*img.size, model.resolution, size_multiple(model, unet))
     return img if img.size == size else ImageOps.fit(img, size, Image.Resampling.LANCZOS)
 
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .codi import CodiParams, codi_edit
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Progress, run_to_end
 from .core.lora import SMOOTH_LORA_FILE, SMOOTH_LORA_REPO, SMOOTH_NAME, load_lora, unload_lora
@@ -142,6 +143,10 @@ class Studio:
 
     def instruct(self, image, p: InstructParams, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: instruct_edit(m, image, p, cancel, preview), cancel)
+
+    def instruct_fast(self, image, p: CodiParams, cancel=None, preview=None) -> Job:
+        """Instruction editing in 1, 2 or 4 steps with the model's CoDi model (pipelines/codi.py)."""
+        return self._exclusive(lambda m: codi_edit(m, image, p, cancel, preview), cancel)
 
     def diffedit_mask(self, image, p: DiffEditParams, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: diffedit_mask(m, image, p, cancel, preview), cancel)

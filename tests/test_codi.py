@@ -3,6 +3,8 @@ the studio's codi_edit (pipelines/codi.py), the evaluation's batched edits (trai
 tab's Fast mode, on the tiny model with a tiny CoDi adapter built here."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,181 @@ def test_codi_edit_accuracy_scores_the_held_out_edits(tiny_model, adapter):
                              guidance=1.0)
     assert set(acc) == {"success", "psnr_outside", "n"} and acc["n"] == 2
     assert 0.0 <= acc["success"] <= 1.0 and np.isfinite(acc["psnr_outside"])
+
+
+# ------------------------------------------------------------------------------------------ the studio's edit
+CONFIG = {"grid": 50, "sigma_data": 0.5, "timestep_scaling": 10, "guidance": 2.0, "default_steps": 4,
+          "mode": "pe", "trained": {"steps": 3}}
+
+
+def write_codi_folder(folder, unet, config=CONFIG, full: bool = False):
+    """A model folder's codi/: the gated tiny adapter, codi.json, and for full=True a student UNet of its own."""
+    import json
+
+    tiny_adapter(unet).save_pretrained(folder / "controlnet", safe_serialization=True)
+    if full:
+        student = copy.deepcopy(unet)
+        with torch.no_grad():
+            student.conv_out.bias += 0.5  # another UNet than the base one
+        student.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / "codi.json").write_text(json.dumps(config))
+    return folder
+
+
+def model_with_codi(tiny_model, folder, **kwargs):
+    """A copy of the tiny model's folder with a codi/ folder, loaded as a model."""
+    import shutil
+
+    from pipelines.core.events import run_to_end
+    from pipelines.core.models import load_model
+
+    shutil.copytree(tiny_model.folder, folder)
+    write_codi_folder(folder / "codi", tiny_model.unet, **kwargs)
+    return run_to_end(load_model(str(folder)))
+
+
+@pytest.fixture(scope="module")
+def codi_model(tiny_model, tmp_path_factory):
+    return model_with_codi(tiny_model, tmp_path_factory.mktemp("codi") / "tiny-codi")
+
+
+@pytest.fixture(scope="module")
+def picture():
+    from app import examples
+
+    return examples.INSTRUCTIONS[0][0]
+
+
+def edit(model, image, **kwargs):
+    from pipelines.codi import CodiParams, codi_edit
+    from pipelines.core.events import run_to_end
+
+    return run_to_end(codi_edit(model, image, CodiParams(**{"instruction": "make it red", "seed": 3, **kwargs})))
+
+
+class UNetCalls:
+    """Records each call of a UNet: (batch size, timestep)."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_pre_hook(self.record)
+
+    def record(self, _module, args):
+        self.calls.append((args[0].shape[0], int(args[1])))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_codi_model_loads_from_the_folder(codi_model, tiny_model):
+    from pipelines.core.models import CodiModel
+
+    assert tiny_model.codi() is None and tiny_model.codi_config() is None  # no codi/ folder
+    assert codi_model.codi_config()["guidance"] == 2.0
+    codi = codi_model.codi()
+    assert isinstance(codi, CodiModel) and codi_model.codi() is codi  # loaded once
+    assert codi.unet is codi_model.unet  # no codi/unet: the student's UNet is the text-to-image one
+    assert not codi.adapter.training and not any(p.requires_grad for p in codi.adapter.parameters())
+    assert codi.config["trained"] == {"steps": 3}  # keys the sampler does not use are kept, ignored
+
+
+def test_a_full_codi_student_brings_its_own_unet(tiny_model, tmp_path):
+    model = model_with_codi(tiny_model, tmp_path / "full", full=True)
+    codi = model.codi()
+    assert codi.unet is not model.unet and codi.unet.config.in_channels == 4
+    torch.testing.assert_close(codi.unet.conv_out.bias, model.unet.conv_out.bias + 0.5)
+
+
+def test_same_seed_same_pixels_other_seed_or_image_other_pixels(codi_model, picture):
+    from PIL import Image
+
+    a, b = edit(codi_model, picture), edit(codi_model, picture)
+    np.testing.assert_array_equal(np.asarray(a.edited.image), np.asarray(b.edited.image))
+    other = edit(codi_model, picture, seed=4)
+    assert np.abs(np.asarray(other.edited.image, int) - np.asarray(a.edited.image, int)).max() > 0
+    flipped = edit(codi_model, Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert np.abs(np.asarray(flipped.edited.image, int) - np.asarray(a.edited.image, int)).max() > 0  # the condition
+
+
+@pytest.mark.parametrize("guidance, batch", [(2.0, 2), (1.0, 1)])
+def test_one_step_is_one_unet_call_and_the_consistency_x0_of_its_eps(codi_model, picture, guidance, batch):
+    from pipelines.core.latents import encode_image
+    from pipelines.core.text import encode_prompt
+
+    codi = codi_model.codi()
+    with UNetCalls(codi.unet) as unet_calls, UNetCalls(codi.adapter) as adapter_calls:
+        r = edit(codi_model, picture, steps=1, guidance=guidance)
+    assert unet_calls.calls == [(batch, 980)] and adapter_calls.calls == [(batch, 980)]  # both CFG branches batched
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(3))
+    condition = encode_image(codi_model, r.source)
+    with torch.no_grad():
+        eps = consistency.guided_student_eps(codi.unet, codi.adapter, z, torch.tensor(980),
+                                             encode_prompt(codi_model, "make it red"), encode_prompt(codi_model, ""),
+                                             condition, guidance)
+    expected = consistency.consistency_x0(z, eps, torch.tensor([980]), consistency.schedule_alphas())
+    torch.testing.assert_close(r.latents, expected, rtol=1e-4, atol=1e-5)
+    assert r.params["steps"] == 1 and r.params["guidance"] == guidance
+
+
+@pytest.mark.parametrize("steps, timesteps", [(2, [980, 480]), (4, [980, 740, 500, 260])])
+def test_the_steps_walk_the_grid(codi_model, picture, steps, timesteps):
+    with UNetCalls(codi_model.codi().unet) as calls:
+        r = edit(codi_model, picture, steps=steps)  # guidance None: codi.json's 2.0, two branches a call
+    assert calls.calls == [(2, t) for t in timesteps]
+    assert r.params["guidance"] == 2.0
+
+
+def test_previews_each_step_and_cancel_stops_before_the_next_unet_call(codi_model, picture):
+    from pipelines.codi import CodiParams, codi_edit
+    from pipelines.core.events import Cancelled, CancelToken, Kind
+
+    token = CancelToken()
+    events = []
+    with UNetCalls(codi_model.codi().unet) as calls, pytest.raises(Cancelled):
+        for ev in codi_edit(codi_model, picture, CodiParams("make it red", 4, seed=1), token):
+            events.append(ev)
+            if ev.stage == "editing" and ev.stage_step == 2:
+                token.cancel()
+    assert len(calls.calls) == 2  # no UNet call after the cancel
+    assert events[0].kind == Kind.SOURCE and all(ev.preview is not None for ev in events)
+    assert [ev.stage_step for ev in events[1:]] == [1, 2]
+
+
+@pytest.mark.parametrize("steps", [3, 0, 8, "four", 2.5])
+def test_other_step_counts_are_refused_before_any_weights_load(tiny_model, tmp_path, picture, steps):
+    from pipelines.core.errors import InputError
+
+    model = model_with_codi(tiny_model, tmp_path / "m")
+    with pytest.raises(InputError, match="Steps|1, 2 or 4"):
+        edit(model, picture, steps=steps)
+    assert model._codi is None
+
+
+def test_a_model_without_codi_says_so(tiny_model, picture):
+    from pipelines.core.errors import InputError
+
+    with pytest.raises(InputError, match="has no CoDi model.*Standard \\(InstructPix2Pix\\)"):
+        edit(tiny_model, picture)
+
+
+def test_an_empty_instruction_returns_the_input(codi_model, picture):
+    with UNetCalls(codi_model.codi().unet) as calls:
+        r = edit(codi_model, picture, instruction="  ")
+    assert calls.calls == [] and r.latents is None
+    np.testing.assert_array_equal(np.asarray(r.edited.image), np.asarray(r.source))
+
+
+def test_png_parameters_round_trip(codi_model, picture, tmp_path):
+    from pipelines.core.metadata import parse_parameters, read_metadata, save_png
+
+    r = edit(codi_model, picture, steps=2, guidance=1.5)
+    path = save_png(r.edited.image, tmp_path / "codi.png")
+    params = read_metadata(path)
+    assert params == {"task": "instruct", "mode": "codi", "instruction": "make it red", "seed": 3, "steps": 2,
+                      "guidance": 1.5, "size": "64x64", "model": codi_model.id}
+    text = parse_parameters(r.edited.image.info["parameters"])  # the A1111 text alone (another tool's reading)
+    assert text["mode"] == "codi" and text["steps"] == "2" and text["prompt"] == ""
+    assert "Mode: codi" in r.edited.image.info["parameters"]

@@ -24,6 +24,7 @@ EMBEDDED_ID = "embedded"
 INSTRUCT_SUBFOLDER = "unet_instruct"  # our layout: an InstructPix2Pix UNet beside the text-to-image one
 INSTRUCT_HUB_MODEL = "timbrooks/instruct-pix2pix"
 SMOOTH_SUBFOLDER = "smooth_lora"  # our layout: the model's own Smooth LoRA, loaded with it as adapter "smooth"
+CODI_SUBFOLDER = "codi"  # our layout: a CoDi few-step editing model (pipelines/codi.py), loaded on first use
 
 HUB_MODELS = [
     "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -32,6 +33,16 @@ HUB_MODELS = [
     INSTRUCT_HUB_MODEL,
 ]
 MODEL_ENV = "STUDIO_MODEL"
+
+
+@dataclass
+class CodiModel:
+    """A CoDi student: the UNet (the model's own text-to-image UNet, or a full-CoDi student's), the condition
+    adapter (a diffusers ControlNetModel reading the input image's latent) and codi.json's settings."""
+
+    unet: object
+    adapter: object
+    config: dict
 
 
 @dataclass
@@ -49,6 +60,7 @@ class LoadedModel:
     loras: dict = field(default_factory=dict)  # adapter name -> source
     info: dict = field(default_factory=dict)  # the folder's studio_model.json (label, recommended settings)
     _instruct: object = field(default=None, repr=False)  # the InstructPix2Pix UNet, loaded on first use
+    _codi: CodiModel | None = field(default=None, repr=False)  # the CoDi model (codi/), loaded on first use
 
     @property
     def unet(self):
@@ -98,6 +110,43 @@ class LoadedModel:
                                                         use_safetensors=True)
             self._instruct = unet.to(self.device).eval().requires_grad_(False)
         return self._instruct
+
+    def codi_config(self) -> dict | None:
+        """The settings of this model's CoDi model (`codi/codi.json`, read without loading weights), or None when
+        the folder has none."""
+        if self._codi is not None:
+            return self._codi.config
+        path = None if self.folder is None else self.folder / CODI_SUBFOLDER / "codi.json"
+        if path is None or not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            config = None
+        return config if isinstance(config, dict) else {}
+
+    def codi(self) -> CodiModel | None:
+        """The CoDi few-step editing model of this folder (`codi/`: controlnet/, optional unet/, codi.json), or
+        None; loaded once on first use, shared read-only like the other components."""
+        config = self.codi_config()
+        if self._codi is None and config is not None:
+            from diffusers import ControlNetModel, UNet2DConditionModel
+
+            folder = self.folder / CODI_SUBFOLDER
+            try:
+                adapter = ControlNetModel.from_pretrained(folder / "controlnet", dtype=self.dtype,
+                                                          use_safetensors=True)
+                unet = self.unet
+                if (folder / "unet" / "config.json").is_file():
+                    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=self.dtype,
+                                                                use_safetensors=True)
+                    unet = unet.to(self.device).eval().requires_grad_(False)
+            except Exception as exc:  # noqa: BLE001 - a broken folder becomes a clear message; details to the log
+                log.warning("CoDi model in %s did not load", folder, exc_info=True)
+                raise InputError(f"The CoDi model of {self.label} ({CODI_SUBFOLDER}/) could not be loaded: its "
+                                 "files are missing or incomplete.") from exc
+            self._codi = CodiModel(unet, adapter.to(self.device).eval().requires_grad_(False), config)
+        return self._codi
 
     @property
     def resolution(self) -> int:
