@@ -168,6 +168,7 @@ class Context:
         self.drag_smooth: list[gr.Checkbox] = []     # the Drag tab's "Use the Smooth LoRA during the drag"
         self.restore: dict[str, pnginfo.TabParams] = {}  # tab id -> its controls by parameter key (PNG info)
         self.recommended: list[RecommendedControl] = []  # start at the model's recommended settings (drag, SDEdit)
+        self.followers: list[tuple] = []  # (control, update(model)): other controls that follow the active model
         # "Send to" hand-offs and the history (app/ui.py wires them once every tab is built)
         self.gpu_events: list = []                   # every job event, as the tabs gave them to stop_button
         self.receivers: dict[str, Receiver] = {}     # tab id -> where a sent image (and its prompt) goes
@@ -273,11 +274,17 @@ class Context:
         self.recommended.append(RecommendedControl(control, method, name, info))
         return control
 
+    def follow_model(self, control, update) -> None:
+        """`control` gets update(model) (a gr.update) after a model switch and on page load, with the recommended
+        controls (e.g. Instruct's Fast mode, offered only for a model that has a CoDi model)."""
+        self.followers.append((control, update))
+
     def recommended_outputs(self) -> list:
-        return [c.control for c in self.recommended]
+        return [c.control for c in self.recommended] + [control for control, _ in self.followers]
 
     def recommended_updates(self, request=None) -> list:
-        return recommended_updates(self.engine(request).model, self.recommended)
+        model = self.engine(request).model
+        return recommended_updates(model, self.recommended) + [update(model) for _, update in self.followers]
 
     def seed_controls(self, key: str, default: int = -1, label: str = "Seed (-1 = random)",
                       elem_id: str | None = None) -> gr.Number:
@@ -338,19 +345,21 @@ class Context:
                                     sum(lora.compare is not None for lora in self.loras), len(self.drag_smooth))
 
     # -------------------------------------------------------------- PNG info: settings restored from parameters
-    def restorable(self, tab_id: str, lora: LoraControls | None = None, when: dict | None = None,
+    def restorable(self, tab_id: str, lora: LoraControls | None = None, when: dict | None = None, translate=None,
                    **controls) -> gr.Image:
         """Registers the tab's controls by parameter key (the studio's metadata keys: prompt, negative_prompt,
         seed, steps, guidance, width, height, ...; `lora` adds use_lora, lora_strength and lora_adapter) and
         puts the "Restore settings from a PNG" drop box here, with its note (app/pnginfo.py). `when` maps a
-        parameter key to (control, value): the control is set to the value whenever that key is restored."""
+        parameter key to (control, value): the control is set to the value whenever that key is restored.
+        `translate(params) -> params` maps a PNG's parameters onto the tab's keys first (e.g. a mode's own
+        controls)."""
         if lora is not None:
             controls.update(use_lora=lora.use, lora_strength=lora.strength, lora_adapter=lora.menu)
         follows = {}
         for key, (control, value) in (when or {}).items():
             controls[f"{key}_follows"] = control
             follows[f"{key}_follows"] = (key, value)
-        tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora, when=follows)
+        tab = self.restore[tab_id] = pnginfo.TabParams(tab_id, controls, lora=lora, when=follows, translate=translate)
         # an Image slot (not gr.File): a URL or a foreign path gets the studio's upload refusal, as in every
         # other image slot; only its path is used (preprocess=False), the pixels are never decoded
         tab.drop = SafeImage(label=pnginfo.DROP_LABEL, type="filepath", sources=["upload", "clipboard"], height=110,

@@ -62,6 +62,7 @@ class TabParams:
     lora: object = None                     # the tab's LoraControls (use, strength, menu), if any
     # {control key: (key, value)}: the control takes `value` whenever `key` is restored (a restored seed fixes it)
     when: dict = field(default_factory=dict)
+    translate: object = None                # params -> params, applied before restoring (the tab's own keys)
 
     def outputs(self) -> list:
         return list(self.controls.values())
@@ -212,6 +213,8 @@ def restore_updates(tab: TabParams, params: dict, loaded_loras=()) -> tuple[list
     """One update per registered control (gr.skip() for those the params leave alone), and the note."""
     if not isinstance(params, dict) or not params:
         return [gr.skip() for _ in tab.controls], NO_PARAMETERS
+    if tab.translate is not None:
+        params = tab.translate(params)
     values, note = restore_values(tab, params, loaded_loras)
     return [gr.update(value=values[k]) if k in values else gr.skip() for k in tab.controls], note
 

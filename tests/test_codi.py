@@ -280,3 +280,114 @@ def test_png_parameters_round_trip(codi_model, picture, tmp_path):
     text = parse_parameters(r.edited.image.info["parameters"])  # the A1111 text alone (another tool's reading)
     assert text["mode"] == "codi" and text["steps"] == "2" and text["prompt"] == ""
     assert "Mode: codi" in r.edited.image.info["parameters"]
+
+
+# ------------------------------------------------------------------------------------------ the Instruct tab
+@pytest.fixture(scope="module")
+def tab_ctx(studio):
+    """The Instruct tab built over its own Context, for its restore registry and the controls that follow the
+    model."""
+    import gradio as gr
+
+    from app.context import Context
+    from app.hosting import Hosting
+    from app.sessions import SessionRegistry
+    from app.tabs import instruct
+
+    context = Context(studio, SessionRegistry(), Hosting())
+    with gr.Blocks(), gr.Tabs() as context.tabs:
+        instruct.build(context)
+    return context
+
+
+def restored(ctx, params: dict) -> tuple[dict, str]:
+    updates, note = ctx.restore_updates("instruct", params)
+    keys = list(ctx.restore["instruct"].controls)
+    return {k: u["value"] for k, u in zip(keys, updates, strict=True) if isinstance(u, dict) and "value" in u}, note
+
+
+def test_a_fast_edit_png_restores_fast_mode_and_its_own_controls(tab_ctx, codi_model, picture):
+    from pipelines.core.metadata import parse_parameters
+
+    r = edit(codi_model, picture, steps=2, guidance=1.5, seed=11)
+    for params in (r.params, parse_parameters(r.edited.image.info["parameters"])):  # studio JSON, A1111 text
+        got, note = restored(tab_ctx, params)
+        assert got["mode"] == "codi" and got["fast_steps"] == 2 and got["fast_guidance"] == 1.5, got
+        assert got["seed"] == 11 and got["seed_follows"] == "Fix seed" and got["instruction"] == "make it red"
+        # InstructPix2Pix's own steps and sT stay as they are
+        assert "steps" not in got and "text_guidance" not in got, got
+        assert "Skipped" not in note, note
+    ip2p, _ = restored(tab_ctx, {"task": "instruct", "instruction": "x", "steps": 30, "text_guidance": 5.0})
+    assert ip2p["mode"] == "standard" and ip2p["steps"] == 30 and ip2p["text_guidance"] == 5.0
+    assert "fast_steps" not in ip2p
+
+
+def test_fast_mode_is_offered_only_for_a_model_with_codi(tab_ctx, studio, codi_model):
+    from app.tabs.instruct import fast_guidance_update, mode_update
+
+    without = mode_update(studio.model)  # the tiny model: no codi/
+    assert without["interactive"] is False and without["value"] == "standard"
+    assert "needs a CoDi model" in without["info"]
+    with_codi = mode_update(codi_model)
+    assert with_codi["interactive"] is True and "value" not in with_codi  # the user's choice stays
+    assert fast_guidance_update(codi_model)["value"] == 2.0  # codi.json's guidance
+    outputs = tab_ctx.recommended_outputs()
+    assert outputs[-2].elem_id == "ip2p-mode" and outputs[-1].elem_id == "ip2p-fast-guidance"
+    assert tab_ctx.recommended_updates()[-2]["interactive"] is False  # the active model (tiny) has none
+
+
+@pytest.fixture
+def codi_active(studio, codi_model):
+    """The app's studio on the model with a CoDi model, for one test."""
+    before = studio.model
+    studio.model = codi_model
+    try:
+        yield codi_model
+    finally:
+        studio.model = before
+
+
+@pytest.fixture(scope="module")
+def client(app_url, tmp_path_factory):
+    from test_app_e2e import new_client
+
+    return new_client(app_url, tmp_path_factory.mktemp("codi_downloads"))
+
+
+def fast(client, image, text="make it red", steps=2, seed_mode="Fix seed", seed=9, guidance=1.5):
+    """/instruct_fast -> (preview, edited, seed used, guidance used, status)"""
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(image)) if image else None, text, steps, seed_mode, seed, guidance,
+                          api_name="/instruct_fast")
+
+
+def test_fast_endpoint_is_the_python_api_edit(client, codi_active, picture):
+    from PIL import Image
+    from test_app_e2e import pixels
+
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/instruct_fast"]["parameters"]] == [
+        "image", "instruction", "steps", "seed_mode", "seed", "guidance"]
+    assert len(api["/instruct"]["parameters"]) == 9  # the InstructPix2Pix endpoint as it was
+    _, edited, seed, guidance, status = fast(client, picture)
+    assert status.startswith("Done") and "2 steps" in status and (seed, guidance) == (9, 1.5)
+    expected = edit(codi_active, picture, steps=2, guidance=1.5, seed=9)
+    np.testing.assert_array_equal(pixels(edited), np.asarray(expected.edited.image.convert("RGB")))
+    with Image.open(edited) as im:
+        assert '"mode":"codi"' in im.info["studio"]
+    _, _, drawn, *_ = fast(client, picture, seed_mode="Randomize seed", seed=9)
+    assert drawn != 9  # randomized (the odds of drawing 9 are 1 in 2**32)
+
+
+def test_fast_endpoint_messages(client, studio, codi_model, picture):
+    from test_app_e2e import app_error
+
+    assert "has no CoDi model" in app_error(lambda: fast(client, picture))  # the tiny model has none
+    before = studio.model
+    studio.model = codi_model
+    try:
+        assert "1, 2 or 4 steps" in app_error(lambda: fast(client, picture, steps=3))
+        assert "Please upload" in app_error(lambda: fast(client, None))
+    finally:
+        studio.model = before
