@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,89 @@ def instruct_rows(ctx: Context) -> list[Row]:
         rows.append(Row("InstructPix2Pix", f"{kind} PSNR outside the edit", acc["psnr_outside"], ">= 25", "dB",
                         acc["n"], "vs the input, edit region grown 2 px"))
     return rows
+
+
+CODI_STEPS = (1, 2, 4)
+TEACHER, NAIVE = "IP2P 50 steps (teacher)", "IP2P 4 steps"
+TEACHER_STEPS = 50
+CODI_TIMED = 5  # edits timed per variant (the median is reported)
+
+
+def codi_variants(ctx: Context) -> dict[str, Callable]:
+    """{name: edit(images, instructions, seeds) -> outputs}: CoDi at 1, 2 and 4 steps (codi.json's guidance), the
+    InstructPix2Pix teacher (the model's recommended sT / sI, DDIM 50 steps) and the same at 4 steps."""
+    from pipelines.codi import codi_guidance
+    from pipelines.core import consistency
+    from pipelines.instruct import recommended_guidance
+
+    codi, (_, te, tok, vae) = ctx.model.codi(), ctx.modules
+    w, alphas = codi_guidance(codi.config), consistency.schedule_alphas(ctx.model.scheduler_config)
+    s_t, s_i = recommended_guidance(ctx.model)
+    variants = {f"CoDi {k} step{'s' * (k > 1)}": partial(evaluation.codi_edit_batch, codi.unet, codi.adapter, te, tok,
+                                                          vae, steps=k, guidance=w, alphas_cumprod=alphas)
+                for k in CODI_STEPS}
+    for name, steps in ((TEACHER, TEACHER_STEPS), (NAIVE, 4)):
+        variants[name] = partial(evaluation.edit_batch, ctx.instruct_unet, te, tok, vae, text_guidance=s_t,
+                                 image_guidance=s_i, steps=steps, scheduler_config=ctx.model.scheduler_config)
+    return variants
+
+
+@row_group("codi")
+def codi_rows(ctx: Context) -> list[Row]:
+    """CoDi few-step editing against its InstructPix2Pix teacher on the "instruct" rows' held-out edits (all five
+    kinds, the same seeds): success and PSNR outside the edit per variant, and the wall time per edit (encode,
+    steps, decode; one edit at a time, median of a few, all in this run)."""
+    if ctx.model.codi_config() is None or ctx.instruct_unet is None:
+        return [Row("CoDi", "CoDi model and InstructPix2Pix UNet present", 0.0, ">= 1",
+                    note="no codi/ or unet_instruct/ folder")]
+    from pipelines.codi import codi_guidance
+
+    variants = codi_variants(ctx)
+    count = ctx.n(40, 12)
+    success = {name: [] for name in variants}
+    psnr = {name: [] for name in variants}
+    per_kind = []
+    for kind in world.EDIT_KINDS:
+        pairs = evaluation.held_out_edits(count, kind)
+        images = np.stack([world.render(s) for s, _ in pairs])
+        instructions = [e.instruction for _, e in pairs]
+        for name, run in variants.items():
+            scores = [evaluation.score_edit(o, s, e) for o, (s, e) in
+                      zip(run(images, instructions, range(len(pairs))), pairs)]
+            success[name] += [sc["success"] for sc in scores]
+            psnr[name] += [sc["psnr_outside"] for sc in scores]
+            kind_success = float(np.mean([sc["success"] for sc in scores]))
+            per_kind.append(Row("CoDi per kind", f"{name}: {kind} success", kind_success, "", "", len(scores)))
+    image = world.render(world.sample_scene(world.HELD_OUT_SEED))[None]
+    seconds = {}
+    for name, run in variants.items():
+        run(image, ["make the background blue"], [0])  # warm-up
+        times = []
+        for seed in range(CODI_TIMED):
+            t0 = time.perf_counter()
+            run(image, ["make the background blue"], [seed])
+            times.append(time.perf_counter() - t0)
+        seconds[name] = float(np.median(times))
+    n = len(success[TEACHER])
+    mean = {name: float(np.mean(v)) for name, v in success.items()}
+    codi4, teacher = "CoDi 4 steps", mean[TEACHER]
+    w = codi_guidance(ctx.model.codi_config())
+    rows = []
+    for name in variants:
+        note = f"text guidance {w:g} (codi.json)" if name.startswith("CoDi") else "DDIM, the model's sT / sI"
+        target = f">= {teacher - 0.05:.3f}" if name == codi4 else ""
+        rows.append(Row("CoDi", f"{name}: success", mean[name], target, "", n,
+                        note + ("; target: the teacher's - 0.05" if target else "")))
+        rows.append(Row("CoDi", f"{name}: PSNR outside the edit", float(np.nanmean(psnr[name])),
+                        ">= 25" if name == codi4 else "", "dB", n))
+    rows.append(Row("CoDi", "CoDi 4 steps - IP2P 4 steps: success", mean[codi4] - mean[NAIVE], f">= {0.5 / n:.4f}",
+                    "", n, "beats the naive 4-step baseline: at least one more edit succeeds"))
+    for name in variants:
+        rows.append(Row("CoDi speed", f"{name}: time per edit", seconds[name], "", "s", CODI_TIMED,
+                        f"{ctx.model.device}, {torch.get_num_threads()} threads; encode + steps + decode, median"))
+    rows.append(Row("CoDi speed", "CoDi 4 steps / teacher time", seconds[codi4] / seconds[TEACHER], "<= 0.1", "",
+                    CODI_TIMED, "measured in this run"))
+    return rows + per_kind
 
 
 @row_group("instruct sweep")

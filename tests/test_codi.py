@@ -391,3 +391,52 @@ def test_fast_endpoint_messages(client, studio, codi_model, picture):
         assert "Please upload" in app_error(lambda: fast(client, None))
     finally:
         studio.model = before
+
+
+# ------------------------------------------------------------------------------------------ the eval rows
+def test_the_eval_rows_compare_codi_with_its_teacher_on_the_same_edits(codi_model, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import eval_embedded
+
+    from pipelines.instruct import recommended_guidance
+    from training import evaluation
+
+    monkeypatch.setattr(eval_embedded, "CODI_TIMED", 1)
+    monkeypatch.setattr(eval_embedded, "TEACHER_STEPS", 5)  # the tiny model: fewer teacher steps, a fast test
+    monkeypatch.setattr(eval_embedded.Context, "n", lambda self, full, quick: 1)
+    rows = eval_embedded.GROUPS["codi"](eval_embedded.Context(codi_model, quick=True))
+    by = {r.metric: r for r in rows}
+    assert len(by) == len(rows)
+    names = ["CoDi 1 step", "CoDi 2 steps", "CoDi 4 steps", "IP2P 50 steps (teacher)", "IP2P 4 steps"]
+    for name in names:
+        assert by[f"{name}: success"].n == 5 and 0 <= by[f"{name}: success"].value <= 1  # one edit of each kind
+        assert by[f"{name}: time per edit"].value > 0
+    teacher = by["IP2P 50 steps (teacher): success"].value
+    assert by["CoDi 4 steps: success"].target == f">= {teacher - 0.05:.3f}"
+    assert by["CoDi 4 steps: PSNR outside the edit"].target == ">= 25"
+    assert by["CoDi 4 steps - IP2P 4 steps: success"].value == pytest.approx(
+        by["CoDi 4 steps: success"].value - by["IP2P 4 steps: success"].value)
+    ratio = by["CoDi 4 steps / teacher time"]
+    assert ratio.target == "<= 0.1" and ratio.value == pytest.approx(
+        by["CoDi 4 steps: time per edit"].value / by["IP2P 50 steps (teacher): time per edit"].value)
+    # the same edits, seeds and settings as the evaluation functions the trainer uses
+    m, codi = codi_model, codi_model.codi()
+    codi4 = evaluation.codi_edit_accuracy(codi.unet, codi.adapter, m.text_encoder, m.tokenizer, m.vae, "recolour",
+                                          count=1, steps=4, guidance=2.0)
+    assert by["CoDi 4 steps: recolour success"].value == codi4["success"]
+    s_t, s_i = recommended_guidance(m)
+    ip2p = evaluation.edit_accuracy(m.instruct_unet(), m.text_encoder, m.tokenizer, m.vae, m.scheduler_config,
+                                    "recolour", count=1, steps=5, text_guidance=s_t, image_guidance=s_i)
+    assert by["IP2P 50 steps (teacher): recolour success"].value == ip2p["success"]
+
+
+def test_the_eval_rows_say_when_there_is_no_codi_model(tiny_model):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import eval_embedded
+
+    rows = eval_embedded.GROUPS["codi"](eval_embedded.Context(tiny_model, quick=True))
+    assert len(rows) == 1 and rows[0].passed is False
