@@ -14,6 +14,7 @@ from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
 from .core.validation import MAX_SEED, check_number, check_prompt, check_size, resolve_seed, validate_common
 from .drag.trajectory import Trajectory, store_trajectory
+from .fast import fast_generate
 
 
 @dataclass
@@ -27,12 +28,15 @@ class GenerateParams:
     height: int | None = None
     lora: str | None = None       # adapter name, None for the base model
     lora_strength: float = 1.0
+    fast: bool = False            # LCM-LoRA few-step sampling (pipelines/fast.py): steps 1-8, guidance 0-2
 
 
 def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
              trajectories=None) -> Job:
     """`trajectories`: an optional LRUCache (the drag cache) that keeps this image's latent trajectory, so that
     dragging it later skips inversion and LoRA (pipelines/drag/trajectory.py)."""
+    if p.fast:  # LCM's trajectory is not DDIM's: a drag of a fast image inverts it as it would any image
+        return (yield from fast_generate(model, p, cancel, preview))
     prompt = check_prompt(p.prompt)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     width, height = check_size(model, p.width, p.height)

@@ -15,6 +15,10 @@ through a VAE round trip.
 Noise: repeat k uses seed + k, drawn from a CPU generator (the same picture on any device). Unlike diffusers'
 img2img, which first samples the VAE posterior with that generator and then draws the noise, we encode with
 the posterior mean (deterministic, as every other method here) and the noise is the generator's first draw.
+
+Fast mode (`fast=True`, Stable Diffusion 1.5 models): the same steps with LCM-LoRA and LCMScheduler instead of
+DDIM (pipelines/fast.py): of N (1-8) LCM timesteps int(N * strength) run, e.g. strength 0.5 of 4 steps runs
+[499, 259]; LCM's fresh noise between steps continues the repeat's generator.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from PIL import Image
 from .core import ddim
 from .core.errors import InputError
 from .core.events import CancelToken, Job, Kind, Progress
-from .core.latents import decode_to_pil, encode_image, initial_noise
+from .core.latents import decode_to_pil, encode_image
 from .core.limits import get_limits
 from .core.lora import lora_applied
 from .core.masks import cells_to_image, grow_cells, latent_cells, user_mask
@@ -36,7 +40,8 @@ from .core.metadata import with_metadata
 from .core.results import ImageResult, base_metadata
 from .core.stream import PreviewOptions, stream_steps
 from .core.text import encode_prompt
-from .core.validation import MAX_SEED, check_number, check_prompt, resolve_seed, validate_common
+from .core.validation import MAX_SEED, check_number, check_prompt, check_text_length, resolve_seed, validate_common
+from .fast import check_fast, ensure_lcm_lora, fast_metadata, lcm_applied, lcm_scheduler, seeded_noise, uses_cfg
 from .inversion import prepare_image
 
 # The painted region is grown by this many latent pixels (one latent pixel = vae_factor image pixels: 4 px on
@@ -58,6 +63,7 @@ class SDEditParams:
     repeats: int = 1             # N candidates to pick from (1..Limits.max_repeats)
     lora: str | None = None
     lora_strength: float = 1.0
+    fast: bool = False           # LCM-LoRA (pipelines/fast.py): steps 1-8 (the full LCM schedule), guidance 0-2
 
 
 @dataclass
@@ -68,15 +74,18 @@ class SDEditResult:
     params: dict                 # includes steps_run, start_timestep and the seeds
 
 
-def strength_schedule(scheduler_config, steps: int, strength: float) -> tuple[int, int]:
+def strength_schedule(scheduler_config, steps: int, strength: float,
+                      make_scheduler=ddim.make_scheduler) -> tuple[int, int]:
     """(steps actually run, start timestep) for `strength` on an N-step schedule, exactly as diffusers'
-    StableDiffusionImg2ImgPipeline.get_timesteps maps it (int() truncates, as there)."""
+    StableDiffusionImg2ImgPipeline.get_timesteps maps it (int() truncates, as there). `make_scheduler` gives
+    the schedule (DDIM's, or fast.lcm_scheduler's)."""
     steps = int(steps)
     run = min(int(steps * float(strength)), steps)
     if run < 1:
-        raise InputError(f"Strength {float(strength):g} is too low for {steps} steps: no denoising step would run "
-                         f"(raise the strength to at least {1 / steps:.3g} or use more steps).")
-    sched = ddim.make_scheduler(scheduler_config, steps)
+        raise InputError(f"Strength {float(strength):g} is too low for {steps} steps: strength x steps gives no step "
+                         f"(int({steps} x {float(strength):g}) = 0). Raise the strength to at least {1 / steps:.3g} "
+                         f"or use more steps.")
+    sched = make_scheduler(scheduler_config, steps)
     return run, int(sched.timesteps[steps - run])
 
 
@@ -106,13 +115,17 @@ def prepare_mask(mask, size: tuple[int, int], vae_factor: int) -> tuple[np.ndarr
 
 def denoise(unet, z0: torch.Tensor, noise: torch.Tensor, cond, uncond, guidance: float, steps: int,
             scheduler_config, strength: float, latent_mask: torch.Tensor | None = None,
-            cancel: CancelToken | None = None) -> Iterator[ddim.StepState]:
+            cancel: CancelToken | None = None, make_scheduler=ddim.make_scheduler,
+            **step_kwargs) -> Iterator[ddim.StepState]:
     """The SDEdit loop on latents: noise z0 to the start timestep, then DDIM through the remaining steps of
     the shared core. With `latent_mask` (1 = repaint), the rest is replaced after each step by z0 re-noised to
-    the next timestep (z0 itself after the last step), and previews show z0 there."""
-    run, _ = strength_schedule(scheduler_config, steps, strength)
+    the next timestep (z0 itself after the last step), and previews show z0 there. `make_scheduler` and
+    `step_kwargs` choose another sampler (fast mode: fast.lcm_scheduler and its noise generator)."""
+    run, _ = strength_schedule(scheduler_config, steps, strength, make_scheduler)
     start = int(steps) - run
-    sched = ddim.make_scheduler(scheduler_config, steps)
+    sched = make_scheduler(scheduler_config, steps)
+    if hasattr(sched, "set_begin_index"):  # schedulers that count their steps (LCM) start counting there
+        sched.set_begin_index(start)
     timesteps = sched.timesteps
     x = sched.add_noise(z0, noise, timesteps[start:start + 1])
     after = None
@@ -126,7 +139,7 @@ def denoise(unet, z0: torch.Tensor, noise: torch.Tensor, cond, uncond, guidance:
     def eps(x_t, t, k):
         return ddim.guided_eps(unet, x_t, t, cond, uncond, guidance)
 
-    states = ddim.sample_with(eps, x, steps, scheduler_config, cancel, start, after)
+    states = ddim.sample_scheduled(eps, x, sched, cancel, start, after, **step_kwargs)
     if latent_mask is None:
         return states
     return _with_known_preview(states, z0, m)
@@ -148,9 +161,14 @@ def sdedit(model, image, p: SDEditParams, mask=None, cancel: CancelToken | None 
     result is an SDEditResult with one image per repeat."""
     prompt = check_prompt(p.prompt)
     steps, guidance, lora_strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
+    fast = bool(p.fast)
+    if fast:
+        steps, guidance = check_fast(model, steps, guidance)
+    negative = check_text_length(p.negative_prompt or "", "negative prompt")
     strength = check_strength(p.strength)
     repeats = check_number(p.repeats, "Repeats", 1, get_limits().max_repeats, integer=True)
-    steps_run, start_t = strength_schedule(model.scheduler_config, steps, strength)
+    make_scheduler = lcm_scheduler if fast else ddim.make_scheduler
+    steps_run, start_t = strength_schedule(model.scheduler_config, steps, strength, make_scheduler)
     if image is None or (isinstance(image, np.ndarray) and image.size == 0):
         raise InputError("The canvas is empty: paint some strokes or upload an image first.")
     source = prepare_image(model, image)
@@ -164,20 +182,25 @@ def sdedit(model, image, p: SDEditParams, mask=None, cancel: CancelToken | None 
     total = repeats * steps_run + 1
     yield Progress("encoding image", 0, total, preview=source, kind=Kind.SOURCE,
                    message=f"{steps_run} of {steps} steps from t={start_t}")
+    lcm_hash = ensure_lcm_lora(model) if fast else None
     z0 = encode_image(model, source)
     cond = encode_prompt(model, prompt)
-    uncond = encode_prompt(model, p.negative_prompt or "")
-    meta = {"prompt": prompt, "negative_prompt": p.negative_prompt or "", "task": "sdedit", "strength": strength,
+    uncond = encode_prompt(model, negative) if not fast or uses_cfg(guidance) else None
+    meta = {"prompt": prompt, "negative_prompt": negative, "task": "sdedit", "strength": strength,
             "steps": steps, "steps_run": steps_run, "start_timestep": start_t, "guidance": guidance,
             "masked": image_mask is not None, "size": f"{source.width}x{source.height}", "eta": 0.0,
             **base_metadata(model, p.lora, lora_strength)}
+    if fast:
+        del meta["eta"]
+        meta.update(fast_metadata(lcm_hash))
     src = np.asarray(source)
     results: list[ImageResult] = []
-    with lora_applied(model, p.lora, lora_strength):
+    with lcm_applied(model, p.lora, lora_strength) if fast else lora_applied(model, p.lora, lora_strength):
         for k, s in enumerate(seeds):
-            noise = initial_noise(model, s, source.width, source.height)
+            noise, gen = seeded_noise(model, s, source.width, source.height)  # noise: initial_noise's for s
+            sampler = dict(make_scheduler=lcm_scheduler, generator=gen) if fast else {}
             states = denoise(model.unet, z0, noise, cond, uncond, guidance, steps, model.scheduler_config, strength,
-                             latent_mask, cancel)
+                             latent_mask, cancel, **sampler)
             z = yield from stream_steps(model, states, f"repeat {k + 1}/{repeats}: denoising", k * steps_run,
                                         total, preview)
             out = decode_to_pil(model, z)

@@ -11,6 +11,7 @@ from pipelines.generate import GenerateParams
 
 from .. import downloads, examples
 from ..context import Context, snapped_sizes, steps_slider
+from ..fast_mode import fast_checkbox
 from ..runner import GPU, Outputs, progress
 
 
@@ -38,8 +39,9 @@ def build(ctx: Context) -> GenerateTab:
                     batch = gr.Slider(1, get_limits().max_batch_count, value=1, step=1, label="Batch count",
                                       info="Images per run, seeds seed, seed+1, ...", elem_id="gen-batch")
                 lora = ctx.lora_controls("gen")
+                fast = fast_checkbox(ctx, "gen", steps, guid, 30, 7.5)
                 ctx.restorable("generate", prompt=prompt, negative_prompt=neg, seed=seed, steps=steps, guidance=guid,
-                               width=w, height=h, lora=lora)
+                               width=w, height=h, lora=lora, fast=fast)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -67,7 +69,7 @@ def build(ctx: Context) -> GenerateTab:
 
     def generate_handler(out: Outputs, page: bool):
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
-                         batch_count=1, request: gr.Request = None):
+                         batch_count=1, fast=False, request: gr.Request = None):
             note = ""
             if page:  # a typed width of 100 runs at the model's nearest multiple, and the status says so
                 w, h, snapped = snapped_sizes(ctx.engine(request).model, w, h)
@@ -79,7 +81,7 @@ def build(ctx: Context) -> GenerateTab:
 
             def work(session, token):
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h,
-                                   ctx.lora_name(use_lora, lora_adapter, request), strength)
+                                   ctx.lora_name(use_lora, lora_adapter, request), strength, fast=bool(fast))
                 # the drag cache keeps the trajectory: dragging the result skips inversion
                 yield from ctx.engine(request).generate_batch(p, batch_count, token, session.preview,
                                                               trajectories=session.drag_cache)
@@ -116,9 +118,9 @@ def build(ctx: Context) -> GenerateTab:
             yield from ctx.run(request, out, work, done, show)
         return run_generate
 
-    # New inputs are appended (the LoRA adapter menu, then the batch count), so older positional calls keep
-    # working; left out, the adapter is the Smooth LoRA's and the batch one image.
-    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu, batch]
+    # New inputs are appended (the LoRA adapter menu, the batch count, then Fast), so older positional calls keep
+    # working; left out, the adapter is the Smooth LoRA's, the batch one image and the sampler DDIM.
+    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu, batch, fast]
     event = run.click(generate_handler(page_out, page=True), inputs, page_out, api_visibility="private", **GPU)
     # the API's /generate: the same job without the gallery output
     api_event = api_only.click(generate_handler(api_out, page=False), inputs, api_out, api_name="generate", **GPU)

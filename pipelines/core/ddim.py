@@ -95,7 +95,8 @@ def sample_scheduled(
     after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None, **step_kwargs,
 ) -> Iterator[StepState]:
     """The same loop for any diffusers scheduler whose timesteps are set (DDIM above; Euler ancestral for
-    InstructPix2Pix, which scales its model input and draws noise from `step_kwargs["generator"]`).
+    InstructPix2Pix and LCM for the fast mode, which draw noise from `step_kwargs["generator"]`; Euler also scales
+    its model input).
     x is the starting latent as the scheduler expects it (times init_noise_sigma for sigma schedulers)."""
     timesteps = sched.timesteps[start_index:]
     n = len(timesteps)
@@ -106,7 +107,14 @@ def sample_scheduled(
         x = out.prev_sample
         if after_step is not None:
             x = after_step(x, start_index + i)
-        yield StepState(i, n, int(t), x, out.pred_original_sample)
+        yield StepState(i, n, int(t), x, predicted_x0(out))
+
+
+def predicted_x0(out) -> torch.Tensor:
+    """A scheduler step's clean-latent estimate: `pred_original_sample` (DDIM, Euler, ...), or `denoised`
+    (LCMScheduler, whose boundary-conditioned x0 is also its last step's output)."""
+    pred = getattr(out, "pred_original_sample", None)
+    return out.denoised if pred is None else pred
 
 
 def recorded(states: Iterable[StepState], latents: list) -> Iterator[StepState]:
