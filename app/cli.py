@@ -40,6 +40,9 @@ def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--model", help="Hub id, local diffusers folder, 'embedded' or 'tiny-random' "
                                         "(default: $STUDIO_MODEL, else the embedded model, else tiny-random)")
     parser.add_argument("--lora", help="a LoRA to load at start (.safetensors path or Hub repo[:file])")
+    parser.add_argument("--singdiffusion", metavar="FOLDER", help="a SingDiffusion module folder for the model "
+                        "(config.json + diffusion_pytorch_model.safetensors; default: the model folder's "
+                        "singdiffusion/, else $STUDIO_SINGDIFFUSION)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--public", action="store_true",
@@ -70,6 +73,11 @@ def serve(args: argparse.Namespace) -> None:
             run_to_end(studio.load_lora(args.lora))
         except InputError as exc:
             studio.notice = (studio.notice + " " if studio.notice else "") + f"LoRA not loaded: {exc}"
+    if args.singdiffusion:
+        try:
+            run_to_end(studio.load_singdiffusion(args.singdiffusion))
+        except InputError as exc:
+            studio.notice = (studio.notice + " " if studio.notice else "") + f"SingDiffusion module not loaded: {exc}"
     if hosting.public:
         hosting.preload(studio)
     launch(studio, hosting, host=args.host, port=args.port)
@@ -258,6 +266,8 @@ def run_command(cmd: Command, args: argparse.Namespace, offered: list[str]) -> l
     studio = Studio().start(args.model)
     if studio.notice:
         print(studio.notice, file=sys.stderr)
+    if getattr(args, "singdiffusion", None):
+        run_to_end(studio.load_singdiffusion(args.singdiffusion))
     if cmd.name in RECOMMENDED:  # the options left out take the model's recommended values
         given = getattr(args, GIVEN, None) or set()
         values.update({k: v for k, v in recommended(studio.model, cmd.name).items() if k in offered and k not in given})
@@ -309,6 +319,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         p.add_argument("--lora", help="apply a LoRA: a loaded adapter's name (the embedded model's Smooth LoRA is "
                                       "'smooth'), a .safetensors file or a Hub repo[:file]")
         p.add_argument("--out", required=True, help="the PNG to write (several images: NAME_000.png, ...)")
+        if cmd.name in ("generate", "interpolate"):
+            p.add_argument("--singdiffusion", metavar="FOLDER", help="a SingDiffusion module folder for "
+                           "--singular-step true (default: the model folder's singdiffusion/, else "
+                           "$STUDIO_SINGDIFFUSION)")
         p.add_argument("--quiet", action="store_true", help="print only the written paths")
         for name in cmd.images:
             p.add_argument(f"--{name}", required=True, help="input image file")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from . import singdiffusion
 from .core import ddim
+from .core.errors import InputError
 from .core.events import CancelToken, Job, Kind, Progress
 from .core.latents import decode_to_pil, initial_noise
 from .core.limits import get_limits
@@ -29,12 +31,15 @@ class GenerateParams:
     lora: str | None = None       # adapter name, None for the base model
     lora_strength: float = 1.0
     fast: bool = False            # LCM-LoRA few-step sampling (pipelines/fast.py): steps 1-8, guidance 0-2
+    singular_step: bool = False   # SingDiffusion's initial singular step (pipelines/singdiffusion.py)
+    singular_normalise: bool = True  # its official guidance form (y_u + w (y_c - y_u)) / w; False: without / w
 
 
 def generate(model, p: GenerateParams, cancel: CancelToken | None = None, preview: PreviewOptions | None = None,
              trajectories=None) -> Job:
     """`trajectories`: an optional LRUCache (the drag cache) that keeps this image's latent trajectory, so that
     dragging it later skips inversion and LoRA (pipelines/drag/trajectory.py)."""
+    check_singular(model, p)
     if p.fast:  # LCM's trajectory is not DDIM's: a drag of a fast image inverts it as it would any image
         return (yield from fast_generate(model, p, cancel, preview))
     prompt = check_prompt(p.prompt)
@@ -46,6 +51,11 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
     cond = encode_prompt(model, prompt)
     uncond = encode_prompt(model, p.negative_prompt or "")
     x_T = initial_noise(model, seed, width, height)
+    start = None
+    if p.singular_step:  # x_T becomes the latent at the first timestep (it was pure noise x_1)
+        yield Progress("singular step", 0, total, message=f"seed {seed}")
+        start = singdiffusion.studio_start(model, x_T, cond, uncond, guidance, steps, p.singular_normalise, cancel)
+        x_T = start.latents
     with lora_applied(model, p.lora, strength):
         states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
         if trajectories is not None:
@@ -58,9 +68,20 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
                                                                 strength if p.lora else 0.0))
     meta = {"prompt": prompt, "negative_prompt": p.negative_prompt or "", "task": "generate", "seed": seed,
             "steps": steps, "guidance": guidance, "size": f"{width}x{height}", "eta": 0.0,
-            **base_metadata(model, p.lora, strength)}
+            **base_metadata(model, p.lora, strength), "singular_step": False,
+            **singdiffusion.meta_for(start, p.singular_normalise)}
     result = ImageResult(with_metadata(image, meta), seed, meta)
-    yield Progress("done", total, total, preview=result.image, result=result, message=f"seed {seed}")
+    note = f" · {start.note}" if start is not None and start.note else ""
+    yield Progress("done", total, total, preview=result.image, result=result, message=f"seed {seed}{note}")
+
+
+def check_singular(model, p: GenerateParams) -> None:
+    """The singular step needs the model's SingDiffusion module and the standard sampler: said before any work."""
+    if p.singular_step:
+        if p.fast:
+            raise InputError("SingDiffusion's singular step runs with the standard sampler: turn off Fast or the "
+                             "singular step.")
+        singdiffusion.require_module(model)
 
 
 def batch_seeds(seed, count: int) -> list[int]:
@@ -80,6 +101,7 @@ def generate_batch(model, p: GenerateParams, count: int = 1, cancel: CancelToken
     check_prompt(p.prompt)
     steps = validate_common(model, p.steps, p.guidance, p.lora_strength)[0]
     check_size(model, p.width, p.height)
+    check_singular(model, p)
     seeds = batch_seeds(p.seed, count)
     per = steps + 1
     total = per * count

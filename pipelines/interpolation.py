@@ -14,12 +14,14 @@ A comparison renders one sequence twice from the same endpoints and settings, wi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import singdiffusion
 from .core import ddim
 from .core.cache import LRUCache
 from .core.errors import InputError
@@ -78,6 +80,8 @@ class InterpolationParams:
     height: int | None = None
     lora: str | None = None
     lora_strength: float = 1.0
+    singular_step: bool = False       # SingDiffusion's singular step on each frame's start (pipelines/singdiffusion.py)
+    singular_normalise: bool = True   # its official guidance form (see GenerateParams)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Endpoints:
     uncond: torch.Tensor | list        # one embedding, or per step (B=2: row 0 for A, row 1 for B)
     seed_a: int
     seed_b: int
+    # start(x_T, cond, uncond, guidance, steps, cancel) -> the latent sampling starts from (the singular step)
+    start: Callable | None = None
 
     def uncond_at(self, eta: float):
         if isinstance(self.uncond, list):
@@ -192,18 +198,39 @@ def _endpoints(model, p: InterpolationParams, cache: LRUCache | None,
     return ends, False
 
 
+def with_singular_step(model, p: InterpolationParams, ends: Endpoints, steps: int) -> Endpoints:
+    """The endpoints whose frames start with SingDiffusion's singular step when `p` asks for it: each frame's
+    slerped noise is its x_1, the frame's lerped prompt its condition. InputError without a module; a schedule
+    where the step does nothing (zero terminal SNR) leaves the endpoints as they are."""
+    if not p.singular_step:
+        return ends
+    singdiffusion.require_module(model)
+    if singdiffusion.refusal(ddim.make_scheduler(model.scheduler_config, steps)):
+        return ends
+
+    def start(x_T, cond, uncond, guidance, n_steps, cancel):
+        return singdiffusion.studio_start(model, x_T, cond, uncond, guidance, n_steps, p.singular_normalise,
+                                          cancel).latents
+    return replace(ends, start=start)
+
+
 def _meta(model, p: InterpolationParams, ends: Endpoints, eta: float, steps, guidance, strength, w, h) -> dict:
+    singular = {} if not p.singular_step else {"singular_step": ends.start is not None} | (
+        {"singular_normalise": False} if ends.start is not None and not p.singular_normalise else {})
     return {"prompt": p.prompt_a.strip(), "prompt_b": (p.prompt_b or "").strip() or p.prompt_a.strip(),
             "negative_prompt": p.negative_prompt or "", "task": "interpolate", "seed_a": ends.seed_a,
             "seed_b": ends.seed_b, "interpolation_eta": round(float(eta), 6), "steps": steps,
-            "guidance": guidance, "size": f"{w}x{h}", "eta": 0.0, **base_metadata(model, p.lora, strength)}
+            "guidance": guidance, "size": f"{w}x{h}", "eta": 0.0, **base_metadata(model, p.lora, strength), **singular}
 
 
 def render_frame(model, ends: Endpoints, eta: float, steps, guidance, cancel, offset, total, preview, stage):
     """One frame at ratio eta of any endpoints: slerped noise, lerped prompt embeddings, DDIM; returns the image."""
     x_T = slerp(ends.noise_a, ends.noise_b, eta)
     cond = lerp(ends.cond_a, ends.cond_b, eta)
-    states = ddim.sample(model.unet, x_T, cond, ends.uncond_at(eta), guidance, steps, model.scheduler_config, cancel)
+    uncond = ends.uncond_at(eta)
+    if ends.start is not None:
+        x_T = ends.start(x_T, cond, uncond, guidance, steps, cancel)
+    states = ddim.sample(model.unet, x_T, cond, uncond, guidance, steps, model.scheduler_config, cancel)
     x0 = yield from stream_steps(model, states, stage, offset, total, preview)
     return decode_to_pil(model, x0)
 
@@ -214,7 +241,7 @@ def interpolation_frame(model, p: InterpolationParams, eta: float, cache: LRUCac
     eta = check_number(eta, "Interpolation ratio", 0, 1)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
-    ends, _ = _endpoints(model, p, cache, w, h)
+    ends = with_singular_step(model, p, _endpoints(model, p, cache, w, h)[0], steps)
     total = steps
     with lora_applied(model, p.lora, strength):
         image = yield from render_frame(model, ends, eta, steps, guidance, cancel, 0, total, preview,
@@ -231,7 +258,7 @@ def interpolation_sequence(model, p: InterpolationParams, n_frames: int = 11, ca
     n_frames = check_frames(n_frames)
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
-    ends, _ = _endpoints(model, p, cache, w, h)
+    ends = with_singular_step(model, p, _endpoints(model, p, cache, w, h)[0], steps)
     with lora_applied(model, p.lora, strength):
         return (yield from render_sequence(
             model, ends, n_frames, steps, guidance, cancel, preview, 0, steps * n_frames,
@@ -247,7 +274,7 @@ def interpolation_compare(model, p: InterpolationParams, n_frames: int = 11, cac
     steps, guidance, strength = validate_common(model, p.steps, p.guidance, p.lora_strength)
     w, h = check_size(model, p.width, p.height)
     name = check_comparison_lora(model, p.lora)
-    ends, _ = _endpoints(model, p, cache, w, h)
+    ends = with_singular_step(model, p, _endpoints(model, p, cache, w, h)[0], steps)
     per, plain = steps * n_frames, replace(p, lora=None)
     total = 2 * per
     off_label, on_label = comparison_labels(name, strength)

@@ -140,7 +140,7 @@ def test_named_endpoints_and_parameter_order(client):
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
     # new inputs are appended (the LoRA adapter menu last), so the original positional order stays valid
     assert names("/generate") == ["prompt", "neg", "seed", "steps", "guidance", "w", "h", "use_lora", "strength",
-                                  "lora_adapter", "batch_count", "fast"]
+                                  "lora_adapter", "batch_count", "fast", "singular_step"]
     assert names("/interpolate_frame")[-2:] == ["eta", "lora_adapter"]
     assert names("/interpolate_sequence")[-2:] == ["n", "lora_adapter"]
     assert names("/invert") == ["image", "prompt", "steps", "inv_g", "guidance", "use_lora", "strength",

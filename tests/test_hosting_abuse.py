@@ -55,7 +55,7 @@ def new_visitor() -> dict:
 
 
 def gen_args(seed=1234, steps=3, prompt=PROMPT, use_lora=False, adapter=None, w=64, h=64):
-    return [prompt, "", seed, steps, 7.5, w, h, use_lora, 1.0, adapter, 1, False]  # ..., adapter, batch count, fast
+    return [prompt, "", seed, steps, 7.5, w, h, use_lora, 1.0, adapter, 1, False, False]  # ..., batch, fast, singular
 
 
 def png_bytes(size=(64, 64), colour=(200, 30, 30), text: dict | None = None) -> bytes:

@@ -338,9 +338,10 @@ def test_endpoints_take_the_adapter_last(client):
                "/interpolate_images_frame", "/interpolate_images_sequence"):
         last = api[ep]["parameters"][-1]
         assert last["parameter_name"] == "lora_adapter" and last["parameter_has_default"], ep
-    # /generate took the batch count and Fast after the adapter: all keep defaults, so older positional calls work
-    assert [(p["parameter_name"], p["parameter_has_default"]) for p in api["/generate"]["parameters"][-3:]] == \
-        [("lora_adapter", True), ("batch_count", True), ("fast", True)]
+    # /generate took the batch count, Fast and the singular step after the adapter: all keep defaults, so older
+    # positional calls work
+    assert [(p["parameter_name"], p["parameter_has_default"]) for p in api["/generate"]["parameters"][-4:]] == \
+        [("lora_adapter", True), ("batch_count", True), ("fast", True), ("singular_step", True)]
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
     assert names("/interpolate_compare") == ["pa", "pb", "neg", "sa", "sb", "steps", "guidance", "w", "h",
                                              "strength", "n", "lora_adapter"]

@@ -13,6 +13,7 @@ from .. import downloads, examples
 from ..context import Context, snapped_sizes, steps_slider
 from ..fast_mode import fast_checkbox
 from ..runner import GPU, Outputs, progress
+from ..singdiffusion_ui import singular_checkbox
 
 
 @dataclass
@@ -40,8 +41,9 @@ def build(ctx: Context) -> GenerateTab:
                                       info="Images per run, seeds seed, seed+1, ...", elem_id="gen-batch")
                 lora = ctx.lora_controls("gen")
                 fast = fast_checkbox(ctx, "gen", steps, guid, 30, 7.5)
+                singular = singular_checkbox(ctx, "gen")
                 ctx.restorable("generate", prompt=prompt, negative_prompt=neg, seed=seed, steps=steps, guidance=guid,
-                               width=w, height=h, lora=lora, fast=fast)
+                               width=w, height=h, lora=lora, fast=fast, singular_step=singular)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                     stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -69,7 +71,7 @@ def build(ctx: Context) -> GenerateTab:
 
     def generate_handler(out: Outputs, page: bool):
         def run_generate(prompt, neg, seed, steps, guidance, w, h, use_lora, strength, lora_adapter=None,
-                         batch_count=1, fast=False, request: gr.Request = None):
+                         batch_count=1, fast=False, singular_step=False, request: gr.Request = None):
             note = ""
             if page:  # a typed width of 100 runs at the model's nearest multiple, and the status says so
                 w, h, snapped = snapped_sizes(ctx.engine(request).model, w, h)
@@ -81,7 +83,8 @@ def build(ctx: Context) -> GenerateTab:
 
             def work(session, token):
                 p = GenerateParams(prompt, neg or "", seed, steps, guidance, w, h,
-                                   ctx.lora_name(use_lora, lora_adapter, request), strength, fast=bool(fast))
+                                   ctx.lora_name(use_lora, lora_adapter, request), strength, fast=bool(fast),
+                                   singular_step=bool(singular_step))
                 # the drag cache keeps the trajectory: dragging the result skips inversion
                 yield from ctx.engine(request).generate_batch(p, batch_count, token, session.preview,
                                                               trajectories=session.drag_cache)
@@ -118,9 +121,10 @@ def build(ctx: Context) -> GenerateTab:
             yield from ctx.run(request, out, work, done, show)
         return run_generate
 
-    # New inputs are appended (the LoRA adapter menu, the batch count, then Fast), so older positional calls keep
-    # working; left out, the adapter is the Smooth LoRA's, the batch one image and the sampler DDIM.
-    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu, batch, fast]
+    # New inputs are appended (the LoRA adapter menu, the batch count, Fast, then the singular step), so older
+    # positional calls keep working; left out, the adapter is the Smooth LoRA's, the batch one image, the sampler
+    # DDIM and no singular step.
+    inputs = [prompt, neg, seed, steps, guid, w, h, lora.use, lora.strength, lora.menu, batch, fast, singular]
     event = run.click(generate_handler(page_out, page=True), inputs, page_out, api_visibility="private", **GPU)
     # the API's /generate: the same job without the gallery output
     api_event = api_only.click(generate_handler(api_out, page=False), inputs, api_out, api_name="generate", **GPU)

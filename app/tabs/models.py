@@ -27,6 +27,8 @@ class ModelPanel:
     load_lora: gr.Button
     unload_lora: gr.Button
     message: gr.Markdown
+    singdiffusion: gr.Textbox | None = None        # a SingDiffusion module folder (local studios only)
+    load_singdiffusion: gr.Button | None = None
 
 
 def build(ctx: Context) -> ModelPanel:
@@ -49,6 +51,13 @@ def build(ctx: Context) -> ModelPanel:
                                   label="LoRA (.safetensors path, or Hub repo[:file]; to unload: its adapter name)")
             load_lora = gr.Button("Load LoRA", scale=1, elem_id="lora-load")
             unload_lora = gr.Button("Unload LoRA", scale=1, elem_id="lora-unload", visible=not hosting.public)
+        singdiffusion = load_singdiffusion = None
+        if not hosting.public:  # a local folder of the server: not offered to visitors of a hosted studio
+            with gr.Row():
+                singdiffusion = gr.Textbox("", scale=4, elem_id="singdiffusion-source",
+                                           label="SingDiffusion module (local folder: config.json + "
+                                                 "diffusion_pytorch_model.safetensors)")
+                load_singdiffusion = gr.Button("Load module", scale=1, elem_id="singdiffusion-load")
         message = gr.Markdown("", elem_id="load-status")
         preview_full = gr.Slider(0, 50, value=0, step=1, elem_id="preview-full-every",
                                  label="Previews: full VAE decode every k steps (0 = fast linear latent preview on "
@@ -59,7 +68,8 @@ def build(ctx: Context) -> ModelPanel:
         ctx.sessions.get(request).preview = PreviewOptions(every=0 if k else 1, full_decode_every=k)
 
     preview_full.change(set_preview_mode, [preview_full], None, api_visibility="private")
-    return ModelPanel(active, model, load_model, lora, load_lora, unload_lora, message)
+    return ModelPanel(active, model, load_model, lora, load_lora, unload_lora, message, singdiffusion,
+                      load_singdiffusion)
 
 
 def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
@@ -154,6 +164,17 @@ def wire(ctx: Context, panel: ModelPanel, demo: gr.Blocks) -> None:
                           **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
     panel.unload_lora.click(run_unload_lora, [panel.lora], lora_out, api_name="unload_lora",
                             **GPU).then(refresh_lora_controls, None, lora_controls, **hidden)
+
+    def run_load_singdiffusion(source, request: gr.Request = None):
+        def done(ev):
+            return dict(active=ctx.model_status(), status=ev.message)
+
+        yield from render_job(studio.load_singdiffusion(source), lora_out, done)
+
+    if panel.load_singdiffusion is not None:  # the Generate tab's checkbox follows (ctx.follow_model)
+        panel.load_singdiffusion.click(run_load_singdiffusion, [panel.singdiffusion], lora_out,
+                                       api_name="load_singdiffusion", **GPU).then(refresh_recommended, None,
+                                                                                  recommended, **hidden)
 
     def adapter_chosen(adapter):
         return gr.update(label=use_label(adapter))

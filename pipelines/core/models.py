@@ -60,6 +60,8 @@ class LoadedModel:
     loras: dict = field(default_factory=dict)  # adapter name -> source
     info: dict = field(default_factory=dict)  # the folder's studio_model.json (label, recommended settings)
     _instruct: object = field(default=None, repr=False)  # the InstructPix2Pix UNet, loaded on first use
+    singdiffusion_path: Path | None = None  # a SingDiffusion module folder given for this model (panel, CLI)
+    _singdiffusion: tuple | None = field(default=None, repr=False)  # (source folder, module), loaded on first use
     _codi: CodiModel | None = field(default=None, repr=False)  # the CoDi model (codi/), loaded on first use
 
     @property
@@ -147,6 +149,33 @@ class LoadedModel:
                                  "files are missing or incomplete.") from exc
             self._codi = CodiModel(unet, adapter.to(self.device).eval().requires_grad_(False), config)
         return self._codi
+
+    def singdiffusion_source(self) -> Path | None:
+        """Where this model's SingDiffusion module is (pipelines/singdiffusion.py), without loading it: a folder
+        given for it (Model panel, --singdiffusion), else the model folder's `singdiffusion/`, else
+        $STUDIO_SINGDIFFUSION; None if none of them has a config.json."""
+        from ..singdiffusion import CONFIG, ENV, SUBFOLDER
+
+        env = os.environ.get(ENV, "").strip()
+        for where in (self.singdiffusion_path, self.folder / SUBFOLDER if self.folder is not None else None,
+                      Path(env).expanduser() if env else None):
+            if where is not None and (Path(where) / CONFIG).is_file():
+                return Path(where)
+        return None
+
+    def singdiffusion(self):
+        """The SingDiffusion module (a timestep-free UNet) of this model, loaded once from singdiffusion_source()
+        and shared read-only; None if there is none. A module that does not fit raises InputError."""
+        source = self.singdiffusion_source()
+        if source is None:
+            return None
+        if self._singdiffusion is None or self._singdiffusion[0] != source:
+            from ..singdiffusion import load_module
+
+            module = load_module(source, self.device, self.dtype, expect_channels=self.latent_channels,
+                                 expect_text_dim=int(self.text_encoder.config.hidden_size))
+            self._singdiffusion = (source, module)
+        return self._singdiffusion[1]
 
     @property
     def resolution(self) -> int:
