@@ -106,7 +106,7 @@ class Studio:
     def load_singdiffusion(self, source: str, cancel: CancelToken | None = None) -> Job:
         """Gives the active model a SingDiffusion module folder (config.json + diffusion_pytorch_model.safetensors,
         pipelines/singdiffusion.py) and loads it; on failure the model keeps what it had and the error says why."""
-        from .singdiffusion import shown_path
+        from .core.singular_module import shown_path
 
         def job(model):
             text = str(source or "").strip()
@@ -117,13 +117,7 @@ class Studio:
             if not folder.is_dir():
                 raise InputError(f"{shown_path(folder)} is not a folder.")
             yield Progress("loading SingDiffusion module", 0, 1, message=f"Loading {shown_path(folder)}")
-            before = model.singdiffusion_path, model._singdiffusion
-            model.singdiffusion_path = folder.resolve()
-            try:
-                module = model.singdiffusion()
-            except Exception:
-                model.singdiffusion_path, model._singdiffusion = before
-                raise
+            module = model.use_singdiffusion(folder.resolve())
             count = sum(p.numel() for p in module.parameters())
             yield Progress("loaded", 1, 1, result=folder, message=f"SingDiffusion module loaded for {model.label} "
                                                                   f"({count / 1e6:.1f} M parameters)")

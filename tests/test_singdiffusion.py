@@ -236,10 +236,10 @@ def test_converter_reads_the_pickle_with_weights_only(tmp_path, x1):
 def with_module(tiny_model, tmp_path):
     """The shared tiny model with a SingDiffusion module given for it (restored afterwards)."""
     folder = sd.save_module(tiny_module(seed=4), tmp_path / "singdiffusion")
-    before = tiny_model.singdiffusion_path, tiny_model._singdiffusion
+    before = tiny_model.singdiffusion_path
     tiny_model.singdiffusion_path = folder
     yield tiny_model
-    tiny_model.singdiffusion_path, tiny_model._singdiffusion = before
+    tiny_model.singdiffusion_path = before
 
 
 def pixels(image) -> np.ndarray:
@@ -304,7 +304,7 @@ def test_seed_interpolation_frames_take_the_jump(with_module):
 
 def test_module_found_in_the_model_folder_and_env(tiny_model, tmp_path, monkeypatch):
     folder = sd.save_module(tiny_module(), tmp_path / "elsewhere")
-    before = tiny_model.singdiffusion_path, tiny_model._singdiffusion
+    before = tiny_model.singdiffusion_path
     try:
         monkeypatch.setenv(sd.ENV, str(folder))
         assert tiny_model.singdiffusion_source() == folder
@@ -316,7 +316,7 @@ def test_module_found_in_the_model_folder_and_env(tiny_model, tmp_path, monkeypa
         assert module is tiny_model.singdiffusion()  # loaded once
         assert torch.equal(next(module.parameters()), next(tiny_module(seed=1).parameters()))
     finally:
-        tiny_model.singdiffusion_path, tiny_model._singdiffusion = before
+        tiny_model.singdiffusion_path = before
 
 
 # ------------------------------------------------------------------------------------------------ the UI
@@ -349,7 +349,7 @@ def test_the_checkbox_follows_the_module_and_restores(generate_tab, tiny_model, 
     box = ctx.restore["generate"].controls["singular_step"]
     assert box.interactive is False and "has no SingDiffusion module" in box.info
     assert any(c is box for c, _ in ctx.followers)
-    before = tiny_model.singdiffusion_path, tiny_model._singdiffusion
+    before = tiny_model.singdiffusion_path
     try:
         tiny_model.singdiffusion_path = sd.save_module(tiny_module(), tmp_path / "module")
         on = availability(tiny_model)
@@ -357,7 +357,7 @@ def test_the_checkbox_follows_the_module_and_restores(generate_tab, tiny_model, 
         updates = ctx.recommended_updates()  # what a model switch or a module load sends
         assert updates[[c for c, _ in ctx.followers].index(box) - len(ctx.followers)]["interactive"] is True
     finally:
-        tiny_model.singdiffusion_path, tiny_model._singdiffusion = before
+        tiny_model.singdiffusion_path = before
     assert availability(tiny_model) == {"__type__": "update", "value": False, "interactive": False,
                                         "info": box.info}
     for value in (True, False):  # a PNG made with (or without) the step sets the checkbox
@@ -380,7 +380,7 @@ def test_the_singular_step_through_the_app(app_url, studio, tmp_path):
                                                                  api_name="/load_singdiffusion"))
     folder = sd.save_module(tiny_module(seed=6), tmp_path / "module")
     model = studio.model
-    before = model.singdiffusion_path, model._singdiffusion
+    before = model.singdiffusion_path
     try:
         _, message = client.predict(str(folder), api_name="/load_singdiffusion")
         assert "SingDiffusion module loaded" in message
@@ -391,7 +391,7 @@ def test_the_singular_step_through_the_app(app_url, studio, tmp_path):
                                                              singular_step=True)))
         assert np.array_equal(pixels(Image.open(path)), pixels(expected.image))  # the Python API's image
     finally:
-        model.singdiffusion_path, model._singdiffusion = before
+        model.singdiffusion_path = before
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

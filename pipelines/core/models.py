@@ -154,7 +154,7 @@ class LoadedModel:
         """Where this model's SingDiffusion module is (pipelines/singdiffusion.py), without loading it: a folder
         given for it (Model panel, --singdiffusion), else the model folder's `singdiffusion/`, else
         $STUDIO_SINGDIFFUSION; None if none of them has a config.json."""
-        from ..singdiffusion import CONFIG, ENV, SUBFOLDER
+        from .singular_module import CONFIG, ENV, SUBFOLDER
 
         env = os.environ.get(ENV, "").strip()
         for where in (self.singdiffusion_path, self.folder / SUBFOLDER if self.folder is not None else None,
@@ -170,12 +170,23 @@ class LoadedModel:
         if source is None:
             return None
         if self._singdiffusion is None or self._singdiffusion[0] != source:
-            from ..singdiffusion import load_module
+            from .singular_module import load_module
 
             module = load_module(source, self.device, self.dtype, expect_channels=self.latent_channels,
                                  expect_text_dim=int(self.text_encoder.config.hidden_size))
             self._singdiffusion = (source, module)
         return self._singdiffusion[1]
+
+    def use_singdiffusion(self, folder: Path):
+        """Gives this model the SingDiffusion module in `folder` and loads it (returned); if it does not load, the
+        model keeps the module it had and the InputError says why."""
+        before = self.singdiffusion_path, self._singdiffusion
+        self.singdiffusion_path = Path(folder)
+        try:
+            return self.singdiffusion()
+        except Exception:
+            self.singdiffusion_path, self._singdiffusion = before
+            raise
 
     @property
     def resolution(self) -> int:
