@@ -524,7 +524,7 @@ def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_pat
     expect(pg.locator("#gen-lora-adapter")).to_have_count(0)                   # nothing else to choose: hidden
     path = make_peft_lora(model.unet, tmp_path / "browser_style.safetensors")
     try:
-        pg.get_by_text("Model and LoRA").click()
+        pg.get_by_text("Model and LoRA", exact=True).click()
         source = pg.locator("#lora-source textarea")
 
         # the page's load-time refresh can re-render the panel and drop a value typed before it lands: type again

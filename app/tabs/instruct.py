@@ -181,7 +181,9 @@ def build(ctx: Context) -> InstructTab:
 
     def live_ticket(mode, image, instruction, ticket):
         """The live re-run's gate: a new ticket, which starts the re-run, only in Fast mode with an image and an
-        instruction."""
+        instruction. The image is checked like every other handler's (a client may send anything here)."""
+        if image:
+            upload_path(image, "an image to edit")
         if mode != MODE or not image or not (instruction or "").strip():
             return gr.skip()
         return (ticket or 0) + 1
