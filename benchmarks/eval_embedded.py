@@ -540,6 +540,159 @@ def brightness_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+# SingDiffusion's average-brightness protocol in the world's vocabulary: the official solid black and white
+# backgrounds, their line-art-like counterparts (small white shapes on black, black on white), and the scenes where
+# the model's mean luma misses the ground truth without the module (objects on dark or bright backgrounds,
+# textured dark/bright backgrounds, gradients, saturated colours). (prompt, background, objects as (shape, colour,
+# size, cell or None)); every prompt is a caption the world's templates make.
+BRIGHTNESS_CASES = (
+    ("a plain white background", ("solid", "white"), ()),
+    ("a plain black background", ("solid", "black"), ()),
+    ("a small white star in the centre on a black background", ("solid", "black"),
+     (("star", "white", "small", "centre"),)),
+    ("a small black star in the centre on a white background", ("solid", "white"),
+     (("star", "black", "small", "centre"),)),
+    ("a black background with a small white circle on the left and a small white star on the right",
+     ("solid", "black"), (("circle", "white", "small", "left"), ("star", "white", "small", "right"))),
+    ("a white background with a small black circle on the left and a small black star on the right",
+     ("solid", "white"), (("circle", "black", "small", "left"), ("star", "black", "small", "right"))),
+    ("a large white square in the centre on a black background", ("solid", "black"),
+     (("square", "white", "large", "centre"),)),
+    ("a small blue square and a small purple circle on a black background", ("solid", "black"),
+     (("square", "blue", "small", None), ("circle", "purple", "small", None))),
+    ("a textured black background", ("textured", "black"), ()),
+    ("a textured white background", ("textured", "white"), ()),
+    ("a gradient background from purple to black", ("gradient", "purple", "black"), ()),
+    ("a gradient background from white to gray", ("gradient", "white", "gray"), ()),
+    ("a plain yellow background", ("solid", "yellow"), ()),
+    ("a plain blue background", ("solid", "blue"), ()),
+)
+
+
+def case_scenes(background: tuple, objects: tuple, count: int = 8) -> list:
+    """`count` scenes a case's caption describes: its background and objects at random spots of their cells."""
+    kind, *colours = background
+    bg = world.Background(kind, tuple(colours), direction="horizontal" if kind == "gradient" else "",
+                          pattern="stripes" if kind == "textured" else "")
+    rng = np.random.default_rng(0)
+    scenes = []
+    for _ in range(count):
+        placed = []
+        for shape, colour, size, cell in objects:
+            for _ in range(1000):
+                obj = world._place(rng, shape, colour, size, placed, 64)
+                if obj is not None and (cell is None or obj.cell == cell):
+                    break
+            placed.append(obj)
+        scenes.append(world.Scene(64, bg, tuple(placed)))
+    return scenes
+
+
+def mean_luma(images: np.ndarray) -> np.ndarray:
+    """Per image: mean of (0.299 R + 0.587 G + 0.114 B) / 255."""
+    return (images[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])).mean(axis=(1, 2)) / 255
+
+
+@torch.no_grad()
+def singular_batch(ctx: Context, prompts: list[str], seeds, module=None, guidance: float = 7.5, steps: int = 50,
+                   module_guidance: float | None = None, normalise: bool = True, oracle: np.ndarray | None = None,
+                   chunk: int = 32) -> np.ndarray:
+    """Images as the studio's generate() makes them (the seeds' CPU-generator noise, DDIM at `guidance`), in
+    batches; with `module`, SingDiffusion's singular step first (its guidance `module_guidance`, default the
+    sampling guidance, in the official normalised form unless normalise=False). `oracle` (renders, one per prompt):
+    the same jump with each render's own latent in place of the module's estimate, i.e. the start x_t0 a
+    training sample of that scene would have had; the most any singular step can give."""
+    from pipelines import singdiffusion as sd
+    from pipelines.core import ddim
+
+    unet, te, tok, vae = ctx.modules
+    cfg = ctx.model.scheduler_config
+    out = []
+    for i in range(0, len(prompts), chunk):
+        part, part_seeds = prompts[i:i + chunk], list(seeds)[i:i + chunk]
+        x = evaluation.noise_for(part_seeds, (unet.config.in_channels, unet.config.sample_size,
+                                              unet.config.sample_size), unet.device).to(unet.dtype)
+        if oracle is not None:
+            z0 = evaluation.encode(vae, oracle[i:i + chunk]).to(x.device, x.dtype)
+            x = sd.jump(ddim.make_scheduler(cfg, steps), z0, x)
+        elif module is not None:
+            cond = evaluation.embed(te, tok, part).to(unet.device)
+            uncond = evaluation.embed(te, tok, [""] * len(part)).to(unet.device)
+            w = guidance if module_guidance is None else module_guidance
+            start = sd.singular_start(module, ddim.make_scheduler(cfg, steps), x, cond, uncond, w, normalise)
+            x = start.latents.to(unet.dtype)
+        z = evaluation.denoise(unet, te, tok, part, x, guidance, steps, cfg)
+        out.append(evaluation.decode(vae, z))
+    return np.concatenate(out)
+
+
+SINGULAR_VARIANTS = {  # label -> singular_batch keywords; the first is the studio's (and the official) setting
+    "official (w 7.5, / w)": dict(),
+    "no / w (plain CFG 7.5)": dict(normalise=False),
+    "no guidance (D(x1, c))": dict(module_guidance=1.0),
+}
+
+
+@row_group("singdiffusion")
+def singdiffusion_rows(ctx: Context) -> list[Row]:
+    """SingDiffusion's singular step with and without: mean luma per prompt against the world's ground truth (the
+    renders of the scenes the prompt describes), text-to-image accuracy, and the time it adds."""
+    from pipelines.generate import GenerateParams, generate
+
+    module = ctx.model.singdiffusion()
+    if module is None:
+        return [Row("singdiffusion", "no SingDiffusion module in this model", float("nan"))]
+    n = ctx.n(16, 6)
+    rows, errors = [], {"without": []} | {k: [] for k in SINGULAR_VARIANTS} | {"oracle": []}
+    for prompt, background, objects in BRIGHTNESS_CASES:
+        renders = np.stack([world.render(s) for s in case_scenes(background, objects, n)])
+        truth = float(mean_luma(renders).mean())
+        got = {"without": float(mean_luma(singular_batch(ctx, [prompt] * n, range(n))).mean())}
+        for label, kw in SINGULAR_VARIANTS.items():
+            got[label] = float(mean_luma(singular_batch(ctx, [prompt] * n, range(n), module, **kw)).mean())
+        got["oracle"] = float(mean_luma(singular_batch(ctx, [prompt] * n, range(n), oracle=renders)).mean())
+        for k, v in got.items():
+            errors[k].append(abs(v - truth))
+        official = next(iter(SINGULAR_VARIANTS))
+        rows.append(Row("singdiffusion luma", f'"{prompt}"', got[official], "", "0-1", n,
+                        f"truth {truth:.3f}, without {got['without']:.3f}, "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in got.items() if k not in ("without", official))))
+    for k, v in errors.items():
+        name = {"without": "without the module", "oracle": "oracle start (the scene's own latent at t0)"}.get(k, k)
+        rows.append(Row("singdiffusion luma", f"mean |luma - truth|, {name}", float(np.mean(v)), "", "0-1", len(v),
+                        f"max {max(v):.3f}"))
+    # text-to-image accuracy with and without (the held-out one-object prompts of the t2i rows)
+    count = ctx.n(100, 24)
+    items = evaluation.held_out_scenes(count, 1)
+    prompts = [t for t, _ in items]
+    accuracy = {}
+    for label, mod in (("without", None), ("with", module)):
+        images = singular_batch(ctx, prompts, range(count), mod)
+        scores = [evaluation.score_generation(im, sc) for im, (_, sc) in zip(images, items)]
+        accuracy[label] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    for key in ("background", "colour", "shape", "cell"):
+        without = accuracy["without"][key]
+        rows.append(Row("singdiffusion t2i", f"{key}, with the module", accuracy["with"][key],
+                        f">= {without - 0.05:.3f}", "", count,
+                        f"without {without:.3f} (no regression: >= without - 0.05)"))
+    # time: the studio's generate(), 50 steps, with and without (median of 3)
+    model = ctx.model
+    run_to_end(generate(model, GenerateParams("a small white star in the centre on a black background", seed=0,
+                                              steps=5, singular_step=True)))
+    times = {}
+    for on in (False, True):
+        spent = []
+        for seed in range(3):
+            t0 = time.perf_counter()
+            run_to_end(generate(model, GenerateParams("a small white star in the centre on a black background",
+                                                      seed=seed, steps=50, singular_step=on)))
+            spent.append(time.perf_counter() - t0)
+        times[on] = float(np.median(spent))
+    rows += [Row("singdiffusion speed", "50-step generation with the singular step", times[True], "", "s", 3,
+                 f"without {times[False]:.2f} s: +{100 * (times[True] / times[False] - 1):.0f}%")]
+    return rows
+
+
 @row_group("speed")
 def speed_rows(ctx: Context) -> list[Row]:
     from pipelines.generate import GenerateParams, generate

@@ -47,6 +47,8 @@ def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stage
     assert recommended_guidance(model) == (3.0, 2.0)
     # the last stage's Smooth LoRA is exported into the studio folder and loads with it as adapter "smooth"
     assert (out / "model" / "smooth_lora" / "smooth_lora.safetensors").is_file() and "smooth" in model.loras
+    # and the SingDiffusion module into its singdiffusion/, where the studio finds it
+    assert model.singdiffusion_source() == out / "model" / "singdiffusion" and model.singdiffusion() is not None
     assert UNet2DConditionModel.from_pretrained(out / "model" / "unet_instruct").config.in_channels == 8
     # the assembled VAE is the last decoder stage's, on the first stage's encoder
     final_vae = load_file(out / "vae_dec" / "vae" / "diffusion_pytorch_model.safetensors")

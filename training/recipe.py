@@ -79,6 +79,11 @@ _UNET_OBJECTS = (*_BF16, "--vae", "{out}/vae/vae", "--text-encoder", "{out}/text
 # and the rate are this CPU's (see training/README.md, "Smooth LoRA")
 SMOOTH_LORA = ("--mixed-precision", "bf16", "--batch", "32", "--lr", "5e-4", "--rank", "8", "--lambda-reg", "1")
 SMOOTH_LORA_STEPS = 2000
+# The SingDiffusion module: the UNet's layout at half its widths, from random weights (400-step pilots on the
+# embedded model: the UNet's own weights as a start learned far slower; half widths take half the step time), lr
+# 1e-3, batch 32 under bfloat16 autocast
+SINGDIFFUSION = (*_BF16, "--channels", "32,64,64", "--init", "random", "--batch", "32", "--lr", "1e-3")
+SINGDIFFUSION_STEPS = 3000
 
 # Step budgets: the committed weights' (training/README.md tells how they were really made), except the ones
 # session 17 cut to fit the 3-hour budget (the decoder, the UNets, InstructPix2Pix; each checked, see below).
@@ -116,6 +121,11 @@ STAGES = (
     Stage("smooth_lora", "train_smooth_lora", ("--base", "{out}/model", "--export", "{out}/model/smooth_lora",
                                                *SMOOTH_LORA), SMOOTH_LORA_STEPS,
           ("--batch", "2", "--world-samples", "8", "--checkpoint-every", "1")),
+    # SingDiffusion's t = 1 module on the finished model (training/train_singdiffusion.py), on stage unet's cached
+    # latents, exported into the studio folder's singdiffusion/. SINGDIFFUSION says where its settings come from.
+    Stage("singdiffusion", "train_singdiffusion", ("--base", "{out}/model", "--data-dir", "{out}/unet/data",
+                                                   "--export", "{out}/model/singdiffusion", *SINGDIFFUSION),
+          SINGDIFFUSION_STEPS, ("--samples", "48", "--batch", "4", "--eval-scenes", "4", *_QUIET)),
 )
 
 
