@@ -17,9 +17,12 @@ ZERO_GATES = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "c
 def tiny_adapter(unet, seed: int = 0, gated: bool = True):
     """A condition adapter made from `unet` as the trainer makes it; gated=True gives its zero convolutions random
     weights, so the student's prediction depends on the image condition (a fresh adapter adds exactly nothing)."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
-    adapter = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(32,),
+    # the UNet without LoRA wrappers another test of the session may have left on the shared tiny model
+    plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k})
+    adapter = ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(32,),
                                         conditioning_channels=unet.config.in_channels).float().eval()
     if gated:
         gen = torch.Generator().manual_seed(seed)
