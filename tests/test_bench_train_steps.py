@@ -19,7 +19,8 @@ def test_each_stage_is_parsed_by_its_own_trainer():
     assert (first.batch, first.freeze_encoder) == (16, False) and (decoder.batch, decoder.freeze_encoder) == (16, True)
     assert bench.stage_args(stages["instruct"], "cpu", 1).batch == 16  # the recipe sets it; the trainer default is 48
     assert bench.stage_args(stages["unet"], "cpu", 1).batch == 48
-    assert {bench.network_of(s) for s in recipe.STAGES if s.steps} == {"vae", "text", "unet", "instruct", "smooth", None}
+    networks = {bench.network_of(s) for s in recipe.STAGES if s.steps}
+    assert networks == {"vae", "text", "unet", "instruct", "smooth", None}
     smooth = bench.stage_args(stages["smooth_lora"], "cpu", 1)
     assert smooth.batch == 32 and bench.trains_in_bf16(smooth)
 
