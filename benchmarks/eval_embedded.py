@@ -588,11 +588,6 @@ def case_scenes(background: tuple, objects: tuple, count: int = 8) -> list:
     return scenes
 
 
-def mean_luma(images: np.ndarray) -> np.ndarray:
-    """Per image: mean of (0.299 R + 0.587 G + 0.114 B) / 255."""
-    return (images[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])).mean(axis=(1, 2)) / 255
-
-
 @torch.no_grad()
 def singular_batch(ctx: Context, prompts: list[str], seeds, module=None, guidance: float = 7.5, steps: int = 50,
                    module_guidance: float | None = None, normalise: bool = True, oracle: np.ndarray | None = None,
@@ -646,11 +641,11 @@ def singdiffusion_rows(ctx: Context) -> list[Row]:
     rows, errors = [], {"without": []} | {k: [] for k in SINGULAR_VARIANTS} | {"oracle": []}
     for prompt, background, objects in BRIGHTNESS_CASES:
         renders = np.stack([world.render(s) for s in case_scenes(background, objects, n)])
-        truth = float(mean_luma(renders).mean())
-        got = {"without": float(mean_luma(singular_batch(ctx, [prompt] * n, range(n))).mean())}
+        truth = float(evaluation.mean_luma(renders).mean())
+        got = {"without": float(evaluation.mean_luma(singular_batch(ctx, [prompt] * n, range(n))).mean())}
         for label, kw in SINGULAR_VARIANTS.items():
-            got[label] = float(mean_luma(singular_batch(ctx, [prompt] * n, range(n), module, **kw)).mean())
-        got["oracle"] = float(mean_luma(singular_batch(ctx, [prompt] * n, range(n), oracle=renders)).mean())
+            got[label] = float(evaluation.mean_luma(singular_batch(ctx, [prompt] * n, range(n), module, **kw)).mean())
+        got["oracle"] = float(evaluation.mean_luma(singular_batch(ctx, [prompt] * n, range(n), oracle=renders)).mean())
         for k, v in got.items():
             errors[k].append(abs(v - truth))
         official = next(iter(SINGULAR_VARIANTS))

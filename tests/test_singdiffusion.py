@@ -447,10 +447,11 @@ def test_brightness_cases_describe_their_ground_truth():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from eval_embedded import BRIGHTNESS_CASES, case_scenes, mean_luma
+    from eval_embedded import BRIGHTNESS_CASES, case_scenes
 
     from training import world
     from training.checker import check
+    from training.evaluation import mean_luma
 
     for prompt, background, objects in BRIGHTNESS_CASES:
         scenes = case_scenes(background, objects, 2)

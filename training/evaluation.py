@@ -33,6 +33,11 @@ def decode(vae, z: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def mean_luma(images: np.ndarray) -> np.ndarray:
+    """Per image of a (B, H, W, C) uint8 batch: mean of (0.299 R + 0.587 G + 0.114 B) / 255."""
+    return (images[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])).mean(axis=(1, 2)) / 255
+
+
 @torch.no_grad()
 def encode(vae, images: np.ndarray, scaled: bool = True) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> latents (posterior mean, on the VAE's device), times the scaling factor unless

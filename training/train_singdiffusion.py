@@ -54,7 +54,6 @@ from training.text_states import FrozenTextStates  # noqa: E402
 from training.train_unet import build_data  # noqa: E402
 
 LR_FLOOR = 0.1
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,11 +93,6 @@ def build_module(args, base_unet):
     return module
 
 
-def luma(images: np.ndarray) -> np.ndarray:
-    """Mean luma (0.299 R + 0.587 G + 0.114 B) / 255 per image of a (B, H, W, 3) uint8 batch."""
-    return (images.astype(np.float64) @ LUMA).mean(axis=(1, 2)) / 255
-
-
 @torch.no_grad()
 def quick_eval(module, encode_texts, vae, scenes: list, device) -> dict:
     """Held-out: the latent MSE of D(x1, c) against the scenes' latents, and how far the mean luma of its decoded
@@ -111,7 +105,7 @@ def quick_eval(module, encode_texts, vae, scenes: list, device) -> dict:
     y = module(x1, sd.PLACEHOLDER_T, encoder_hidden_states=encode_texts(texts)).sample.float()
     decoded = evaluation.decode(vae, y)
     return {"heldout_mse": round(float((y - z0).pow(2).mean()), 4),
-            "luma_error": round(float(np.abs(luma(decoded) - luma(renders)).mean()), 4)}
+            "luma_error": round(float(np.abs(evaluation.mean_luma(decoded) - evaluation.mean_luma(renders)).mean()), 4)}
 
 
 def main(argv=None) -> dict:
