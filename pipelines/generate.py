@@ -69,7 +69,7 @@ def generate(model, p: GenerateParams, cancel: CancelToken | None = None, previe
     meta = {"prompt": prompt, "negative_prompt": p.negative_prompt or "", "task": "generate", "seed": seed,
             "steps": steps, "guidance": guidance, "size": f"{width}x{height}", "eta": 0.0,
             **base_metadata(model, p.lora, strength), "singular_step": False,
-            **singdiffusion.meta_for(start, p.singular_normalise)}
+            **singdiffusion.meta_for(start.applied if start is not None else None, p.singular_normalise)}
     result = ImageResult(with_metadata(image, meta), seed, meta)
     note = f" · {start.note}" if start is not None and start.note else ""
     yield Progress("done", total, total, preview=result.image, result=result, message=f"seed {seed}{note}")

@@ -215,8 +215,7 @@ def with_singular_step(model, p: InterpolationParams, ends: Endpoints, steps: in
 
 
 def _meta(model, p: InterpolationParams, ends: Endpoints, eta: float, steps, guidance, strength, w, h) -> dict:
-    singular = {} if not p.singular_step else {"singular_step": ends.start is not None} | (
-        {"singular_normalise": False} if ends.start is not None and not p.singular_normalise else {})
+    singular = singdiffusion.meta_for(ends.start is not None if p.singular_step else None, p.singular_normalise)
     return {"prompt": p.prompt_a.strip(), "prompt_b": (p.prompt_b or "").strip() or p.prompt_a.strip(),
             "negative_prompt": p.negative_prompt or "", "task": "interpolate", "seed_a": ends.seed_a,
             "seed_b": ends.seed_b, "interpolation_eta": round(float(eta), 6), "steps": steps,

@@ -164,12 +164,12 @@ def require_module(model):
     return module
 
 
-def meta_for(start: SingularStart | None, normalise: bool = True) -> dict:
-    """PNG metadata of a run that asked for the singular step: whether it was applied, and the guidance form
-    only when it is not the official one."""
-    if start is None:
+def meta_for(applied: bool | None, normalise: bool = True) -> dict:
+    """PNG metadata of a run's singular step: nothing when it was not asked for (applied None), else whether it was
+    applied, and the guidance form only when it is not the official one."""
+    if applied is None:
         return {}
-    meta = {"singular_step": bool(start.applied)}
-    if start.applied and not normalise:
+    meta = {"singular_step": bool(applied)}
+    if applied and not normalise:
         meta["singular_normalise"] = False
     return meta
