@@ -41,6 +41,9 @@ def open_app(context, app_url: str, timeout_ms: int):
     pg.set_default_timeout(timeout_ms)
     pg.goto(app_url, wait_until="domcontentloaded")
     pg.wait_for_selector("#gen-prompt textarea")
+    # the page script (studio.js: Ctrl+Enter, crisp small results) runs after the first draw: a key pressed
+    # before it has installed its listener would do nothing
+    pg.wait_for_function("() => window.studioKeysInstalled === true")
     return pg
 
 
