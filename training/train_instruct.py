@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipelines.core.unet_inputs import widened_unet  # noqa: E402
 from training import checkpoint, evaluation, world  # noqa: E402
 from training.schedule import (  # noqa: E402
     add_data_dir,
@@ -89,18 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def instruct_unet_from(base_unet):
     """The base UNet with 8 input channels; the 4 new ones start at zero weight. (An 8-channel UNet is returned
     as it is.)"""
-    from diffusers import UNet2DConditionModel
-
-    if base_unet.config.in_channels == 8:
-        return base_unet
-    config = dict(base_unet.config)
-    config["in_channels"] = 8
-    unet = UNet2DConditionModel.from_config(config)
-    state = base_unet.state_dict()
-    conv = state["conv_in.weight"]
-    state["conv_in.weight"] = torch.cat([conv, torch.zeros_like(conv)], dim=1)
-    unet.load_state_dict(state)
-    return unet
+    return widened_unet(base_unet, 8)
 
 
 @torch.no_grad()
