@@ -21,6 +21,7 @@ from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from .drag import DragParams, drag
 from .edit import EditParams, text_edit
 from .generate import GenerateParams, generate, generate_batch
+from .inpaint import InpaintParams, inpaint
 from .instruct import InstructParams, instruct_edit
 from .interpolation import InterpolationParams, interpolation_compare, interpolation_frame, interpolation_sequence
 from .inversion import InversionParams, invert_and_reconstruct
@@ -180,6 +181,10 @@ class Studio:
 
     def sdedit(self, image, p: SDEditParams, mask=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: sdedit(m, image, p, mask, cancel, preview), cancel)
+
+    def inpaint(self, image, mask, p: InpaintParams, cancel=None, preview=None) -> Job:
+        """The masked region regenerated from a prompt (pipelines/inpaint.py)."""
+        return self._exclusive(lambda m: inpaint(m, image, mask, p, cancel, preview), cancel)
 
     def real_interpolation_frame(self, image_a, image_b, p: RealInterpolationParams, eta: float, cache=None,
                                  cancel=None, preview=None) -> Job:

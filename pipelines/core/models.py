@@ -23,6 +23,7 @@ EMBEDDED_DIR = REPO_ROOT / "assets" / "model"
 EMBEDDED_ID = "embedded"
 INSTRUCT_SUBFOLDER = "unet_instruct"  # our layout: an InstructPix2Pix UNet beside the text-to-image one
 INSTRUCT_HUB_MODEL = "timbrooks/instruct-pix2pix"
+INPAINT_SUBFOLDER = "unet_inpaint"  # our layout: a 9-channel inpainting UNet beside the text-to-image one
 SMOOTH_SUBFOLDER = "smooth_lora"  # our layout: the model's own Smooth LoRA, loaded with it as adapter "smooth"
 CODI_SUBFOLDER = "codi"  # our layout: a CoDi few-step editing model (pipelines/codi.py), loaded on first use
 
@@ -60,6 +61,7 @@ class LoadedModel:
     loras: dict = field(default_factory=dict)  # adapter name -> source
     info: dict = field(default_factory=dict)  # the folder's studio_model.json (label, recommended settings)
     _instruct: object = field(default=None, repr=False)  # the InstructPix2Pix UNet, loaded on first use
+    _inpaint: object = field(default=None, repr=False)  # the inpainting UNet (unet_inpaint/), loaded on first use
     singdiffusion_path: Path | None = None  # a SingDiffusion module folder given for this model (panel, CLI)
     _singdiffusion: tuple | None = field(default=None, repr=False)  # (source folder, module), loaded on first use
     _codi: CodiModel | None = field(default=None, repr=False)  # the CoDi model (codi/), loaded on first use
@@ -112,6 +114,32 @@ class LoadedModel:
                                                         use_safetensors=True)
             self._instruct = unet.to(self.device).eval().requires_grad_(False)
         return self._instruct
+
+    @property
+    def is_inpaint(self) -> bool:
+        """The main UNet itself takes [noisy latent, mask, masked-image latent] (a Hub SD-inpainting checkpoint
+        loaded as the model): it inpaints but cannot generate from text alone."""
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels + 1
+
+    def inpaint_unet(self):
+        """The 9-channel inpainting UNet of this model: the main UNet of an inpainting model, or the
+        `unet_inpaint/` folder next to a text-to-image UNet; None if neither (the Inpaint tab then blends latents
+        with the 4-channel UNet). Loaded once and shared, read-only, like the other components."""
+        if self.is_inpaint:
+            return self.unet
+        if (self._inpaint is None and self.folder is not None
+                and (self.folder / INPAINT_SUBFOLDER / "config.json").is_file()):
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(self.folder / INPAINT_SUBFOLDER, dtype=self.dtype,
+                                                        use_safetensors=True)
+            self._inpaint = unet.to(self.device).eval().requires_grad_(False)
+        return self._inpaint
+
+    def has_inpaint_unet(self) -> bool:
+        """Whether inpaint_unet() has a UNet to give, without loading it."""
+        return self.is_inpaint or self._inpaint is not None or (
+            self.folder is not None and (self.folder / INPAINT_SUBFOLDER / "config.json").is_file())
 
     def codi_config(self) -> dict | None:
         """The settings of this model's CoDi model (`codi/codi.json`, read without loading weights), or None when

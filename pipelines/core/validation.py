@@ -82,6 +82,9 @@ def validate_common(model, steps, guidance, lora_strength):
     if model.is_instruct:
         raise InputError(f"{model.label} is an InstructPix2Pix model (its UNet needs an input image): use the "
                          "Instruct tab, or load a text-to-image model for this.")
+    if model.is_inpaint:
+        raise InputError(f"{model.label} is an inpainting model (its UNet needs a mask and a masked image): use the "
+                         "Inpaint tab, or load a text-to-image model for this.")
     steps = check_number(steps, "Steps", 1, get_limits().max_steps, integer=True)
     guidance = check_number(guidance, "Guidance", 0, 50)
     strength = check_number(lora_strength, "LoRA strength", -2, 4)
