@@ -17,13 +17,12 @@ ZERO_GATES = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "c
 def tiny_adapter(unet, seed: int = 0, gated: bool = True):
     """A condition adapter made from `unet` as the trainer makes it; gated=True gives its zero convolutions random
     weights, so the student's prediction depends on the image condition (a fresh adapter adds exactly nothing)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     # the UNet without LoRA wrappers another test of the session may have left on the shared tiny model
     plain = UNet2DConditionModel.from_config(unet.config)
     plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k})
-    adapter = ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(32,),
-                                        conditioning_channels=unet.config.in_channels).float().eval()
+    adapter = consistency.condition_adapter(plain).float().eval()
     if gated:
         gen = torch.Generator().manual_seed(seed)
         for name, param in adapter.named_parameters():
@@ -443,3 +442,25 @@ def test_the_eval_rows_say_when_there_is_no_codi_model(tiny_model):
 
     rows = eval_embedded.GROUPS["codi"](eval_embedded.Context(tiny_model, quick=True))
     assert len(rows) == 1 and rows[0].passed is False
+
+
+def test_the_condition_adapter_pools_text_like_the_unet_it_copies():
+    """A UNet with the "text" addition embedding (as the embedded model's): the adapter's copy of it has the UNet's
+    pooling heads and, fed the same text, gives the same embedding (ControlNetModel.from_unet alone would use 64
+    heads, which a 32-wide text cannot even split)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text",
+                                addition_embed_type_num_heads=4).eval()
+    adapter = consistency.condition_adapter(unet).eval()
+    assert adapter.config.addition_embed_type_num_heads == 4
+    text = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.add_embedding(text), unet.add_embedding(text))
+        # a fresh adapter adds nothing: the student is the UNet
+        z, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+        got = consistency.student_eps(unet, adapter, z, t, text, torch.randn(2, 4, 8, 8))
+        torch.testing.assert_close(got, unet(z, t, encoder_hidden_states=text).sample)

@@ -50,6 +50,8 @@ def test_the_whole_recipe_runs_on_tiny_networks_and_a_rerun_skips_finished_stage
     # and the SingDiffusion module into its singdiffusion/, where the studio finds it
     assert model.singdiffusion_source() == out / "model" / "singdiffusion" and model.singdiffusion() is not None
     assert UNet2DConditionModel.from_pretrained(out / "model" / "unet_instruct").config.in_channels == 8
+    # and the CoDi adapter into its codi/, where the studio's Fast mode finds it
+    assert model.codi() is not None and model.codi_config()["mode"] == "pe"
     # the assembled VAE is the last decoder stage's, on the first stage's encoder
     final_vae = load_file(out / "vae_dec" / "vae" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(model.vae.decoder.conv_out.weight.float().cpu(), final_vae["decoder.conv_out.weight"].float())

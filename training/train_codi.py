@@ -61,7 +61,6 @@ from training.train_instruct import build_data, build_object_maps, kind_weights 
 from training.train_unet import LR_FLOOR, SCHEDULER, pixel_mean  # noqa: E402
 
 DROP_TEXT = 0.1
-ADAPTER_EMBEDDING = (32,)  # one level: the condition is a latent already, at the UNet's resolution
 
 
 def parse_args(argv=None):
@@ -96,10 +95,7 @@ class Student(torch.nn.Module):
 
 def student_from(unet, mode: str) -> Student:
     """The base UNet plus a zero-gated adapter copied from its encoder; in --mode pe the UNet is frozen."""
-    from diffusers import ControlNetModel
-
-    adapter = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=ADAPTER_EMBEDDING,
-                                        conditioning_channels=unet.config.in_channels)
+    adapter = consistency.condition_adapter(unet)
     unet.requires_grad_(mode == "full")
     return Student(unet, adapter)
 

@@ -67,6 +67,28 @@ def renoise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> tor
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
+ADAPTER_EMBEDDING = (32,)  # one level: the condition is a latent already, at the UNet's resolution
+
+
+def condition_adapter(unet):
+    """CoDi's condition adapter: a ControlNet copied from `unet`'s encoder (zero convolutions at its outputs, so it
+    adds nothing until trained) taking an image latent of the UNet's input channels. ControlNetModel.from_unet does
+    not pass the UNet's addition_embed_type_num_heads (the "text" addition embedding's pooling heads), so the copy
+    would pool the text with the default 64 heads, unlike the UNet it copies; this one keeps the UNet's."""
+    from diffusers import ControlNetModel
+
+    adapter = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=ADAPTER_EMBEDDING,
+                                        conditioning_channels=unet.config.in_channels)
+    heads = unet.config.get("addition_embed_type_num_heads")
+    if (unet.config.get("addition_embed_type") == "text" and heads
+            and adapter.config.addition_embed_type_num_heads != heads):
+        config = {k: v for k, v in adapter.config.items() if k != "_use_default_values"}  # it would win
+        fixed = ControlNetModel.from_config({**config, "addition_embed_type_num_heads": heads})
+        fixed.load_state_dict(adapter.state_dict())
+        adapter = fixed
+    return adapter
+
+
 def student_eps(unet, adapter, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                 condition: torch.Tensor) -> torch.Tensor:
     """The student's noise prediction: the adapter (a diffusers ControlNetModel) reads the condition latent and
