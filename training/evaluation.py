@@ -234,3 +234,125 @@ def codi_edit_accuracy(unet, adapter, text_encoder, tokenizer, vae, kind: str, c
     scores = [score_edit(o, s, e) for o, (s, e) in zip(outputs, pairs)]
     return {"success": float(np.mean([s["success"] for s in scores])),
             "psnr_outside": float(np.nanmean([s["psnr_outside"] for s in scores])), "n": len(scores)}
+
+
+# --------------------------------------------------------------------------------------------- inpainting
+
+INPAINT_KINDS = ("insert", "recolour", "remove")
+_INPAINT_EDITS = {"insert": "add", "recolour": "recolour", "remove": "remove"}
+INPAINT_MARGIN = 3.0  # px: the held-out masks are the edited object's bounding circle grown this much
+
+
+def vae_factor(vae) -> int:
+    """Image pixels per latent pixel along a side (4 for the embedded model, 8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def masked_latents(vae, images: np.ndarray, cells) -> torch.Tensor:
+    """A 9-channel inpainting UNet's masked-image latents (on the VAE's device): each (H, W, 3) uint8 image blanked
+    to 0 in [-1, 1] over its hole cells (bool (B, h, w); pipelines.core.inpaint_inputs.masked_image), encoded as the
+    posterior mean times the VAE's scaling factor."""
+    from pipelines.core.inpaint_inputs import cells_tensor, masked_image
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = masked_image(x, cells_tensor(cells), vae_factor(vae))
+    return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+def held_out_inpaints(count: int, kind: str, start: int = 0, size: int = 64):
+    """(input scene, Edit, bool (H, W) mask) of one inpainting kind on held-out seeds: 'insert' (the world's add
+    edit: the mask covers an empty spot where the new object goes), 'recolour' (the mask hides the old object,
+    the caption names the new colour), 'remove' (the mask covers the object, the caption leaves it out). The mask
+    is the object's bounding circle grown INPAINT_MARGIN px: the same for every shape of a size, so it gives the
+    shape away no more than a user's round brush does."""
+    from training.inpaint_masks import disc_mask
+
+    if kind not in _INPAINT_EDITS:
+        raise ValueError(f"unknown inpainting kind {kind!r} (kinds: {', '.join(INPAINT_KINDS)})")
+    out = []
+    for scene, edit in held_out_edits(count, _INPAINT_EDITS[kind], start, size):
+        obj = (edit.scene if kind == "insert" else scene).objects[edit.index]
+        out.append((scene, edit, disc_mask(size, obj.centre, obj.radius + INPAINT_MARGIN)))
+    return out
+
+
+@torch.no_grad()
+def inpaint_batch(unet, text_encoder, tokenizer, vae, images: np.ndarray, cells: np.ndarray, prompts: list[str],
+                  seeds, guidance: float = 7.5, steps: int = 20, scheduler_config=None, chunk: int = 32
+                  ) -> np.ndarray:
+    """A 9-channel inpainting UNet's outputs, plain DDIM (eta 0) with classifier-free guidance (the unconditional
+    half keeps the mask and the masked image, as diffusers' StableDiffusionInpaintPipeline does), from per-seed
+    noise; decoded as they are (no paste-back). `cells`: bool (B, h, w) hole cells."""
+    from pipelines.core.inpaint_inputs import cells_tensor, unet_input
+
+    if scheduler_config is None:
+        from training.train_unet import SCHEDULER
+
+        scheduler_config = SCHEDULER
+    out = []
+    for i in range(0, len(images), chunk):
+        texts, s = prompts[i:i + chunk], seeds[i:i + chunk]
+        masked = masked_latents(vae, images[i:i + chunk], cells[i:i + chunk]).to(unet.device, unet.dtype)
+        hole = cells_tensor(cells[i:i + chunk], unet.device, unet.dtype)
+        cond = embed(text_encoder, tokenizer, texts).to(unet.device, unet.dtype)
+        uncond = embed(text_encoder, tokenizer, [""] * len(texts)).to(unet.device, unet.dtype)
+        x = noise_for(s, (unet.config.out_channels, *masked.shape[2:]), unet.device).to(unet.dtype)
+
+        def eps(x_t, t, _k):
+            inputs = unet_input(x_t, hole, masked)
+            if guidance == 1.0:
+                return unet(inputs, t, encoder_hidden_states=cond).sample
+            e_u, e_c = unet(torch.cat([inputs, inputs]), t,
+                            encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            return e_u + guidance * (e_c - e_u)
+
+        for state in ddim.sample_with(eps, x, steps, scheduler_config):
+            x = state.latents
+        out.append(decode(vae, x))
+    return np.concatenate(out)
+
+
+def score_inpaint(output: np.ndarray, scene: world.Scene, edit: world.Edit, hole: np.ndarray, kind: str) -> dict:
+    """Read by the checker inside the hole (bool (H, W), the repainted pixels): insert / recolour succeed when an
+    object centred in the hole has the edited object's colour, shape and cell; remove when no object is centred in
+    it and the count is the edited scene's. psnr_outside: against the input outside the hole, before any
+    paste-back (what the VAE round trip and the UNet change there)."""
+    seen, target = check(output), edit.scene
+
+    def inside(o) -> bool:
+        x, y = (min(hole.shape[1] - 1, max(0, round(v))) for v in o["centre"])
+        return bool(hole[y, x])
+
+    row = {}
+    if kind == "remove":
+        row["success"] = not any(inside(o) for o in seen["objects"]) and len(seen["objects"]) == len(target.objects)
+    else:
+        obj = target.objects[edit.index]
+        found = nearest([o for o in seen["objects"] if inside(o)], obj.centre)
+        for name in ("colour", "shape", "cell"):
+            row[name] = found is not None and found[name] == getattr(obj, name)
+        row["success"] = row["colour"] and row["shape"] and row["cell"]
+    before = world.render(scene)
+    keep = ~hole
+    row["psnr_outside"] = psnr(output[keep], before[keep]) if keep.any() else float("nan")
+    return row
+
+
+def inpaint_accuracy(unet, text_encoder, tokenizer, vae, kind: str, count: int = 50, steps: int = 20,
+                     guidance: float = 7.5, scheduler_config=None, start: int = 0) -> dict:
+    """A 9-channel inpainting UNet on `count` held-out cases of `kind` (held_out_inpaints; the prompt is a caption
+    of the edited scene): success (and colour / shape for insert and recolour) and PSNR outside the hole cells."""
+    from pipelines.core.inpaint_inputs import hole_cells
+    from pipelines.core.masks import cells_to_image
+
+    cases = held_out_inpaints(count, kind, start)
+    f = vae_factor(vae)
+    images = np.stack([world.render(s) for s, _, _ in cases])
+    cells = np.stack([hole_cells(m, f) for _, _, m in cases])
+    prompts = [world.caption(e.scene, i) for i, (_, e, _) in enumerate(cases)]
+    outputs = inpaint_batch(unet, text_encoder, tokenizer, vae, images, cells, prompts, range(len(cases)), guidance,
+                            steps, scheduler_config)
+    scores = [score_inpaint(o, s, e, cells_to_image(c, f).astype(bool), kind)
+              for o, (s, e, _), c in zip(outputs, cases, cells)]
+    return {k: float(np.nanmean([s[k] for s in scores])) for k in scores[0]} | {"n": len(scores)}
