@@ -19,6 +19,7 @@ from .core.models import EMBEDDED_ID, default_source, embedded_available, load_m
 from .core.tiny_model import TINY_ID
 from .diffedit import DiffEditParams, diffedit_edit, diffedit_mask
 from .drag import DragParams, drag
+from .dreambooth import DreamBoothParams, dreambooth
 from .edit import EditParams, text_edit
 from .generate import GenerateParams, generate, generate_batch
 from .inpaint import InpaintParams, inpaint
@@ -178,6 +179,10 @@ class Studio:
 
     def drag(self, image, p: DragParams, mask=None, cache=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: drag(m, image, p, mask, cache, cancel, preview), cancel)
+
+    def dreambooth(self, images, p: DreamBoothParams, cancel=None) -> Job:
+        """Trains a DreamBooth LoRA on 3-5 images and loads it as adapter db_<token> (pipelines/dreambooth.py)."""
+        return self._exclusive(lambda m: dreambooth(m, images, p, cancel), cancel)
 
     def sdedit(self, image, p: SDEditParams, mask=None, cancel=None, preview=None) -> Job:
         return self._exclusive(lambda m: sdedit(m, image, p, mask, cancel, preview), cancel)
