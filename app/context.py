@@ -63,7 +63,7 @@ def lora_control_updates(model, n_controls: int, n_compare: int, n_drag: int) ->
 
 
 SEND_LABELS = {"generate": "Generate", "invert": "Invert", "edit": "Edit", "instruct": "Instruct",
-               "diffedit": "DiffEdit", "sdedit": "SDEdit", "drag": "Drag"}
+               "diffedit": "DiffEdit", "sdedit": "SDEdit", "drag": "Drag", "inpaint": "Inpaint"}
 
 
 @dataclass

@@ -47,7 +47,7 @@ _B64_ITEM = 4 * math.ceil(ITEM_BYTES / 3) + 4
 # which tab a result's parameters belong to ("task" in its metadata)
 TASK_TABS = {"generate": "generate", "interpolate": "interpolate", "interpolate_images": "interpolate-images",
              "invert": "invert", "edit": "edit", "instruct": "instruct", "diffedit": "diffedit",
-             "sdedit": "sdedit", "drag": "drag"}
+             "sdedit": "sdedit", "drag": "drag", "inpaint": "inpaint"}
 
 
 def _clean_value(value, depth: int = 0):

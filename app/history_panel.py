@@ -17,7 +17,7 @@ STORAGE_KEY = "diffusion-studio-history"
 # BrowserState encrypts with a secret it sends to the page anyway; a fixed one keeps the history readable after
 # the server restarts (a random one per start would lose it). The data is the visitor's own, in their browser.
 STORAGE_SECRET = "diffusion-studio-history"
-SEND_TARGETS = ("invert", "edit", "instruct", "diffedit", "sdedit", "drag")
+SEND_TARGETS = ("invert", "edit", "instruct", "diffedit", "sdedit", "drag", "inpaint")
 _ITEM_FILE = re.compile(r"history_([0-9a-f]{12})\.png$")
 
 

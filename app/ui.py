@@ -14,7 +14,19 @@ from .hosting import Hosting
 from .runner import GPU, progress_on_status
 from .sending import wire_send_rows
 from .sessions import SessionRegistry
-from .tabs import diffedit, drag, edit, generate, instruct, interpolate, invert, models, real_interpolate, sdedit
+from .tabs import (
+    diffedit,
+    drag,
+    edit,
+    generate,
+    inpaint,
+    instruct,
+    interpolate,
+    invert,
+    models,
+    real_interpolate,
+    sdedit,
+)
 
 
 def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting: Hosting | None = None) -> gr.Blocks:
@@ -35,6 +47,7 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
             ip2p = instruct.build(ctx)
             diffedit.build(ctx)
             sdedit.build(ctx)
+            inpaint.build(ctx)
             dragging = drag.build(ctx)
         history = history_panel.build()
         models.wire(ctx, panel, demo)

@@ -64,7 +64,7 @@ class InpaintParams:
 
 @dataclass
 class InpaintResult:
-    inpainted: ImageResult         # the result (pasted back when keep_unmasked), PNG metadata embedded
+    edited: ImageResult            # the result (pasted back when keep_unmasked), PNG metadata embedded
     source: Image.Image            # the input as the model saw it (resized)
     mask: np.ndarray               # bool (H, W): the latent cells regenerated, at image resolution
     decoded: Image.Image           # the plain VAE decode, before any paste-back

@@ -135,13 +135,13 @@ def test_pixels_outside_the_grown_cells_come_back_exactly(model9, tiny_model, pi
     r = run(model, picture, m)
     cells = hole_cells(m, 4)
     outside = ~cells_to_image(grow_cells(cells), 4)
-    got, src = pixels(r.inpainted.image), pixels(picture)
+    got, src = pixels(r.edited.image), pixels(picture)
     assert np.array_equal(got[outside], src[outside])
     assert np.abs(got[~outside] - src[~outside]).max() > 0
     assert not np.array_equal(pixels(r.decoded)[outside], src[outside])  # the VAE alone changes them
     assert np.array_equal(r.mask, cells_to_image(cells, 4))
     plain = run(model, picture, m, keep_unmasked=False)
-    assert np.array_equal(pixels(plain.inpainted.image), pixels(plain.decoded))
+    assert np.array_equal(pixels(plain.edited.image), pixels(plain.decoded))
 
 
 def test_seed_metadata_and_previews(model9, picture, mask):
@@ -151,7 +151,7 @@ def test_seed_metadata_and_previews(model9, picture, mask):
     r = events[-1].result
     assert torch.equal(r.latents, run(model9, picture, mask, seed=5).latents)
     assert not torch.equal(r.latents, run(model9, picture, mask, seed=6).latents)
-    meta = read_metadata(r.inpainted.image)
+    meta = read_metadata(r.edited.image)
     assert meta["task"] == "inpaint" and meta["seed"] == 5 and meta["inpaint_method"] == UNET
     assert meta["prompt"] == PROMPT and meta["steps_run"] == STEPS
 

@@ -88,7 +88,8 @@ def build(ctx: Context) -> None:
                                     height=180, elem_id="diffedit-heat")
                     used = gr.Image(label="Mask used", format="png", interactive=False, height=180,
                                     elem_id="diffedit-used")
-                ctx.send_row("diffedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
+                ctx.send_row("diffedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag", "inpaint"],
+                             "edited image")
 
     ctx.receiver("diffedit", editor, source, kind="editor")  # "Send to DiffEdit" (app/sending.py)
     mask_out = Outputs(editor=editor, heat=heat, status=status)

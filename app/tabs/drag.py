@@ -144,7 +144,8 @@ def build(ctx: Context) -> DragTab:
                     r_original = gr.Image(label="Original", format="png", interactive=False, height=256)
                     r_result = gr.Image(label="Dragged", format="png", type="filepath", interactive=False,
                                         height=256, elem_id="drag-result")
-                ctx.send_row("drag", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "dragged image")
+                ctx.send_row("drag", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag", "inpaint"],
+                             "dragged image")
 
     def on_upload(path, request: gr.Request):
         if not path:

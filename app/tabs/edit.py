@@ -87,7 +87,8 @@ def build(ctx: Context) -> EditTab:
                                      elem_id="edit-recon")
                     mask = gr.Image(label="Local blend mask", format="png", interactive=False, height=200,
                                     elem_id="edit-mask")
-                ctx.send_row("edit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "edited image")
+                ctx.send_row("edit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag", "inpaint"],
+                             "edited image")
 
     out = Outputs(preview=preview, edited=edited, reconstruction=recon, mask=mask, status=status)
 

@@ -63,6 +63,7 @@ def build(ctx: Context) -> GenerateTab:
                     send_edit = gr.Button("Send to Edit")
                     send_ip2p = gr.Button("Send to Instruct")
                     send_drag = gr.Button("Send to Drag", elem_id="gen-send-drag")
+                ctx.send_row("generate", ["inpaint"], "generated image")  # wired by app/sending.py
 
     # The /generate endpoint keeps its four outputs and its errors (a width of 100 is refused, as in the Python
     # API and the CLI); the page's button snaps typed sizes and also streams the batch into the gallery.

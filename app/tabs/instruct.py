@@ -133,7 +133,7 @@ def build(ctx: Context) -> InstructTab:
                                    elem_id="ip2p-preview")
                 result = gr.Image(label="Edited", format="png", type="filepath", interactive=False, height=256,
                                   elem_id="ip2p-result")
-                ctx.send_row("instruct", ["invert", "edit", "diffedit", "sdedit", "drag"], "edited image")
+                ctx.send_row("instruct", ["invert", "edit", "diffedit", "sdedit", "drag", "inpaint"], "edited image")
 
     out = Outputs(preview=preview, edited=result, seed=seed, text_guidance=text_g, image_guidance=image_g,
                   status=status)

@@ -79,7 +79,7 @@ def build(ctx: Context) -> InvertTab:
                                    elem_id="inv-loss")
                 metrics = gr.JSON(label="Reconstruction metrics (PSNR / SSIM / MSE) and UNet evaluations")
                 send_edit = gr.Button("Edit this image (reuses the inversion)")
-                ctx.send_row("invert", ["instruct", "diffedit", "sdedit", "drag"], "reconstruction")
+                ctx.send_row("invert", ["instruct", "diffedit", "sdedit", "drag", "inpaint"], "reconstruction")
 
     out = Outputs(preview=preview, source=source, reconstruction=recon, loss=loss, metrics=metrics, status=status)
 

@@ -67,7 +67,8 @@ def build(ctx: Context) -> None:
                 chosen = gr.Image(label="Chosen result", type="filepath", format="png", interactive=False, height=256,
                                   elem_id="sdedit-chosen")
                 made = gr.State([])  # this run's candidate files, server-side: a pick is an index into them
-                ctx.send_row("sdedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag"], "picked result")
+                ctx.send_row("sdedit", ["invert", "edit", "instruct", "diffedit", "sdedit", "drag", "inpaint"],
+                             "picked result")
 
     ctx.receiver("sdedit", canvas, prompt, kind="editor")  # "Send to SDEdit" (app/sending.py)
     out = Outputs(preview=preview, candidates=gallery, chosen=chosen, made=made, status=status)
