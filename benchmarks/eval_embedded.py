@@ -482,6 +482,91 @@ def sdedit_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+INPAINT_STEPS = 20
+INPAINT_START = 1000     # held-out cases after the ones the trainer's quick look (inpaint_accuracy) reads
+SEAM_RING = 2            # px: the ring inside the paste-back edge whose colour error is the seam
+
+
+def seam_ring(region: np.ndarray, width: int = SEAM_RING) -> np.ndarray:
+    """The `width`-px ring of `region` (bool) along its edge, inside it: regenerated pixels next to pasted ones."""
+    import cv2
+
+    inner = cv2.erode(region.astype(np.uint8), np.ones((2 * width + 1, 2 * width + 1), np.uint8),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=1)
+    return region & ~inner.astype(bool)
+
+
+def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: int, blend: bool) -> dict:
+    """One held-out inpainting case through the studio's pipeline (keep_unmasked on): the checker's reading inside
+    the hole (evaluation.score_inpaint, on the pasted-back result), PSNR outside the hole before paste-back and
+    outside the grown cells after it, the seam's colour error, and for removals the background's error in the
+    hole."""
+    from pipelines.core.masks import cells_to_image, grow_cells
+    from pipelines.inpaint import InpaintParams, inpaint
+
+    image = world.render(scene)
+    p = InpaintParams(world.caption(edit.scene, seed), steps=INPAINT_STEPS, guidance=7.5, seed=seed, blend=blend)
+    res = run_to_end(inpaint(model, image, mask, p))
+    after, before = np.asarray(res.edited.image), np.asarray(res.decoded)
+    hole = res.mask
+    f = model.vae_factor
+    region = cells_to_image(grow_cells(hole[::f, ::f]), f).astype(bool)
+    row = evaluation.score_inpaint(after, scene, edit, hole, kind)
+    row["psnr_before"] = evaluation.psnr(before[~hole], image[~hole]) if (~hole).any() else float("nan")
+    row["psnr_after"] = evaluation.psnr(after[~region], image[~region]) if (~region).any() else float("nan")
+    ring = seam_ring(region)
+    row["seam"] = float(np.abs(after[ring].astype(float) - image[ring]).mean()) if ring.any() else float("nan")
+    if kind == "remove":
+        truth = world.render(edit.scene)
+        row["background_error"] = float(np.abs(after[hole].astype(float) - truth[hole]).mean())
+    return row
+
+
+@row_group("inpaint")
+def inpaint_rows(ctx: Context) -> list[Row]:
+    """Inpainting on held-out world scenes (evaluation.held_out_inpaints: the hole is the edited object's bounding
+    circle grown 3 px), the caption of the edited scene as the prompt, through the studio's pipeline (DDIM 20
+    steps, guidance 7.5, keep unmasked on), with the model's 9-channel inpainting UNet and with the 4-channel
+    latent blend: insert (an object where there was none), recolour / replace (the object's blob masked, the
+    caption's colour), remove (the caption leaves the object out). Success is the checker's reading inside the
+    hole; PSNR outside the hole before paste-back (the VAE round trip and the UNet) and outside the grown cells
+    after it (exact: 100 dB, the cap); the seam is the mean colour error (0-255) in the 2-px ring inside the
+    paste-back edge; removals also give the background's error inside the hole."""
+    if not ctx.model.has_inpaint_unet():
+        return [Row("inpaint", "skipped: no inpainting UNet", float("nan"),
+                    note="the model folder has no unet_inpaint/ (train it: training/train_inpaint.py)")]
+    count = ctx.n(24, 8)
+    methods = {"9-channel UNet": False, "4-channel blend": True}
+    rows, success = [], {name: [] for name in methods}
+    for kind in evaluation.INPAINT_KINDS:
+        cases = evaluation.held_out_inpaints(count, kind, INPAINT_START)
+        for name, blend in methods.items():
+            scores = [inpaint_case_scores(ctx.model, scene, edit, mask, kind, k, blend)
+                      for k, (scene, edit, mask) in enumerate(cases)]
+            success[name] += [sc["success"] for sc in scores]
+
+            def mean(key, scores=scores):
+                return float(np.nanmean([sc[key] for sc in scores]))
+
+            group, n = f"inpaint {kind}", len(scores)
+            rows.append(Row(group, f"{name}: success", mean("success"), "", "", n, "checker, inside the hole"))
+            if kind != "remove":
+                rows += [Row(group, f"{name}: colour", mean("colour"), "", "", n),
+                         Row(group, f"{name}: shape", mean("shape"), "", "", n)]
+            else:
+                rows.append(Row(group, f"{name}: background error in the hole", mean("background_error"), "",
+                                "0-255", n, "mean |RGB - the scene without the object|"))
+            rows += [Row(group, f"{name}: PSNR outside, before paste-back", mean("psnr_before"), "", "dB", n),
+                     Row(group, f"{name}: PSNR outside, after paste-back", mean("psnr_after"), ">= 100", "dB", n,
+                         "outside the hole's cells grown by one: exact (100 = the cap)"),
+                     Row(group, f"{name}: seam colour error", mean("seam"), "", "0-255", n,
+                         f"{SEAM_RING}-px ring inside the paste-back edge, against the input")]
+    for name in methods:
+        rows.append(Row("inpaint", f"{name}: success, all kinds", float(np.mean(success[name])), "", "",
+                        len(success[name])))
+    return rows
+
+
 # drag settings tuned for this model (start 500 scenes); the "smooth" group uses them too
 DRAG_TUNED = dict(latent_lr=0.03, inversion_strength=0.5, r1=2, drag_iterations=160)
 

@@ -274,3 +274,45 @@ def test_unet_inpaint_folder_and_inpainting_checkpoint_load(tiny_model, unet9, p
     with pytest.raises(InputError, match="no text-to-image UNet"):
         run(hub_like, picture, mask, blend=True)
     assert not tiny_model.is_inpaint and not tiny_model.has_inpaint_unet()
+
+
+# ------------------------------------------------------------------------------------------ the eval rows
+def test_the_eval_rows_run_both_methods_on_the_same_cases(model9, tiny_model, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import eval_embedded
+
+    monkeypatch.setattr(eval_embedded, "INPAINT_STEPS", 2)
+    monkeypatch.setattr(eval_embedded.Context, "n", lambda self, full, quick: 1)
+    skipped = eval_embedded.GROUPS["inpaint"](eval_embedded.Context(tiny_model, quick=True))
+    assert len(skipped) == 1 and "skipped" in skipped[0].metric and skipped[0].passed is None
+    rows = eval_embedded.GROUPS["inpaint"](eval_embedded.Context(model9, quick=True))
+    by = {(r.group, r.metric): r for r in rows}
+    assert len(by) == len(rows)
+    for kind in ("insert", "recolour", "remove"):
+        for name in ("9-channel UNet", "4-channel blend"):
+            after = by[(f"inpaint {kind}", f"{name}: PSNR outside, after paste-back")]
+            before = by[(f"inpaint {kind}", f"{name}: PSNR outside, before paste-back")]
+            assert after.value == 100.0 and after.passed and before.value < 60
+            assert 0 <= by[(f"inpaint {kind}", f"{name}: success")].value <= 1
+            assert by[(f"inpaint {kind}", f"{name}: seam colour error")].value >= 0
+    assert ("inpaint remove", "9-channel UNet: background error in the hole") in by
+    assert by[("inpaint", "4-channel blend: success, all kinds")].n == 3
+
+
+def test_seam_ring_is_the_inner_edge():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from eval_embedded import seam_ring
+
+    region = np.zeros((16, 16), bool)
+    region[4:12, 4:12] = True
+    ring = seam_ring(region, 2)
+    assert ring.sum() == 64 - 16 and ring[4, 4] and ring[5, 5] and not ring[6, 6] and not ring[3, 3]
+    edge = np.zeros((16, 16), bool)
+    edge[:, :8] = True  # along the image border there is no seam
+    assert not seam_ring(edge, 2)[:, :6].any() and seam_ring(edge, 2)[:, 6:8].all()
