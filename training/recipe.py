@@ -89,6 +89,12 @@ SINGDIFFUSION_STEPS = 3000
 # 18.3 dB at 3600 steps). Batch 16 on the instruct stage's cached triplets.
 CODI = (*_BF16, "--mode", "pe", "--lr", "1e-3", "--seed", "2", "--batch", "16")
 CODI_STEPS = 8100
+# The 9-channel inpainting UNet (training/train_inpaint.py) from the finished base UNet: the instruct stage's batch,
+# rate and conv_in multiple (its zeroed inputs stall without one), hole cells weighted 3, a fifth removal pairs, gray
+# backgrounds drawn twice as often, on 10000 cached (scene, mask) samples
+INPAINT = (*_BF16, "--batch", "16", "--lr", "3e-4", "--warmup", "100", "--input-lr-mult", "3", "--hole-weight", "3",
+           "--remove-share", "0.2", "--gray-factor", "2", "--samples", "10000")
+INPAINT_STEPS = 5000
 
 # Step budgets: the committed weights' (training/README.md tells how they were really made), except the ones
 # session 17 cut to fit the 3-hour budget (the decoder, the UNets, InstructPix2Pix; each checked, see below).
@@ -135,6 +141,10 @@ STAGES = (
     # exported into the studio folder's codi/. CODI says where its settings come from.
     Stage("codi", "train_codi", ("--base", "{out}/model", "--data-dir", "{out}/instruct/data",
                                  "--export", "{out}/model/codi", *CODI), CODI_STEPS, _TINY_INSTRUCT),
+    # The inpainting UNet, exported into the studio folder's unet_inpaint/ (float16, with inpaint.json). INPAINT
+    # says where its settings come from.
+    Stage("inpaint", "train_inpaint", ("--base", "{out}/model", "--export", "{out}/model/unet_inpaint", *INPAINT),
+          INPAINT_STEPS, ("--samples", "16", "--batch", "4", "--eval-count", "1", "--eval-steps", "2", *_QUIET)),
 )
 
 
