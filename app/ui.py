@@ -24,6 +24,7 @@ from .tabs import (
     interpolate,
     invert,
     models,
+    personalize,
     real_interpolate,
     sdedit,
 )
@@ -49,8 +50,10 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
             sdedit.build(ctx)
             inpaint.build(ctx)
             dragging = drag.build(ctx)
+            personal = personalize.build(ctx)
         history = history_panel.build()
         models.wire(ctx, panel, demo)
+        personalize.wire(ctx, personal, panel.active)
         wire_handoffs(ctx, gen, seeds, inv, ed, ip2p, dragging)
         ctx.receiver("invert", inv.input, inv.prompt)
         ctx.receiver("edit", ed.input, ed.source_prompt)
