@@ -358,6 +358,82 @@ def default_out_dir() -> Path:
 # --------------------------------------------------------------------------------------------- the job
 
 
+@dataclass
+class TrainingData:
+    """What every step draws from: the instance posteriors and prompt embeddings, the class latents and theirs."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    instance_cond: torch.Tensor
+    pool: torch.Tensor | None = None           # class latents (CPU), None without prior preservation
+    class_cond: torch.Tensor | None = None     # one embedding per class latent
+
+
+def training_data(model, prepared: Sequence[Image.Image], p: DreamBoothParams, cancel: CancelToken | None = None,
+                  total: int | None = None) -> Generator[Progress, None, TrainingData]:
+    """Encodes the instance images and prompts once and samples (or reuses) the class latents; call inside
+    `peft_state_restored` with every adapter off (the frozen model)."""
+    yield Progress("preparing", 0, total or 1, message=f"Encoding {len(prepared)} images")
+    mean, std = encode_instances(model, prepared)
+    data = TrainingData(mean, std, _embed(model, instance_prompts_of(p, len(prepared))))
+    if p.prior:
+        prompts = class_prompts_of(p)
+        data.pool = yield from class_latents(model, prompts, p.seed, p.prior_images, prepared[0].size,
+                                             p.prior_steps, p.guidance, cancel, 0, total)
+        data.class_cond = _embed(model, [prompts[i % len(prompts)] for i in range(p.prior_images)])
+    return data
+
+
+def next_batch(data: TrainingData, gen: torch.Generator, device) -> dict:
+    """One step's batch: every instance item, and as many class latents drawn from the pool (without repeats
+    while the pool lasts)."""
+    batch = {"mean": data.mean, "std": data.std, "instance_cond": data.instance_cond}
+    if data.pool is not None:
+        n = len(data.mean)
+        pick = torch.randperm(len(data.pool), generator=gen)[:n]
+        pick = torch.cat([pick, torch.randint(0, len(data.pool), (n - len(pick),), generator=gen)])
+        batch["class_latents"] = data.pool[pick].to(device)
+        batch["class_cond"] = data.class_cond[pick.to(data.class_cond.device)]
+    return batch
+
+
+def start_training(unet, p: DreamBoothParams) -> list[torch.nn.Parameter]:
+    """Adds the training adapter and makes it the only active one, every other LoRA weight frozen; returns its
+    parameters (requiring grad). Call inside `peft_state_restored`."""
+    params = add_training_adapter(unet, p.rank, p.seed)
+    unet.enable_lora()
+    unet.set_adapters([TRAINING_ADAPTER], [1.0])
+    freeze_lora(unet)
+    for prm in params:
+        prm.requires_grad_(True)
+    return params
+
+
+def optimizer_for(params, p: DreamBoothParams) -> torch.optim.Optimizer:
+    """AdamW at a constant learning rate (no warm-up), as diffusers' script otherwise."""
+    return torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY, eps=1e-8)
+
+
+def trained_state(unet) -> dict[str, torch.Tensor]:
+    """The training adapter's weights (peft names, float32, CPU)."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in
+            get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER).items()}
+
+
+def sidecar_info(model, p: DreamBoothParams, prepared: Sequence[Image.Image], losses: dict, seconds: float) -> dict:
+    """What the JSON sidecar records: identifier, class, prompts, settings, base model, instance image hashes."""
+    prior = losses.get("prior") or []
+    return {"format": "studio-dreambooth", "version": FORMAT_VERSION, "adapter": p.adapter, "token": p.token,
+            "class_word": p.class_word, "instance_prompts": instance_prompts_of(p, len(prepared)),
+            "class_prompts": class_prompts_of(p), "steps": p.steps, "lr": p.lr, "rank": p.rank, "alpha": p.rank,
+            "targets": TARGETS, "prior": p.prior, "prior_images": p.prior_images if p.prior else 0,
+            "prior_weight": p.prior_weight, "seed": p.seed, "size": list(prepared[0].size), "base_model": model.id,
+            "base_label": model.label, "trained_with_adapters": [],
+            "instance_images_sha256": [image_hash(im) for im in prepared],
+            "final_instance_loss": (losses.get("instance") or [None])[-1],
+            "final_prior_loss": prior[-1] if p.prior and prior else None, "seconds": round(seconds, 1),
+            "params": {k: v for k, v in asdict(p).items() if k != "out_dir"}}
+
+
 def dreambooth(model, images: Sequence, p: DreamBoothParams, cancel: CancelToken | None = None
                ) -> Generator[Progress, None, DreamBoothResult]:
     """Trains the concept, saves it and loads it as adapter `db_<token>` (see the module doc). `images`: 3-5
@@ -366,10 +442,7 @@ def dreambooth(model, images: Sequence, p: DreamBoothParams, cancel: CancelToken
     prepared, p = validate(model, images, p)
     size = prepared[0].size
     unet = model.unet
-    inst_prompts = instance_prompts_of(p, len(prepared))
-    cls_prompts = class_prompts_of(p)
-    n_inst = len(prepared)
-    n_class = n_inst if p.prior else 0
+    token_prompt, class_prompt = instance_prompts_of(p, len(prepared))[0], class_prompts_of(p)[0]
     class_calls = p.prior_images * p.prior_steps if p.prior else 0
     total = class_calls + p.steps
     losses: dict[str, list[float]] = {"instance": [], "prior": []}
@@ -377,21 +450,9 @@ def dreambooth(model, images: Sequence, p: DreamBoothParams, cancel: CancelToken
     with peft_state_restored(unet):
         if adapter_configs(unet):
             unet.disable_lora()          # the frozen model: every loaded adapter off (put back on exit)
-        yield Progress("preparing", 0, total, message=f"Encoding {n_inst} images")
-        mean, std = encode_instances(model, prepared)
-        instance_cond = _embed(model, inst_prompts)
-        pool = None
-        if p.prior:
-            pool = yield from class_latents(model, cls_prompts, p.seed, p.prior_images, size, p.prior_steps,
-                                            p.guidance, cancel, 0, total)
-            class_cond_all = _embed(model, [cls_prompts[i % len(cls_prompts)] for i in range(p.prior_images)])
-        params = add_training_adapter(unet, p.rank, p.seed)
-        unet.enable_lora()
-        unet.set_adapters([TRAINING_ADAPTER], [1.0])
-        freeze_lora(unet)
-        for prm in params:
-            prm.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY, eps=1e-8)
+        data = yield from training_data(model, prepared, p, cancel, total)
+        params = start_training(unet, p)
+        opt = optimizer_for(params, p)
         fp16 = model.device.type == "cuda" and model.dtype == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         state = {"sched": DDPMScheduler.from_config(model.scheduler_config), "prior_weight": p.prior_weight}
@@ -400,12 +461,7 @@ def dreambooth(model, images: Sequence, p: DreamBoothParams, cancel: CancelToken
             for step in range(p.steps):
                 if cancel is not None:
                     cancel.check()
-                batch = {"mean": mean, "std": std, "instance_cond": instance_cond}
-                if pool is not None:
-                    pick = torch.randperm(len(pool), generator=gen)[:n_class]
-                    pick = torch.cat([pick, torch.randint(0, len(pool), (n_class - len(pick),), generator=gen)])
-                    batch["class_latents"] = pool[pick].to(model.device)
-                    batch["class_cond"] = class_cond_all[pick.to(class_cond_all.device)]
+                batch = next_batch(data, gen, model.device)
                 with torch.enable_grad():
                     loss, inst, prior = training_step(model, state, batch, gen)
                     scaler.scale(loss).backward()
@@ -420,32 +476,19 @@ def dreambooth(model, images: Sequence, p: DreamBoothParams, cancel: CancelToken
                                                                                     losses.items()},
                                kind=Kind.LOSSES, message=message, stage_step=step + 1, stage_total=p.steps)
                 if p.preview_every and ((step + 1) % p.preview_every == 0 or step + 1 == p.steps):
-                    last_preview = preview_pair(model, inst_prompts[0], cls_prompts[0], p.seed, size,
-                                                p.preview_steps, p.guidance, cancel)
+                    last_preview = preview_pair(model, token_prompt, class_prompt, p.seed, size, p.preview_steps,
+                                                p.guidance, cancel)
                     yield Progress("training", class_calls + step + 1, total, preview=last_preview,
-                                   message=f"Preview at step {step + 1}: {inst_prompts[0]!r} | {cls_prompts[0]!r}",
+                                   message=f"Preview at step {step + 1}: {token_prompt!r} | {class_prompt!r}",
                                    stage_step=step + 1, stage_total=p.steps)
-            trained = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in
-                       get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER).items()}
+            trained = trained_state(unet)
         finally:
             for prm in params:
                 prm.grad = None
     # the UNet is as before training (peft_state_restored): now the adapter goes to a file and loads from it
     seconds = time.perf_counter() - started
-    info = {"format": "studio-dreambooth", "version": FORMAT_VERSION, "adapter": p.adapter, "token": p.token,
-            "class_word": p.class_word, "instance_prompts": inst_prompts, "class_prompts": cls_prompts,
-            "steps": p.steps, "lr": p.lr, "rank": p.rank, "alpha": p.rank, "targets": TARGETS,
-            "prior": p.prior, "prior_images": p.prior_images if p.prior else 0, "prior_weight": p.prior_weight,
-            "seed": p.seed, "size": list(size), "base_model": model.id, "base_label": model.label,
-            "trained_with_adapters": [], "instance_images_sha256": [image_hash(im) for im in prepared],
-            "final_instance_loss": losses["instance"][-1], "seconds": round(seconds, 1),
-            "params": {k: v for k, v in asdict(p).items() if k != "out_dir"}}
-    if not p.prior:
-        info["final_prior_loss"] = None
-    else:
-        info["final_prior_loss"] = losses["prior"][-1]
     folder = Path(p.out_dir) if p.out_dir else default_out_dir()
-    path, sidecar = save_adapter(trained, folder, p.adapter, p.rank, info)
+    path, sidecar = save_adapter(trained, folder, p.adapter, p.rank, sidecar_info(model, p, prepared, losses, seconds))
     name = load_lora(model, str(path), p.adapter)
     info = json.loads(sidecar.read_text())
     result = DreamBoothResult(name, path, sidecar, losses, seconds, info, last_preview)
