@@ -773,6 +773,104 @@ def singdiffusion_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+@row_group("dreambooth")
+def dreambooth_rows(ctx: Context) -> list[Row]:
+    """DreamBooth on a shape the world never draws: the heart test of training/train_dreambooth.py (4 world-style
+    hearts, identifier 'zqx', class 'circle'), trained through the studio's pipeline with prior preservation (16
+    world captions of circles, weight 1) and without; held-out colours, cells, backgrounds and seeds
+    (training/novel_shapes.py). A heart is read when the heart template fits the detected object better than every
+    world shape. Plain held-out prompts (no identifier) check the world's shapes with each adapter on and off."""
+    import tempfile
+
+    from pipelines.core.lora import SMOOTH_NAME, unload_lora
+    from pipelines.core.peft_state import adapters_active, peft_state_restored
+    from pipelines.dreambooth import DreamBoothParams, dreambooth
+    from training import novel_shapes
+    from training.train_dreambooth import (
+        WORLD_CLASS,
+        WORLD_LR,
+        WORLD_PRIOR_IMAGES,
+        WORLD_STEPS,
+        WORLD_TOKEN,
+        world_heart_inputs,
+    )
+
+    model = ctx.model
+    unet, te, tok, vae = ctx.modules
+    cfg = model.scheduler_config
+    images, captions, class_prompts = world_heart_inputs(WORLD_TOKEN, WORLD_CLASS, WORLD_PRIOR_IMAGES)
+    n_token, n_plain = ctx.n(32, 12), ctx.n(48, 16)
+    items = novel_shapes.held_out_hearts(n_token, f"{WORLD_TOKEN} {WORLD_CLASS}")
+    plain = evaluation.held_out_scenes(n_plain, 1)
+
+    def train(prior: bool, token: str) -> tuple[str, float]:
+        p = DreamBoothParams(token, WORLD_CLASS, steps=WORLD_STEPS, lr=WORLD_LR, prior=prior,
+                             prior_images=WORLD_PRIOR_IMAGES,
+                             instance_prompts=tuple(c.replace(WORLD_TOKEN, token) for c in captions),
+                             class_prompts=tuple(class_prompts), preview_every=0,
+                             out_dir=tempfile.mkdtemp(prefix="dreambooth_eval_"))
+        t0 = time.perf_counter()
+        result = run_to_end(dreambooth(model, images, p))
+        return result.name, time.perf_counter() - t0
+
+    def hearts(adapters: dict, token: str = WORLD_TOKEN) -> tuple[float, float]:
+        with peft_state_restored(unet), adapters_active(unet, adapters):
+            out = evaluation.generate_batch(unet, te, tok, vae, [t.replace(WORLD_TOKEN, token) for t, _, _ in items],
+                                            range(len(items)), scheduler_config=cfg)
+        found = [evaluation.nearest(novel_shapes.read_objects(im), heart.centre) for im, (_, _, heart) in
+                 zip(out, items)]
+        return (float(np.mean([f is not None and f["shape5"] == novel_shapes.HEART for f in found])),
+                float(np.mean([f is not None and f["colour"] == h.colour for f, (_, _, h) in zip(found, items)])))
+
+    def plain_scores(adapters: dict) -> tuple[float, float]:
+        with peft_state_restored(unet), adapters_active(unet, adapters):
+            out = evaluation.generate_batch(unet, te, tok, vae, [t for t, _ in plain], range(len(plain)),
+                                            scheduler_config=cfg)
+        shape = [evaluation.score_generation(im, scene)["shape"] for im, (_, scene) in zip(out, plain)]
+        leak = [any(o["shape5"] == novel_shapes.HEART for o in novel_shapes.read_objects(im)) for im in out]
+        return float(np.mean(shape)), float(np.mean(leak))
+
+    names = []
+    try:
+        name, seconds = train(True, WORLD_TOKEN)
+        names.append(name)
+        shape_off, leak_off = plain_scores({})
+        base_success, _ = hearts({})
+        rows = [Row("dreambooth", "token prompts without an adapter: heart", base_success, "", "", n_token,
+                    "the frozen model never draws one"),
+                Row("dreambooth", "plain prompts: shape, no adapter", shape_off, "", "", n_plain,
+                    f"t2i one-object held-out captions; hearts read: {leak_off:.3f}")]
+        for prior, label in ((True, "prior on"), (False, "prior off")):
+            if not prior:
+                name, seconds = train(False, "zqv")
+                names.append(name)
+            success, colour = hearts({name: 1.0}, WORLD_TOKEN if prior else "zqv")
+            shape_on, leak_on = plain_scores({name: 1.0})
+            rows += [Row("dreambooth", f"{label}: training time (4 images)", seconds, "<= 300", "s", WORLD_STEPS,
+                         f"{WORLD_STEPS} steps, lr {WORLD_LR:g}, rank 4"
+                         + (f", {WORLD_PRIOR_IMAGES} class images" if prior else "")
+                         + f", {torch.get_num_threads()} thread(s)"),
+                     Row("dreambooth", f"{label}: token prompts: heart", success, ">= 0.7", "", n_token,
+                         "held-out colours, cells, backgrounds and seeds"),
+                     Row("dreambooth", f"{label}: token prompts: object colour", colour, "", "", n_token),
+                     Row("dreambooth", f"{label}: plain prompts: shape, adapter on", shape_on, "", "", n_plain),
+                     Row("dreambooth", f"{label}: plain prompts: shape drop (off - on)", shape_off - shape_on,
+                         "<= 0.05", "", n_plain),
+                     Row("dreambooth", f"{label}: plain prompts: hearts (leakage)", leak_on, "<= 0.05", "",
+                         n_plain)]
+        if SMOOTH_NAME in model.loras:
+            both, _ = hearts({names[0]: 1.0, SMOOTH_NAME: 1.0})
+            shape_both, _ = plain_scores({names[0]: 1.0, SMOOTH_NAME: 1.0})
+            rows += [Row("dreambooth", "prior on, with the Smooth LoRA: token prompts: heart", both, "", "", n_token,
+                         "both adapters on at 1.0"),
+                     Row("dreambooth", "prior on, with the Smooth LoRA: plain prompts: shape", shape_both, "", "",
+                         n_plain)]
+    finally:
+        for name in names:
+            unload_lora(model, name)
+    return rows
+
+
 @row_group("speed")
 def speed_rows(ctx: Context) -> list[Row]:
     from pipelines.generate import GenerateParams, generate
