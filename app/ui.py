@@ -48,8 +48,8 @@ def build_demo(studio: Studio, sessions: SessionRegistry | None = None, hosting:
             ip2p = instruct.build(ctx)
             diffedit.build(ctx)
             sdedit.build(ctx)
-            inpaint.build(ctx)
             dragging = drag.build(ctx)
+            inpaint.build(ctx)  # the newer tabs last: the tab bar folds the ones that do not fit into a menu
             personal = personalize.build(ctx)
         history = history_panel.build()
         models.wire(ctx, panel, demo)
