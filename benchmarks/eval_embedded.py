@@ -496,7 +496,8 @@ def seam_ring(region: np.ndarray, width: int = SEAM_RING) -> np.ndarray:
     return region & ~inner.astype(bool)
 
 
-def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: int, blend: bool) -> dict:
+def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: int, blend: bool,
+                        guidance: float = 7.5) -> dict:
     """One held-out inpainting case through the studio's pipeline (keep_unmasked on): the checker's reading inside
     the hole (evaluation.score_inpaint, on the pasted-back result), PSNR outside the hole before paste-back and
     outside the grown cells after it, the seam's colour error, and for removals the background's error in the
@@ -505,7 +506,7 @@ def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: i
     from pipelines.inpaint import InpaintParams, inpaint
 
     image = world.render(scene)
-    p = InpaintParams(world.caption(edit.scene, seed), steps=INPAINT_STEPS, guidance=7.5, seed=seed, blend=blend)
+    p = InpaintParams(world.caption(edit.scene, seed), steps=INPAINT_STEPS, guidance=guidance, seed=seed, blend=blend)
     res = run_to_end(inpaint(model, image, mask, p))
     after, before = np.asarray(res.edited.image), np.asarray(res.decoded)
     hole = res.mask
@@ -526,22 +527,28 @@ def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: i
 def inpaint_rows(ctx: Context) -> list[Row]:
     """Inpainting on held-out world scenes (evaluation.held_out_inpaints: the hole is the edited object's bounding
     circle grown 3 px), the caption of the edited scene as the prompt, through the studio's pipeline (DDIM 20
-    steps, guidance 7.5, keep unmasked on), with the model's 9-channel inpainting UNet and with the 4-channel
-    latent blend: insert (an object where there was none), recolour / replace (the object's blob masked, the
-    caption's colour), remove (the caption leaves the object out). Success is the checker's reading inside the
-    hole; PSNR outside the hole before paste-back (the VAE round trip and the UNet) and outside the grown cells
-    after it (exact: 100 dB, the cap); the seam is the mean colour error (0-255) in the 2-px ring inside the
-    paste-back edge; removals also give the background's error inside the hole."""
+    steps, keep unmasked on), with the model's 9-channel inpainting UNet at the model's recommended guidance and
+    at the reference 7.5, and with the 4-channel latent blend at 7.5: insert (an object where there was none),
+    recolour / replace (the object's blob masked, the caption's colour), remove (the caption leaves the object
+    out). Success is the checker's reading inside the hole; PSNR outside the hole before paste-back (the VAE
+    round trip and the UNet) and outside the grown cells after it (exact: 100 dB, the cap); the seam is the mean
+    colour error (0-255) in the 2-px ring inside the paste-back edge; removals also give the background's error
+    inside the hole."""
     if not ctx.model.has_inpaint_unet():
         return [Row("inpaint", "skipped: no inpainting UNet", float("nan"),
                     note="the model folder has no unet_inpaint/ (train it: training/train_inpaint.py)")]
+    from pipelines.recommended import recommended
+
     count = ctx.n(24, 8)
-    methods = {"9-channel UNet": False, "4-channel blend": True}
+    g = recommended(ctx.model, "inpaint")["guidance"]
+    methods = {f"9-channel UNet, guidance {g:g}": (False, g), "4-channel blend, guidance 7.5": (True, 7.5)}
+    if g != 7.5:
+        methods["9-channel UNet, guidance 7.5"] = (False, 7.5)
     rows, success = [], {name: [] for name in methods}
     for kind in evaluation.INPAINT_KINDS:
         cases = evaluation.held_out_inpaints(count, kind, INPAINT_START)
-        for name, blend in methods.items():
-            scores = [inpaint_case_scores(ctx.model, scene, edit, mask, kind, k, blend)
+        for name, (blend, guidance) in methods.items():
+            scores = [inpaint_case_scores(ctx.model, scene, edit, mask, kind, k, blend, guidance)
                       for k, (scene, edit, mask) in enumerate(cases)]
             success[name] += [sc["success"] for sc in scores]
 

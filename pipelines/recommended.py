@@ -16,10 +16,12 @@ import dataclasses
 import math
 
 from .drag import DragParams
+from .inpaint import InpaintParams
 from .sdedit import SDEditParams
 
 SECTION = "recommended"
-METHODS = {"drag": DragParams, "sdedit": SDEditParams}   # the methods a folder may recommend settings for
+# the methods a folder may recommend settings for
+METHODS = {"drag": DragParams, "sdedit": SDEditParams, "inpaint": InpaintParams}
 
 
 def reference(method: str) -> dict:

@@ -292,14 +292,15 @@ def test_the_eval_rows_run_both_methods_on_the_same_cases(model9, tiny_model, mo
     by = {(r.group, r.metric): r for r in rows}
     assert len(by) == len(rows)
     for kind in ("insert", "recolour", "remove"):
-        for name in ("9-channel UNet", "4-channel blend"):
+        for name in ("9-channel UNet, guidance 7.5", "4-channel blend, guidance 7.5"):  # no recommendation
             after = by[(f"inpaint {kind}", f"{name}: PSNR outside, after paste-back")]
             before = by[(f"inpaint {kind}", f"{name}: PSNR outside, before paste-back")]
             assert after.value == 100.0 and after.passed and before.value < 60
             assert 0 <= by[(f"inpaint {kind}", f"{name}: success")].value <= 1
             assert by[(f"inpaint {kind}", f"{name}: seam colour error")].value >= 0
-    assert ("inpaint remove", "9-channel UNet: background error in the hole") in by
-    assert by[("inpaint", "4-channel blend: success, all kinds")].n == 3
+    assert ("inpaint remove", "9-channel UNet, guidance 7.5: background error in the hole") in by
+    assert by[("inpaint", "4-channel blend, guidance 7.5: success, all kinds")].n == 3
+    assert len([r for r in rows if r.metric.endswith("success, all kinds")]) == 2
 
 
 def test_seam_ring_is_the_inner_edge():

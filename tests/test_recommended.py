@@ -97,6 +97,8 @@ def test_the_embedded_model_recommends_the_drag_settings_its_evaluation_measured
     settings' 0.15): the eval's tuned settings, the warm start and a 40-step LoRA."""
     info = json.loads((EMBEDDED_DIR / "studio_model.json").read_text())
     assert info["recommended"]["drag"] == {**_eval_drag_tuned(), "warm_start": True, "lora_steps": 40} == DRAG
+    # the inpainting UNet's guidance: the 'inpaint' eval rows measure it against the reference 7.5
+    assert info["recommended"]["inpaint"] == {"guidance": 3.0}
 
 
 # ------------------------------------------------------------------------------------------------ the UI
@@ -121,7 +123,8 @@ def test_drag_controls_start_at_the_models_recommended_values_and_follow_a_switc
     from app.ui import build_demo
     from pipelines.studio import Studio
 
-    tuned = with_info(tiny_model, {"recommended": {"drag": DRAG, "sdedit": {"strength": 0.4}}}, "tuned tiny")
+    tuned = with_info(tiny_model, {"recommended": {"drag": DRAG, "sdedit": {"strength": 0.4},
+                                                   "inpaint": {"guidance": 3.0}}}, "tuned tiny")
     studio = Studio()
     studio.model = tuned
     demo = build_demo(studio)
@@ -134,6 +137,8 @@ def test_drag_controls_start_at_the_models_recommended_values_and_follow_a_switc
     assert _by_label(demo, "Inversion strength (of 50 steps)").value == 0.5
     strength = _by_id(demo, "sdedit-strength")   # SDEdit's t0 follows the model's recommendation too
     assert strength.value == 0.4 and strength.info.endswith("· Recommended for tuned tiny"), strength.info
+    guidance = _by_id(demo, "inpaint-guidance")   # and Inpaint's guidance
+    assert guidance.value == 3.0 and guidance.info == "Recommended for tuned tiny", guidance.info
     r2 = _by_label(demo, "r2 (tracking radius)")
     assert r2.value == 3 and r2.info == "Reference default"   # not in the model's section
 

@@ -6,7 +6,8 @@
 The result is an ordinary diffusers StableDiffusionPipeline folder (the studio's loader, and
 `StableDiffusionPipeline.from_pretrained`, read it like any SD1.5 checkout) plus `unet_instruct/`, the
 8-channel InstructPix2Pix UNet that shares its VAE, tokenizer and text encoder. UNet weights are stored
-in float16 (they load into float32 on CPU) to keep the whole folder under the 60 MB budget.
+in float16 (they load into float32 on CPU) to keep the whole folder, with the later stages' codi/ and
+unet_inpaint/, under the 70 MB budget.
 """
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ def build(ctx: Context) -> None:
                 with gr.Row():
                     steps = gr.Slider(1, get_limits().max_steps, value=min(50, get_limits().max_steps), step=1,
                                       label="Steps", elem_id="inpaint-steps")
-                    guid = gr.Slider(0, 20, value=7.5, step=0.1, label="Guidance", elem_id="inpaint-guidance")
+                    guid = ctx.recommended_control(gr.Slider, "inpaint", "guidance", 0, 20, step=0.1,
+                                                   label="Guidance", elem_id="inpaint-guidance")
                     strength = gr.Slider(0.05, 1, value=1.0, step=0.01, label="Strength",
                                          info="1: the region from noise · lower: start from the image there",
                                          elem_id="inpaint-strength")
