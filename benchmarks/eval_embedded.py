@@ -497,7 +497,7 @@ def seam_ring(region: np.ndarray, width: int = SEAM_RING) -> np.ndarray:
 
 
 def inpaint_case_scores(model, scene, edit, mask: np.ndarray, kind: str, seed: int, blend: bool,
-                        guidance: float = 7.5) -> dict:
+                        guidance: float) -> dict:
     """One held-out inpainting case through the studio's pipeline (keep_unmasked on): the checker's reading inside
     the hole (evaluation.score_inpaint, on the pasted-back result), PSNR outside the hole before paste-back and
     outside the grown cells after it, the seam's colour error, and for removals the background's error in the
@@ -537,13 +537,13 @@ def inpaint_rows(ctx: Context) -> list[Row]:
     if not ctx.model.has_inpaint_unet():
         return [Row("inpaint", "skipped: no inpainting UNet", float("nan"),
                     note="the model folder has no unet_inpaint/ (train it: training/train_inpaint.py)")]
-    from pipelines.recommended import recommended
+    from pipelines.recommended import recommended, reference
 
     count = ctx.n(24, 8)
-    g = recommended(ctx.model, "inpaint")["guidance"]
-    methods = {f"9-channel UNet, guidance {g:g}": (False, g), "4-channel blend, guidance 7.5": (True, 7.5)}
-    if g != 7.5:
-        methods["9-channel UNet, guidance 7.5"] = (False, 7.5)
+    g, ref = recommended(ctx.model, "inpaint")["guidance"], reference("inpaint")["guidance"]
+    methods = {f"9-channel UNet, guidance {g:g}": (False, g), f"4-channel blend, guidance {ref:g}": (True, ref)}
+    if g != ref:
+        methods[f"9-channel UNet, guidance {ref:g}"] = (False, ref)
     rows, success = [], {name: [] for name in methods}
     for kind in evaluation.INPAINT_KINDS:
         cases = evaluation.held_out_inpaints(count, kind, INPAINT_START)
