@@ -8,6 +8,7 @@ import zlib
 
 import gradio as gr
 import pytest
+from browser_support import fresh_page, launched_browser, needs_chromium
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -322,35 +323,18 @@ def test_generate_download_is_named_native_and_carries_its_parameters(app_url, t
 
 
 # ------------------------------------------------------------------------------------------ in the browser
-CHROMIUM = "/usr/bin/chromium"
-
-
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--no-first-run", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with launched_browser() as b:
+        yield b
 
 
+@needs_chromium
 def test_dropping_an_a1111_png_on_generate_sets_its_controls(browser, app_url, tmp_path):
     path = png_with_text(tmp_path / "a1111.png", {"parameters": A1111_TXT2IMG.replace("Size: 512x768",
                                                                                       "Size: 96x128")})
-    context = browser.new_context(viewport={"width": 1400, "height": 1600})
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(app_url)
-                  else route.abort())
-    pg = context.new_page()
-    pg.set_default_timeout(45_000)
-    try:
-        pg.goto(app_url, wait_until="domcontentloaded")
-        pg.wait_for_selector("#gen-prompt textarea")
+    with fresh_page(browser, app_url, 45_000, tmp_path / "restored.png") as pg:
         pg.set_input_files("#generate-restore-png input[type=file]", str(path))
         note = pg.locator("#generate-restore-note")
         note.get_by_text("Restored:").wait_for()
@@ -358,6 +342,3 @@ def test_dropping_an_a1111_png_on_generate_sets_its_controls(browser, app_url, t
         assert pg.input_value("#gen-steps input[type=number]") == "20"
         assert pg.input_value("#gen-seed input") == "42"
         assert "CFG scale" in note.inner_text() and "v1-5-pruned" in note.inner_text()
-        pg.screenshot(path=str(tmp_path / "restored.png"), full_page=True)
-    finally:
-        context.close()

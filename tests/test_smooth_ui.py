@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from browser_support import app_only, launched_browser, needs_chromium
 from helpers import forward_calls, pixels
 from PIL import Image
 from test_lora import make_peft_lora, make_smooth_lora
@@ -487,36 +488,27 @@ def test_stop_a_comparison_in_its_lora_part(client, app, probe, base_out):
 
 
 # ------------------------------------------------------------------------------------ in a browser
-CHROMIUM = "/usr/bin/chromium"
-
-
 @pytest.fixture
 def page(app, tmp_path):
     """A headless Chromium on this module's app (every other request blocked), as tests/test_browser.py's."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
-    url = app[1]
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                           "--disable-component-update", "--no-first-run", "--disable-sync"])
+    with launched_browser() as browser:
+        context = app_only(browser.new_context(viewport={"width": 1400, "height": 1800}), app[1])
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1800})
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
-                          else route.abort())
+            # this module's app is launched without the studio's page script: no wait for its key listener
             pg = context.new_page()
             pg.set_default_timeout(60_000)
-            pg.goto(url, wait_until="domcontentloaded")
+            pg.goto(app[1], wait_until="domcontentloaded")
             pg.wait_for_selector("#gen-prompt textarea")
             try:
                 yield pg, sync_api.expect
             finally:
                 pg.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
-            browser.close()
+            context.close()
 
 
+@needs_chromium
 def test_browser_lora_menu_after_load_lora_and_compare(page, app, model, tmp_path, probe, base_out):
     pg, expect = page
     expect(pg.locator("#gen-use-lora input[type=checkbox]")).to_be_checked()   # the model has the Smooth LoRA
